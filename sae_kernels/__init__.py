@@ -1,0 +1,19 @@
+"""Fused Squeeze-and-Excitation (SE) and Squeeze-Aggregated-Excitation (SaE) layers."""
+
+from .functional import sae
+from .layers import FusedSaE, FusedSE
+from .options import ACTIVATIONS, GATES, OUTPUT_ACTIVATIONS
+from .reference import SE, SaE, sae_reference
+
+__all__ = [
+    "ACTIVATIONS",
+    "GATES",
+    "OUTPUT_ACTIVATIONS",
+    "SE",
+    "FusedSE",
+    "FusedSaE",
+    "SaE",
+    "sae",
+    "sae_reference",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,138 @@
+"""Which backend runs a call, and how the Triton kernels are launched for a shape.
+
+Backends:
+    ``"triton"``     the Triton kernels; on a CPU tensor they run through Triton's
+                     interpreter (``TRITON_INTERPRET=1`` before triton is imported),
+                     which is for correctness checks only.
+    ``"reference"``  the PyTorch composite of ``reference.sae_reference``.
+    ``"auto"``       Triton for CUDA tensors, the reference composite for CPU tensors.
+
+Triton strategies (kernels in ``kernels/sae_triton.py``):
+    ``"single"``  one launch, one program per sample;
+    ``"split"``   two launches, pooling spread over (sample, channel block, HW chunk).
+    ``"auto"``    the cheaper of the two by the cost model in :func:`estimate_seconds`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+STRATEGIES = ("auto", "single", "split")
+
+#: Elements of x in one program's tile (BLOCK_C * BLOCK_HW): 32 fp32 values per thread
+#: at 4 warps, the size that kept the single-launch kernel free of spills.
+TILE_ELEMENTS = 4096
+#: Largest tile side along the contiguous axis (HW for NCHW, C for channels_last).
+MAX_CONTIGUOUS_BLOCK = 256
+#: Tile of the excitation GEMVs, (BLOCK_K, BLOCK_FC) = at most 64 x 64.
+MAX_FC_BLOCK = 64
+#: The split grid aims at this many programs per SM.
+PROGRAMS_PER_SM = 4
+
+# Cost model constants (seconds, bytes/second). Estimates for A100/H100-class GPUs:
+# a launch costs a few microseconds, one program streams at a fraction of the device
+# bandwidth, the whole device at ~2 TB/s. Both strategies move x twice and y once.
+LAUNCH_SECONDS = 4e-6
+PROGRAM_BYTES_PER_SECOND = 100e9
+DEVICE_BYTES_PER_SECOND = 2e12
+#: SM count assumed when the tensors are not on a CUDA device (the interpreter).
+DEFAULT_SM_COUNT = 132
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs a call: ``"triton"`` or ``"reference"``."""
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    return backend
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Tile sizes and grid shape for one (shape, layout, strategy)."""
+
+    strategy: str
+    block_c: int
+    block_hw: int
+    block_k: int
+    block_fc: int
+    #: HW elements per program of the split grids (pool, rescale, backward).
+    hw_chunk: int
+    num_warps: int
+
+    def hw_chunks(self, hw: int) -> int:
+        return triton_cdiv(hw, self.hw_chunk)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def estimate_seconds(strategy: str, n: int, sample_bytes: int, sms: int) -> float:
+    """Cost model: launches plus traffic over the bandwidth each strategy can use.
+
+    ``single`` runs one program per sample: ceil(N / SMs) waves, each streaming one
+    sample at a single program's bandwidth. ``split`` fills the device but pays a
+    second launch.
+    """
+    traffic = 3 * sample_bytes
+    if strategy == "single":
+        return LAUNCH_SECONDS + math.ceil(n / sms) * traffic / PROGRAM_BYTES_PER_SECOND
+    return 2 * LAUNCH_SECONDS + n * traffic / DEVICE_BYTES_PER_SECOND
+
+
+def plan_launch(
+    n: int, c: int, hw: int, k: int, element_size: int, channels_last: bool,
+    device: torch.device, strategy: str = "auto",
+) -> LaunchPlan:
+    """Tiles follow the contiguous axis; the strategy follows the cost model."""
+    check_strategy(strategy)
+    if channels_last:
+        block_c = min(_pow2(c), MAX_CONTIGUOUS_BLOCK)
+        block_hw = min(_pow2(hw), max(1, TILE_ELEMENTS // block_c))
+    else:
+        block_hw = min(_pow2(hw), MAX_CONTIGUOUS_BLOCK)
+        block_c = min(_pow2(c), max(1, TILE_ELEMENTS // block_hw))
+    sms = sm_count(device)
+    if strategy == "auto":
+        sample_bytes = c * hw * element_size
+        strategy = min(("single", "split"), key=lambda s: estimate_seconds(s, n, sample_bytes, sms))
+    programs_per_chunk = max(1, n * triton_cdiv(c, block_c))
+    chunks = max(1, min(triton_cdiv(hw, block_hw),
+                        triton_cdiv(PROGRAMS_PER_SM * sms, programs_per_chunk)))
+    hw_chunk = triton_cdiv(triton_cdiv(hw, chunks), block_hw) * block_hw
+    return LaunchPlan(
+        strategy=strategy,
+        block_c=block_c,
+        block_hw=block_hw,
+        block_k=min(_pow2(k), MAX_FC_BLOCK),
+        block_fc=min(_pow2(c), MAX_FC_BLOCK),
+        hw_chunk=hw_chunk,
+        num_warps=8 if block_c * block_hw >= TILE_ELEMENTS else 4,
+    )

@@ -1,0 +1,40 @@
+"""The fused operator as a function of explicit tensors."""
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from .dispatch import check_strategy, resolve_backend
+from .options import check_operands
+from .reference import composite
+
+
+def sae(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    identity: Optional[torch.Tensor] = None,
+    *,
+    act: str = "relu",
+    gate: str = "sigmoid",
+    residual: bool = False,
+    act_out: str = "none",
+    backend: str = "auto",
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """``act_out(x * s [+ x] [+ identity])`` with ``s = gate(W2 act(W1 mean_hw(x) + b1) + b2)``.
+
+    ``fc1_weight`` stacks the branch matrices row-wise (K, C); ``fc2_weight`` is (C, K);
+    the rules on shapes and dtypes are those of ``options.check_operands``. ``backend``
+    and ``strategy`` are described in ``dispatch``. Differentiable in every tensor.
+    """
+    check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out)
+    check_strategy(strategy)
+    if resolve_backend(backend, x.device) == "reference":
+        return composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
+                         residual, act_out)
+    return ops.sae_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
+                           residual, act_out, strategy)[0]

@@ -1,0 +1,1 @@
+"""Kernels: Triton (GPU, or CPU through Triton's interpreter)."""

@@ -1,0 +1,84 @@
+"""Swap-in modules: the reference blocks' parameters, the fused operator's forward."""
+
+from typing import Optional
+
+import torch
+
+from .dispatch import check_backend, check_strategy
+from .functional import sae
+from .reference import SE, SaE
+
+
+class FusedSaE(SaE):
+    """Drop-in for :class:`~sae_kernels.reference.SaE`: same arguments, parameters and
+    state_dict, forward through the fused operator.
+
+    Extra args:
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``dispatch``).
+        strategy: Triton launch strategy, ``"auto"``, ``"single"`` or ``"split"``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 32,
+        cardinality: int = 4,
+        act: str = "relu",
+        gate: str = "sigmoid",
+        bias: bool = True,
+        residual: bool = False,
+        rd_channels: Optional[int] = None,
+        act_out: str = "none",
+        backend: str = "auto",
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__(channels, reduction, cardinality, act, gate, bias, residual, rd_channels,
+                         act_out)
+        self.backend = check_backend(backend)
+        self.strategy = check_strategy(strategy)
+
+    @classmethod
+    def from_module(cls, module: SaE, backend: str = "auto", strategy: str = "auto"):
+        """A fused copy of a reference block: same config, weights, device, dtype and mode."""
+        if not isinstance(module, SaE):
+            raise TypeError(f"from_module expects an SaE or SE module, got {type(module).__name__}")
+        config = module.config()
+        if issubclass(cls, FusedSE):
+            if config.pop("cardinality") != 1:
+                raise ValueError(f"{cls.__name__} needs a single-branch module, "
+                                 f"got cardinality {module.cardinality}")
+        weight = module.excite.weight
+        fused = cls(**config, backend=backend, strategy=strategy).to(weight.device, weight.dtype)
+        fused.load_state_dict(module.state_dict())
+        return fused.train(module.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend}, strategy={self.strategy}"
+
+    def forward(self, x: torch.Tensor, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+        fc1_weight, fc1_bias = self.stacked_fc1()
+        return sae(x, fc1_weight, fc1_bias, self.excite.weight, self.excite.bias, identity,
+                   act=self.act, gate=self.gate, residual=self.residual, act_out=self.act_out,
+                   backend=self.backend, strategy=self.strategy)
+
+
+class FusedSE(FusedSaE):
+    """Drop-in for :class:`~sae_kernels.reference.SE` (a single branch)."""
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        act: str = "relu",
+        gate: str = "sigmoid",
+        bias: bool = True,
+        residual: bool = False,
+        rd_channels: Optional[int] = None,
+        act_out: str = "none",
+        backend: str = "auto",
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__(channels, reduction, 1, act, gate, bias, residual, rd_channels, act_out,
+                         backend, strategy)
+
+

@@ -1,0 +1,130 @@
+"""The operator's options and input rules, stated once.
+
+Every entry point (the reference modules, the fused layer, the functional form and
+the custom op) validates through :func:`check_operands`, so the shapes, dtypes and
+names accepted here are the whole contract.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+#: Activations inside the branches; the index is the code the kernels receive.
+ACTIVATIONS: tuple[str, ...] = ("relu", "silu", "hardswish", "gelu")
+#: Gates at the excitation; the index is the code the kernels receive.
+GATES: tuple[str, ...] = ("sigmoid", "hardsigmoid")
+#: Activation applied to the whole output (the SE-ResNet block tail).
+OUTPUT_ACTIVATIONS: tuple[str, ...] = ("none", "relu")
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_name(kind: str, name: str, allowed: tuple[str, ...]) -> str:
+    """Return ``name`` if it is one of ``allowed``, else raise ValueError."""
+    if not isinstance(name, str) or name not in allowed:
+        raise ValueError(f"unknown {kind} {name!r}; expected one of {', '.join(allowed)}")
+    return name
+
+
+def reduced_width(channels: int, reduction: int, rd_channels: Optional[int]) -> int:
+    """Width of one branch: ``rd_channels`` if given, else ``channels // reduction``."""
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if rd_channels is None:
+        if reduction < 1:
+            raise ValueError(f"reduction must be >= 1, got {reduction}")
+        rd_channels = channels // reduction
+        if rd_channels < 1:
+            raise ValueError(
+                f"reduced width channels // reduction = {channels} // {reduction} is 0; "
+                "lower the reduction or pass rd_channels"
+            )
+    elif rd_channels < 1:
+        raise ValueError(f"rd_channels must be >= 1, got {rd_channels}")
+    return rd_channels
+
+
+def check_cardinality(cardinality: int) -> int:
+    if cardinality < 1:
+        raise ValueError(f"cardinality must be >= 1, got {cardinality}")
+    return cardinality
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Pool, GEMVs and gate run in fp32, or in fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+        )
+
+
+def check_operands(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    identity: Optional[torch.Tensor],
+    act: str,
+    gate: str,
+    act_out: str,
+) -> None:
+    """Raise TypeError/ValueError naming the first problem with the operands.
+
+    Shapes: ``x`` (N, C, H, W) with H*W >= 1; ``fc1_weight`` (K, C) — the branch
+    matrices stacked row-wise; ``fc1_bias`` (K,); ``fc2_weight`` (C, K);
+    ``fc2_bias`` (C,); ``identity`` like ``x``.
+    """
+    check_name("act", act, ACTIVATIONS)
+    check_name("gate", gate, GATES)
+    check_name("act_out", act_out, OUTPUT_ACTIVATIONS)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got {x.dim()}-D shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if h * w < 1:
+        raise ValueError(f"x must have a spatial size H*W >= 1, got H={h}, W={w}")
+    named = {"fc1_weight": fc1_weight, "fc2_weight": fc2_weight}
+    if fc1_bias is not None:
+        named["fc1_bias"] = fc1_bias
+    if fc2_bias is not None:
+        named["fc2_bias"] = fc2_bias
+    if identity is not None:
+        named["identity"] = identity
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_float(name, t)
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != c:
+        raise ValueError(
+            f"fc1_weight must have shape (K, C={c}) to match x's {c} channels, "
+            f"got {tuple(fc1_weight.shape)}"
+        )
+    k = fc1_weight.shape[0]
+    if k < 1:
+        raise ValueError("fc1_weight must have at least one row (reduced width >= 1)")
+    if tuple(fc2_weight.shape) != (c, k):
+        raise ValueError(
+            f"fc2_weight must have shape (C={c}, K={k}), got {tuple(fc2_weight.shape)}"
+        )
+    if fc1_bias is not None and tuple(fc1_bias.shape) != (k,):
+        raise ValueError(f"fc1_bias must have shape ({k},), got {tuple(fc1_bias.shape)}")
+    if fc2_bias is not None and tuple(fc2_bias.shape) != (c,):
+        raise ValueError(f"fc2_bias must have shape ({c},), got {tuple(fc2_bias.shape)}")
+    if identity is not None:
+        if identity.shape != x.shape:
+            raise ValueError(
+                f"identity must have x's shape {tuple(x.shape)}, got {tuple(identity.shape)}"
+            )
+        if identity.dtype != x.dtype:
+            raise TypeError(f"identity must have x's dtype {x.dtype}, got {identity.dtype}")

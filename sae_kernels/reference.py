@@ -1,0 +1,184 @@
+"""Reference SE / SaE modules in plain PyTorch: the ground truth for every backend.
+
+SaE (SENetV2): ``cardinality`` branches ``act(Linear_i(z))`` of width ``rd_channels``
+are concatenated and excited by one Linear back to C channels; ``s = gate(...)``.
+SE is the cardinality-1 case. The output is ``act_out(x * s [+ x] [+ identity])``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .options import (
+    ACTIVATIONS,
+    GATES,
+    OUTPUT_ACTIVATIONS,
+    check_cardinality,
+    check_name,
+    check_operands,
+    reduced_width,
+)
+
+TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+    "gelu": F.gelu,
+}
+TORCH_GATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "hardsigmoid": F.hardsigmoid,
+}
+
+
+def sae_reference(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    identity: Optional[torch.Tensor] = None,
+    *,
+    act: str = "relu",
+    gate: str = "sigmoid",
+    residual: bool = False,
+    act_out: str = "none",
+) -> torch.Tensor:
+    """The operator as a composite of PyTorch ops, on stacked branch weights.
+
+    ``concat_i(act(W1_i z + b1_i)) == act(W1_stack z + b1_stack)``, so the branches
+    are one Linear over the row-stacked matrices (see ``check_operands`` for shapes).
+    """
+    check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out)
+    return composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
+                     residual, act_out)
+
+
+def composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, residual,
+              act_out) -> torch.Tensor:
+    """:func:`sae_reference` on operands already validated."""
+    z = x.mean(dim=(2, 3))
+    h = TORCH_ACTIVATIONS[act](F.linear(z, fc1_weight, fc1_bias))
+    s = TORCH_GATES[gate](F.linear(h, fc2_weight, fc2_bias))[:, :, None, None]
+    y = x + x * s if residual else x * s
+    if identity is not None:
+        y = y + identity
+    return F.relu(y) if act_out == "relu" else y
+
+
+class SaE(nn.Module):
+    """Squeeze-Aggregated-Excitation block (SENetV2), pure PyTorch.
+
+    Args:
+        channels: C, the input's channel count.
+        reduction: each branch is ``channels // reduction`` wide unless ``rd_channels`` is given.
+        cardinality: number of parallel branch FCs (4 in the paper).
+        act: activation inside the branches, one of ``ACTIVATIONS``.
+        gate: excitation gate, one of ``GATES``.
+        bias: whether the Linear layers carry a bias.
+        residual: return ``x + x * s`` (the official SENetV2 form) instead of ``x * s``.
+        rd_channels: explicit branch width, overriding ``reduction``.
+        act_out: activation on the final output, ``"relu"`` for the SE-ResNet tail
+            ``relu(x * s + identity)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 32,
+        cardinality: int = 4,
+        act: str = "relu",
+        gate: str = "sigmoid",
+        bias: bool = True,
+        residual: bool = False,
+        rd_channels: Optional[int] = None,
+        act_out: str = "none",
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.reduction = reduction
+        self.cardinality = check_cardinality(cardinality)
+        self.rd_channels = reduced_width(channels, reduction, rd_channels)
+        self.act = check_name("act", act, ACTIVATIONS)
+        self.gate = check_name("gate", gate, GATES)
+        self.act_out = check_name("act_out", act_out, OUTPUT_ACTIVATIONS)
+        self.residual = residual
+        self.branches = nn.ModuleList(
+            nn.Linear(channels, self.rd_channels, bias=bias) for _ in range(cardinality)
+        )
+        self.excite = nn.Linear(cardinality * self.rd_channels, channels, bias=bias)
+
+    @property
+    def bias(self) -> bool:
+        return self.excite.bias is not None
+
+    def stacked_fc1(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The branch weights stacked row-wise, (cardinality * rd_channels, C), and biases."""
+        if self.cardinality == 1:
+            return self.branches[0].weight, self.branches[0].bias
+        weight = torch.cat([b.weight for b in self.branches])
+        bias = torch.cat([b.bias for b in self.branches]) if self.bias else None
+        return weight, bias
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this block."""
+        return dict(channels=self.channels, reduction=self.reduction, cardinality=self.cardinality,
+                    act=self.act, gate=self.gate, bias=self.bias, residual=self.residual,
+                    rd_channels=self.rd_channels, act_out=self.act_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, rd_channels={self.rd_channels}, "
+            f"cardinality={self.cardinality}, act={self.act}, gate={self.gate}, "
+            f"residual={self.residual}, act_out={self.act_out}"
+        )
+
+    def forward(self, x: torch.Tensor, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``act_out(x * s [+ x] [+ identity])``, computed branch by branch as in the paper."""
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"expected x of shape (N, {self.channels}, H, W), got {tuple(x.shape)}"
+            )
+        act = TORCH_ACTIVATIONS[self.act]
+        z = x.mean(dim=(2, 3))
+        h = torch.cat([act(branch(z)) for branch in self.branches], dim=1)
+        s = TORCH_GATES[self.gate](self.excite(h))[:, :, None, None]
+        y = x + x * s if self.residual else x * s
+        if identity is not None:
+            if identity.shape != x.shape:
+                raise ValueError(
+                    f"identity must have x's shape {tuple(x.shape)}, got {tuple(identity.shape)}"
+                )
+            y = y + identity
+        return F.relu(y) if self.act_out == "relu" else y
+
+
+class SE(SaE):
+    """Squeeze-and-Excitation block (Hu et al.): SaE with a single branch."""
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        act: str = "relu",
+        gate: str = "sigmoid",
+        bias: bool = True,
+        residual: bool = False,
+        rd_channels: Optional[int] = None,
+        act_out: str = "none",
+    ) -> None:
+        super().__init__(
+            channels,
+            reduction=reduction,
+            cardinality=1,
+            act=act,
+            gate=gate,
+            bias=bias,
+            residual=residual,
+            rd_channels=rd_channels,
+            act_out=act_out,
+        )
