@@ -23,14 +23,9 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 STRATEGIES = ("auto", "single", "split")
 
-#: Elements of x in one program's tile (BLOCK_C * BLOCK_HW): 32 fp32 values per thread
-#: at 4 warps, the size that kept the single-launch kernel free of spills.
-TILE_ELEMENTS = 4096
-#: Largest tile side along the contiguous axis (HW for NCHW, C for channels_last).
-MAX_CONTIGUOUS_BLOCK = 256
 #: Tile of the excitation GEMVs, (BLOCK_K, BLOCK_FC) = at most 64 x 64.
 MAX_FC_BLOCK = 64
-#: The split grid aims at this many programs per SM.
+#: The split grids aim at this many programs per SM.
 PROGRAMS_PER_SM = 4
 
 # Cost model constants (seconds, bytes/second). Estimates for A100/H100-class GPUs:
@@ -39,8 +34,34 @@ PROGRAMS_PER_SM = 4
 LAUNCH_SECONDS = 4e-6
 PROGRAM_BYTES_PER_SECOND = 100e9
 DEVICE_BYTES_PER_SECOND = 2e12
-#: SM count assumed when the tensors are not on a CUDA device (the interpreter).
-DEFAULT_SM_COUNT = 132
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the tile and grid choice needs to know about the device."""
+
+    sms: int
+    #: Elements of x in one program's tile (BLOCK_C * BLOCK_HW).
+    tile_elements: int
+    #: Largest tile side along the contiguous axis (HW for NCHW, C for channels_last).
+    max_contiguous_block: int
+
+
+#: 4096-element tiles are 32 fp32 values per thread at 4 warps, the size that kept the
+#: single-launch kernel free of spills.
+GPU_TILE_ELEMENTS = 4096
+GPU_MAX_CONTIGUOUS_BLOCK = 256
+#: Triton's interpreter runs programs one after another and pays per tile step, so CPU
+#: tensors get large tiles and a small grid. The kernels are the same; odd shapes still
+#: exercise every mask, every multi-block loop and multi-chunk grid.
+INTERPRETER_PROFILE = DeviceProfile(sms=2, tile_elements=32768, max_contiguous_block=1024)
+
+
+def device_profile(device: torch.device) -> DeviceProfile:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return DeviceProfile(sms, GPU_TILE_ELEMENTS, GPU_MAX_CONTIGUOUS_BLOCK)
+    return INTERPRETER_PROFILE
 
 
 def check_backend(backend: str) -> str:
@@ -88,12 +109,6 @@ def _pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_SM_COUNT
-
-
 def estimate_seconds(strategy: str, n: int, sample_bytes: int, sms: int) -> float:
     """Cost model: launches plus traffic over the bandwidth each strategy can use.
 
@@ -113,19 +128,20 @@ def plan_launch(
 ) -> LaunchPlan:
     """Tiles follow the contiguous axis; the strategy follows the cost model."""
     check_strategy(strategy)
+    profile = device_profile(device)
     if channels_last:
-        block_c = min(_pow2(c), MAX_CONTIGUOUS_BLOCK)
-        block_hw = min(_pow2(hw), max(1, TILE_ELEMENTS // block_c))
+        block_c = min(_pow2(c), profile.max_contiguous_block)
+        block_hw = min(_pow2(hw), max(1, profile.tile_elements // block_c))
     else:
-        block_hw = min(_pow2(hw), MAX_CONTIGUOUS_BLOCK)
-        block_c = min(_pow2(c), max(1, TILE_ELEMENTS // block_hw))
-    sms = sm_count(device)
+        block_hw = min(_pow2(hw), profile.max_contiguous_block)
+        block_c = min(_pow2(c), max(1, profile.tile_elements // block_hw))
     if strategy == "auto":
         sample_bytes = c * hw * element_size
-        strategy = min(("single", "split"), key=lambda s: estimate_seconds(s, n, sample_bytes, sms))
+        strategy = min(("single", "split"),
+                       key=lambda s: estimate_seconds(s, n, sample_bytes, profile.sms))
     programs_per_chunk = max(1, n * triton_cdiv(c, block_c))
     chunks = max(1, min(triton_cdiv(hw, block_hw),
-                        triton_cdiv(PROGRAMS_PER_SM * sms, programs_per_chunk)))
+                        triton_cdiv(PROGRAMS_PER_SM * profile.sms, programs_per_chunk)))
     hw_chunk = triton_cdiv(triton_cdiv(hw, chunks), block_hw) * block_hw
     return LaunchPlan(
         strategy=strategy,
@@ -134,5 +150,5 @@ def plan_launch(
         block_k=min(_pow2(k), MAX_FC_BLOCK),
         block_fc=min(_pow2(c), MAX_FC_BLOCK),
         hw_chunk=hw_chunk,
-        num_warps=8 if block_c * block_hw >= TILE_ELEMENTS else 4,
+        num_warps=8 if block_c * block_hw >= GPU_TILE_ELEMENTS else 4,
     )

@@ -37,17 +37,12 @@ from .activations import activation, activation_grad, gate, gate_grad
 
 
 @triton.jit
-def _tile_ptrs(ptr, offs_c, offs_hw, stride_c, stride_hw):
-    return ptr + offs_c[:, None] * stride_c + offs_hw[None, :] * stride_hw
-
-
-@triton.jit
 def _load_grad(g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw, offs_c, offs_hw, mask,
                RELU_OUT: tl.constexpr, acc_ty: tl.constexpr):
     """g' = dL/dy, zeroed where the ReLU tail clamped (PyTorch's ``y <= 0`` rule)."""
-    g = tl.load(_tile_ptrs(g_ptr, offs_c, offs_hw, g_sc, g_shw), mask=mask, other=0.0).to(acc_ty)
+    g = tl.load(g_ptr + offs_c[:, None] * g_sc + offs_hw[None, :] * g_shw, mask=mask, other=0.0).to(acc_ty)
     if RELU_OUT:
-        y = tl.load(_tile_ptrs(y_ptr, offs_c, offs_hw, y_sc, y_shw), mask=mask, other=0.0)
+        y = tl.load(y_ptr + offs_c[:, None] * y_sc + offs_hw[None, :] * y_shw, mask=mask, other=0.0)
         g = tl.where(y.to(acc_ty) <= 0, 0.0, g)
     return g
 
@@ -63,7 +58,7 @@ def _channel_sums(x_ptr, x_sc, x_shw, g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw,
     for hw0 in range(hw_start, hw_stop, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = mask_c[:, None] & (offs_hw < hw_stop)[None, :]
-        v = tl.load(_tile_ptrs(x_ptr, offs_c, offs_hw, x_sc, x_shw), mask=mask, other=0.0).to(acc_ty)
+        v = tl.load(x_ptr + offs_c[:, None] * x_sc + offs_hw[None, :] * x_shw, mask=mask, other=0.0).to(acc_ty)
         if WITH_GRAD:
             v = v * _load_grad(g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw, offs_c, offs_hw, mask,
                                RELU_OUT, acc_ty)
@@ -89,7 +84,7 @@ def _excite(z_row, p_row, u_row, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2
             offs_c = c0 + tl.arange(0, BLOCK_FC)
             mask_c = offs_c < C
             z = tl.load(z_row + offs_c, mask=mask_c, other=0.0)
-            w = tl.load(_tile_ptrs(w1_ptr, offs_k, offs_c, w1_sk, w1_sc),
+            w = tl.load(w1_ptr + offs_k[:, None] * w1_sk + offs_c[None, :] * w1_sc,
                         mask=mask_k[:, None] & mask_c[None, :], other=0.0).to(acc_ty)
             acc += w * z[None, :]
         p = tl.sum(acc, axis=1)
@@ -105,7 +100,7 @@ def _excite(z_row, p_row, u_row, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             h = activation(tl.load(p_row + offs_k, mask=mask_k, other=0.0), ACT)
-            w = tl.load(_tile_ptrs(w2_ptr, offs_c, offs_k, w2_sc, w2_sk),
+            w = tl.load(w2_ptr + offs_c[:, None] * w2_sc + offs_k[None, :] * w2_sk,
                         mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(acc_ty)
             acc += w * h[None, :]
         u = tl.sum(acc, axis=1)
@@ -127,7 +122,7 @@ def _excite_backward(du_row, dp_row, dz_row, p_row, w1_ptr, w1_sk, w1_sc, w2_ptr
             offs_c = c0 + tl.arange(0, BLOCK_FC)
             mask_c = offs_c < C
             du = tl.load(du_row + offs_c, mask=mask_c, other=0.0)
-            w = tl.load(_tile_ptrs(w2_ptr, offs_c, offs_k, w2_sc, w2_sk),
+            w = tl.load(w2_ptr + offs_c[:, None] * w2_sc + offs_k[None, :] * w2_sk,
                         mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(acc_ty)
             acc += w * du[:, None]
         p = tl.load(p_row + offs_k, mask=mask_k, other=0.0)
@@ -142,7 +137,7 @@ def _excite_backward(du_row, dp_row, dz_row, p_row, w1_ptr, w1_sk, w1_sc, w2_ptr
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             dp = tl.load(dp_row + offs_k, mask=mask_k, other=0.0)
-            w = tl.load(_tile_ptrs(w1_ptr, offs_k, offs_c, w1_sk, w1_sc),
+            w = tl.load(w1_ptr + offs_k[:, None] * w1_sk + offs_c[None, :] * w1_sc,
                         mask=mask_k[:, None] & mask_c[None, :], other=0.0).to(acc_ty)
             acc += w * dp[:, None]
         tl.store(dz_row + offs_c, tl.sum(acc, axis=0), mask=mask_c)
@@ -163,14 +158,14 @@ def _rescale(x_ptr, x_sc, x_shw, id_ptr, id_sc, id_shw, y_ptr, y_sc, y_shw, u_ro
     for hw0 in range(hw_start, hw_stop, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = mask_c[:, None] & (offs_hw < hw_stop)[None, :]
-        out = tl.load(_tile_ptrs(x_ptr, offs_c, offs_hw, x_sc, x_shw), mask=mask, other=0.0).to(acc_ty)
+        out = tl.load(x_ptr + offs_c[:, None] * x_sc + offs_hw[None, :] * x_shw, mask=mask, other=0.0).to(acc_ty)
         out = out * scale[:, None]
         if HAS_IDENTITY:
-            out += tl.load(_tile_ptrs(id_ptr, offs_c, offs_hw, id_sc, id_shw), mask=mask,
+            out += tl.load(id_ptr + offs_c[:, None] * id_sc + offs_hw[None, :] * id_shw, mask=mask,
                            other=0.0).to(acc_ty)
         if RELU_OUT:
             out = tl.where(out < 0, 0.0, out)
-        tl.store(_tile_ptrs(y_ptr, offs_c, offs_hw, y_sc, y_shw),
+        tl.store(y_ptr + offs_c[:, None] * y_sc + offs_hw[None, :] * y_shw,
                  out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -345,10 +340,10 @@ def sae_backward_dx_kernel(
         mask = mask_c[:, None] & (offs_hw < hw_stop)[None, :]
         g = _load_grad(g_row, g_sc, g_shw, y_row, y_sc, y_shw, offs_c, offs_hw, mask, RELU_OUT, acc_ty)
         dx = g * scale[:, None] + dz_mean[:, None]
-        tl.store(_tile_ptrs(dx_ptr + n * dx_sn, offs_c, offs_hw, dx_sc, dx_shw),
+        tl.store(dx_ptr + n * dx_sn + offs_c[:, None] * dx_sc + offs_hw[None, :] * dx_shw,
                  dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if WRITE_D_IDENTITY:
-            tl.store(_tile_ptrs(did_ptr + n * did_sn, offs_c, offs_hw, did_sc, did_shw),
+            tl.store(did_ptr + n * did_sn + offs_c[:, None] * did_sc + offs_hw[None, :] * did_shw,
                      g.to(did_ptr.dtype.element_ty), mask=mask)
 
 
