@@ -23,7 +23,7 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 STRATEGIES = ("auto", "single", "split")
 
-#: Tile of the excitation GEMVs, (BLOCK_K, BLOCK_FC) = at most 64 x 64.
+#: Tile of the excitation GEMVs, (BLOCK_K, BLOCK_FC) = at most 64 x 64 (32 x 64 in fp64).
 MAX_FC_BLOCK = 64
 #: The split grids aim at this many programs per SM.
 PROGRAMS_PER_SM = 4
@@ -55,6 +55,10 @@ GPU_MAX_CONTIGUOUS_BLOCK = 256
 #: tensors get large tiles and a small grid. The kernels are the same; odd shapes still
 #: exercise every mask, every multi-block loop and multi-chunk grid.
 INTERPRETER_PROFILE = DeviceProfile(sms=2, tile_elements=32768, max_contiguous_block=1024)
+
+
+#: The GPU planned for where none is present (reports, ahead-of-time compilation): an H100 SXM.
+H100 = DeviceProfile(132, GPU_TILE_ELEMENTS, GPU_MAX_CONTIGUOUS_BLOCK)
 
 
 def device_profile(device: torch.device) -> DeviceProfile:
@@ -110,31 +114,39 @@ def _pow2(v: int) -> int:
 
 
 def estimate_seconds(strategy: str, n: int, sample_bytes: int, sms: int) -> float:
-    """Cost model: launches plus traffic over the bandwidth each strategy can use.
+    """Cost model: launches plus the traffic over the bandwidth each strategy can use.
 
     ``single`` runs one program per sample: ceil(N / SMs) waves, each streaming one
-    sample at a single program's bandwidth. ``split`` fills the device but pays a
-    second launch.
+    sample at a single program's bandwidth, and never faster than the device allows.
+    ``split`` spreads every sample over the device but pays a second launch.
     """
     traffic = 3 * sample_bytes
+    device_bound = n * traffic / DEVICE_BYTES_PER_SECOND
     if strategy == "single":
-        return LAUNCH_SECONDS + math.ceil(n / sms) * traffic / PROGRAM_BYTES_PER_SECOND
-    return 2 * LAUNCH_SECONDS + n * traffic / DEVICE_BYTES_PER_SECOND
+        waves = math.ceil(n / sms) * traffic / PROGRAM_BYTES_PER_SECOND
+        return LAUNCH_SECONDS + max(waves, device_bound)
+    return 2 * LAUNCH_SECONDS + device_bound
 
 
 def plan_launch(
     n: int, c: int, hw: int, k: int, element_size: int, channels_last: bool,
-    device: torch.device, strategy: str = "auto",
+    device: torch.device, strategy: str = "auto", profile: DeviceProfile | None = None,
 ) -> LaunchPlan:
-    """Tiles follow the contiguous axis; the strategy follows the cost model."""
+    """Tiles follow the contiguous axis; the strategy follows the cost model.
+
+    ``profile`` overrides the device's (to plan for a GPU from a machine without one).
+    """
     check_strategy(strategy)
-    profile = device_profile(device)
+    profile = profile or device_profile(device)
+    # fp64 accumulates in fp64: half the elements per tile keep the registers per thread
+    wide = element_size == 8
+    tile_elements = profile.tile_elements // 2 if wide else profile.tile_elements
     if channels_last:
         block_c = min(_pow2(c), profile.max_contiguous_block)
-        block_hw = min(_pow2(hw), max(1, profile.tile_elements // block_c))
+        block_hw = min(_pow2(hw), max(1, tile_elements // block_c))
     else:
         block_hw = min(_pow2(hw), profile.max_contiguous_block)
-        block_c = min(_pow2(c), max(1, profile.tile_elements // block_hw))
+        block_c = min(_pow2(c), max(1, tile_elements // block_hw))
     if strategy == "auto":
         sample_bytes = c * hw * element_size
         strategy = min(("single", "split"),
@@ -147,8 +159,8 @@ def plan_launch(
         strategy=strategy,
         block_c=block_c,
         block_hw=block_hw,
-        block_k=min(_pow2(k), MAX_FC_BLOCK),
+        block_k=min(_pow2(k), MAX_FC_BLOCK // 2 if wide else MAX_FC_BLOCK),
         block_fc=min(_pow2(c), MAX_FC_BLOCK),
         hw_chunk=hw_chunk,
-        num_warps=8 if block_c * block_hw >= GPU_TILE_ELEMENTS else 4,
+        num_warps=8 if block_c * block_hw >= min(tile_elements, GPU_TILE_ELEMENTS) else 4,
     )

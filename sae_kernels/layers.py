@@ -36,6 +36,7 @@ class FusedSaE(SaE):
                          act_out)
         self.backend = check_backend(backend)
         self.strategy = check_strategy(strategy)
+        self._fc1_cache: Optional[tuple] = None
 
     @classmethod
     def from_module(cls, module: SaE, backend: str = "auto", strategy: str = "auto"):
@@ -55,8 +56,18 @@ class FusedSaE(SaE):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}, strategy={self.strategy}"
 
+    def _inference_fc1(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Stacked branch weights, concatenated again only when a branch parameter changed
+        (its storage or version counter): inference then costs no copy per call."""
+        key = tuple((p.data_ptr(), p._version) for p in self.branches.parameters())
+        if self._fc1_cache is None or self._fc1_cache[0] != key:
+            self._fc1_cache = (key, *self.stacked_fc1())
+        return self._fc1_cache[1], self._fc1_cache[2]
+
     def forward(self, x: torch.Tensor, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
-        fc1_weight, fc1_bias = self.stacked_fc1()
+        cached = (self.cardinality > 1 and not torch.is_grad_enabled()
+                  and not torch.compiler.is_compiling())
+        fc1_weight, fc1_bias = self._inference_fc1() if cached else self.stacked_fc1()
         return sae(x, fc1_weight, fc1_bias, self.excite.weight, self.excite.bias, identity,
                    act=self.act, gate=self.gate, residual=self.residual, act_out=self.act_out,
                    backend=self.backend, strategy=self.strategy)

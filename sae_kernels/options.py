@@ -107,8 +107,8 @@ def check_operands(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if fc1_weight.dim() != 2 or fc1_weight.shape[1] != c:
         raise ValueError(
-            f"fc1_weight must have shape (K, C={c}) to match x's {c} channels, "
-            f"got {tuple(fc1_weight.shape)}"
+            f"x has {c} channels but fc1_weight has shape {tuple(fc1_weight.shape)}; "
+            f"fc1_weight must have shape (K, C={c})"
         )
     k = fc1_weight.shape[0]
     if k < 1:

@@ -141,7 +141,8 @@ class SaE(nn.Module):
         """``act_out(x * s [+ x] [+ identity])``, computed branch by branch as in the paper."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
-                f"expected x of shape (N, {self.channels}, H, W), got {tuple(x.shape)}"
+                f"{type(self).__name__} has {self.channels} channels: expected x of shape "
+                f"(N, {self.channels}, H, W), got {tuple(x.shape)}"
             )
         act = TORCH_ACTIVATIONS[self.act]
         z = x.mean(dim=(2, 3))

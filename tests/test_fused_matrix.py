@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from helpers import TOLERANCES, Case, assert_close_to_truth, check_case
+from helpers import Case, assert_close_to_truth, check_case
+from sae_kernels.accuracy import TOLERANCES
 
 CHANNELS = [1, 3, 19, 64, 228]
 SPATIAL = [(1, 1), (7, 7), (13, 17), (56, 56)]

@@ -9,16 +9,16 @@ boundary conventions of PyTorch's own backward formulas.
 import triton
 import triton.language as tl
 
-RELU: tl.constexpr = 0
-SILU: tl.constexpr = 1
-HARDSWISH: tl.constexpr = 2
-GELU: tl.constexpr = 3
+RELU = tl.constexpr(0)
+SILU = tl.constexpr(1)
+HARDSWISH = tl.constexpr(2)
+GELU = tl.constexpr(3)
 
-SIGMOID: tl.constexpr = 0
-HARDSIGMOID: tl.constexpr = 1
+SIGMOID = tl.constexpr(0)
+HARDSIGMOID = tl.constexpr(1)
 
-_INV_SQRT2: tl.constexpr = 0.7071067811865476
-_INV_SQRT_2PI: tl.constexpr = 0.3989422804014327
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

@@ -148,18 +148,18 @@ def _rescale(x_ptr, x_sc, x_shw, id_ptr, id_sc, id_shw, y_ptr, y_sc, y_shw, u_ro
              offs_c, C, hw_start, hw_stop,
              GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
              RELU_OUT: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """y = act_out(x * scale + identity) for one channel block over [hw_start, hw_stop)."""
+    """y = act_out(x * s [+ x] [+ identity]) for one channel block over [hw_start, hw_stop)."""
     mask_c = offs_c < C
     u = tl.load(u_row + offs_c, mask=mask_c, other=0.0)
     acc_ty = u.dtype
     scale = gate(u, GATE)
-    if RESIDUAL:
-        scale += 1.0
     for hw0 in range(hw_start, hw_stop, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = mask_c[:, None] & (offs_hw < hw_stop)[None, :]
-        out = tl.load(x_ptr + offs_c[:, None] * x_sc + offs_hw[None, :] * x_shw, mask=mask, other=0.0).to(acc_ty)
-        out = out * scale[:, None]
+        x = tl.load(x_ptr + offs_c[:, None] * x_sc + offs_hw[None, :] * x_shw, mask=mask, other=0.0).to(acc_ty)
+        out = x * scale[:, None]
+        if RESIDUAL:  # x * s + x, not x * (1 + s): inf * 0 must give NaN as in the reference
+            out += x
         if HAS_IDENTITY:
             out += tl.load(id_ptr + offs_c[:, None] * id_sc + offs_hw[None, :] * id_shw, mask=mask,
                            other=0.0).to(acc_ty)

@@ -1,0 +1,1 @@
+"""Developer tools: ahead-of-time kernel compilation reports."""

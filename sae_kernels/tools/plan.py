@@ -1,0 +1,43 @@
+"""What the dispatcher launches for each SE site: strategy, tiles, grid and launch count."""
+
+import torch
+
+from ..dispatch import H100, device_profile, plan_launch, triton_cdiv
+from ..sites import resnet50_sites
+
+#: Triton launches per call. The backward adds the weight-gradient matmuls and bias sums
+#: over the batch (4 small PyTorch ops, plus act(p) for dW2).
+FORWARD_LAUNCHES = {"single": 1, "split": 2}
+BACKWARD_LAUNCHES = 2
+
+
+def plan_rows(batch_sizes=(1, 32), element_size: int = 2) -> tuple[str, list[dict]]:
+    """(device description, one row per site, N and layout)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        profile, where = device_profile(device), torch.cuda.get_device_name(device)
+    else:
+        device, profile, where = torch.device("cpu"), H100, "no GPU here; planned for an H100 (132 SMs)"
+    rows = []
+    for site in resnet50_sites():
+        hw = site.size**2
+        for n in batch_sizes:
+            for layout in ("nchw", "channels_last"):
+                plan = plan_launch(n, site.channels, hw, site.stacked_width, element_size,
+                                   layout == "channels_last", device, profile=profile)
+                blocks = triton_cdiv(site.channels, plan.block_c)
+                programs = n if plan.strategy == "single" else n * blocks * plan.hw_chunks(hw)
+                rows.append(dict(site=site.name, n=n, layout=layout, strategy=plan.strategy,
+                                 tile=f"{plan.block_c}x{plan.block_hw}", warps=plan.num_warps,
+                                 programs=programs,
+                                 forward_launches=FORWARD_LAUNCHES[plan.strategy],
+                                 backward_launches=BACKWARD_LAUNCHES))
+    return where, rows
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)

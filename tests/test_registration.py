@@ -1,0 +1,109 @@
+"""torch.library registration: opcheck, gradcheck, torch.compile, determinism, purity."""
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import DEVICE
+from sae_kernels import FusedSaE, SaE, sae
+from sae_kernels.ops import sae_forward
+
+
+def _operands(n=2, c=5, h=3, w=4, k=6, dtype=torch.float64, identity=True, channels_last=False):
+    gen = torch.Generator().manual_seed(0)
+
+    def make(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(DEVICE).requires_grad_(True)
+
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype) + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x = x.to(DEVICE).requires_grad_(True)
+    return x, make(k, c), make(k), make(c, k), make(c), (make(n, c, h, w) if identity else None)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("options", [("relu", "sigmoid", False, "relu"),
+                                     ("gelu", "hardsigmoid", True, "none")])
+@pytest.mark.parametrize("strategy", ["single", "split"])
+def test_opcheck(strategy, options, channels_last):
+    act, gate, residual, act_out = options
+    args = (*_operands(dtype=torch.float32, channels_last=channels_last), act, gate, residual,
+            act_out, strategy)
+    torch.library.opcheck(sae_forward, args)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "hardswish", "gelu"])
+@pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
+@pytest.mark.parametrize("strategy", ["single", "split"])
+def test_gradcheck_float64(act, gate, strategy):
+    x, w1, b1, w2, b2, identity = _operands()
+
+    def fn(x, w1, b1, w2, b2, identity):
+        return sae(x, w1, b1, w2, b2, identity, act=act, gate=gate, residual=True,
+                   act_out="relu", backend="triton", strategy=strategy)
+
+    # fast mode checks random projections of the Jacobian: a few interpreter launches
+    # instead of two per input element
+    assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2, identity), fast_mode=True)
+
+
+@pytest.mark.parametrize("strategy", ["single", "split"])
+def test_gradcheck_float64_full_jacobian(strategy):
+    x, w1, b1, w2, b2, identity = _operands(n=1, c=3, h=1, w=2, k=2)
+
+    def fn(x, w1, b1, w2, b2, identity):
+        return sae(x, w1, b1, w2, b2, identity, act="gelu", backend="triton", strategy=strategy)
+
+    assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2, identity))
+
+
+@pytest.mark.parametrize("strategy", ["single", "split"])
+def test_compile_fullgraph_forward_backward(strategy):
+    torch.manual_seed(0)
+    ref = SaE(16, reduction=4, cardinality=4, act="silu", residual=True)
+    fused = FusedSaE.from_module(ref, backend="triton", strategy=strategy).to(DEVICE)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), fused).to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["single", "split"])
+def test_same_bits_every_run_and_inputs_untouched(strategy):
+    x, w1, b1, w2, b2, identity = _operands(n=3, c=19, h=13, w=17, k=8, dtype=torch.float32)
+    before = [t.detach().clone() for t in (x, w1, b1, w2, b2, identity)]
+    grad = torch.randn_like(x)
+    results = []
+    for _ in range(2):
+        out = sae(x, w1, b1, w2, b2, identity, act_out="relu", backend="triton", strategy=strategy)
+        grads = torch.autograd.grad(out, (x, w1, b1, w2, b2, identity), grad)
+        results.append([out, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    for t, b in zip((x, w1, b1, w2, b2, identity), before):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("strategy", ["single", "split"])
+def test_nan_and_inf_propagate_like_the_reference(strategy):
+    x, w1, b1, w2, b2, _ = _operands(n=3, c=6, h=4, w=5, dtype=torch.float32)
+    x = x.detach().clone()
+    x[0, 2, 1, 1] = float("nan")
+    x[1, 4, 0, 3] = float("inf")
+    x[2, 0, 2, 2] = -float("inf")
+    for residual, gate in itertools.product((False, True), ("sigmoid", "hardsigmoid")):
+        options = dict(residual=residual, gate=gate)
+        fused = sae(x, w1, b1, w2, b2, **options, backend="triton", strategy=strategy)
+        ref = sae(x, w1, b1, w2, b2, **options, backend="reference")
+        assert torch.equal(fused.isnan(), ref.isnan())
+        assert torch.equal(fused.isinf(), ref.isinf())
+        finite = ref.isfinite()
+        torch.testing.assert_close(fused[finite], ref[finite])

@@ -1,0 +1,114 @@
+"""Bad input: a clear TypeError/ValueError naming the problem, never a kernel crash."""
+
+import pytest
+import torch
+
+from helpers import DEVICE
+from sae_kernels import SE, FusedSaE, FusedSE, SaE, sae
+
+
+def _operands(n=2, c=8, k=4):
+    x = torch.randn(n, c, 5, 5, device=DEVICE)
+    return [x, torch.randn(k, c, device=DEVICE), torch.randn(k, device=DEVICE),
+            torch.randn(c, k, device=DEVICE), torch.randn(c, device=DEVICE)]
+
+
+def _call(args, **kwargs):
+    return sae(*args, **{"backend": "triton", **kwargs})
+
+
+@pytest.mark.parametrize("index, value, error, message", [
+    (0, torch.randn(8, 5, 5), ValueError, "must be 4-D"),
+    (0, torch.randn(2, 8, 5, 5, 1), ValueError, "must be 4-D"),
+    (0, torch.randn(2, 7, 5, 5), ValueError, "fc1_weight must have shape \\(K, C=7\\)"),
+    (0, torch.ones(2, 8, 5, 5, dtype=torch.int32), TypeError, "x must be float16"),
+    (0, torch.ones(2, 8, 5, 5, dtype=torch.bool), TypeError, "x must be float16"),
+    (0, torch.randn(2, 8, 0, 5), ValueError, "spatial size H\\*W >= 1"),
+    (0, [[1.0]], TypeError, "x must be a torch.Tensor"),
+    (1, torch.randn(4, 9), ValueError, "fc1_weight must have shape \\(K, C=8\\)"),
+    (1, torch.randn(0, 8), ValueError, "at least one row"),
+    (1, torch.ones(4, 8, dtype=torch.int64), TypeError, "fc1_weight must be float16"),
+    (2, torch.randn(5), ValueError, "fc1_bias must have shape \\(4,\\)"),
+    (3, torch.randn(8, 5), ValueError, "fc2_weight must have shape \\(C=8, K=4\\)"),
+    (4, torch.randn(7), ValueError, "fc2_bias must have shape \\(8,\\)"),
+])
+def test_bad_operand(index, value, error, message):
+    args = _operands()
+    if isinstance(value, torch.Tensor):
+        value = value.to(DEVICE)
+    args[index] = value
+    with pytest.raises(error, match=message):
+        _call(args)
+
+
+def test_identity_of_wrong_shape_or_dtype():
+    args = _operands()
+    with pytest.raises(ValueError, match="identity must have x's shape"):
+        _call(args, identity=torch.randn(2, 8, 5, 4, device=DEVICE))
+    with pytest.raises(TypeError, match="identity must have x's dtype"):
+        _call(args, identity=torch.randn(2, 8, 5, 5, device=DEVICE, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_operands_on_different_devices():
+    args = _operands()
+    args[1] = args[1].cpu()
+    with pytest.raises(ValueError, match="fc1_weight is on cpu but x is on cuda"):
+        _call(args)
+
+
+def test_operands_on_meta_and_cpu():
+    args = _operands()
+    args[3] = args[3].to("meta")
+    with pytest.raises(ValueError, match="fc2_weight is on meta but x is on"):
+        _call(args)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(act="tanh"), "unknown act 'tanh'"),
+    (dict(gate="softmax"), "unknown gate 'softmax'"),
+    (dict(act_out="gelu"), "unknown act_out 'gelu'"),
+    (dict(backend="cuda"), "unknown backend 'cuda'"),
+    (dict(strategy="fast"), "unknown strategy 'fast'"),
+])
+def test_unknown_option(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _call(_operands(), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [SaE, FusedSaE])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(channels=8, reduction=0), "reduction must be >= 1"),
+    (dict(channels=8, reduction=16), "reduced width channels // reduction = 8 // 16 is 0"),
+    (dict(channels=8, rd_channels=0), "rd_channels must be >= 1"),
+    (dict(channels=0), "channels must be >= 1"),
+    (dict(channels=8, reduction=2, cardinality=0), "cardinality must be >= 1"),
+    (dict(channels=8, reduction=2, act="tanh"), "unknown act"),
+    (dict(channels=8, reduction=2, gate="tanh"), "unknown gate"),
+    (dict(channels=8, reduction=2, act_out="silu"), "unknown act_out"),
+])
+def test_bad_module_arguments(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+
+
+def test_bad_fused_module_arguments():
+    with pytest.raises(ValueError, match="unknown backend"):
+        FusedSaE(8, reduction=2, backend="cpu")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        FusedSE(8, reduction=2, strategy="fast")
+
+
+@pytest.mark.parametrize("cls", [SaE, FusedSaE])
+def test_module_channel_mismatch(cls):
+    block = cls(8, reduction=2).to(DEVICE)
+    with pytest.raises(ValueError, match="x has 6 channels|has 8 channels"):
+        block(torch.randn(2, 6, 4, 4, device=DEVICE))
+
+
+def test_from_module_checks_its_argument():
+    with pytest.raises(TypeError, match="expects an SaE or SE module"):
+        FusedSaE.from_module(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="single-branch"):
+        FusedSE.from_module(SaE(8, reduction=2, cardinality=2))
+    assert isinstance(FusedSE.from_module(SE(8, reduction=2)), FusedSE)
