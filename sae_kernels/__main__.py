@@ -48,9 +48,9 @@ def _compile_report(args) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         os.execve(sys.executable, [sys.executable, "-m", "sae_kernels", *sys.argv[1:]],
                   {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    from .tools.aot import compile_all
+    from .tools.aot import TARGETS, compile_all
 
-    reports = compile_all(args.target or None)
+    reports = compile_all(args.target or TARGETS)
     bad = 0
     for r in reports:
         status = "ok" if r.ok else (r.error or f"spills: {r.stack} bytes of stack")

@@ -27,7 +27,7 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 
 
 def error_ratio(actual: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Elementwise |actual - truth| / bound (float64, on truth's device); <= 1 is within contract."""
+    """Elementwise |actual - truth| / bound, in float64 on truth's device; <= 1 passes."""
     rtol, atol = TOLERANCES[dtype]
     a, t = actual.detach().double().to(truth.device), truth.detach().double()
     scale = t.abs().max() if t.numel() else t.new_zeros(())

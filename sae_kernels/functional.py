@@ -1,6 +1,5 @@
 """The fused operator as a function of explicit tensors."""
 
-from typing import Optional
 
 import torch
 
@@ -13,10 +12,10 @@ from .reference import composite
 def sae(
     x: torch.Tensor,
     fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
+    fc1_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    identity: Optional[torch.Tensor] = None,
+    fc2_bias: torch.Tensor | None,
+    identity: torch.Tensor | None = None,
     *,
     act: str = "relu",
     gate: str = "sigmoid",

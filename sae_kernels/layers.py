@@ -1,12 +1,11 @@
 """Swap-in modules: the reference blocks' parameters, the fused operator's forward."""
 
-from typing import Optional
 
 import torch
 
 from .dispatch import check_backend, check_strategy
 from .functional import sae
-from .reference import SE, SaE
+from .reference import SaE
 
 
 class FusedSaE(SaE):
@@ -27,7 +26,7 @@ class FusedSaE(SaE):
         gate: str = "sigmoid",
         bias: bool = True,
         residual: bool = False,
-        rd_channels: Optional[int] = None,
+        rd_channels: int | None = None,
         act_out: str = "none",
         backend: str = "auto",
         strategy: str = "auto",
@@ -36,7 +35,7 @@ class FusedSaE(SaE):
                          act_out)
         self.backend = check_backend(backend)
         self.strategy = check_strategy(strategy)
-        self._fc1_cache: Optional[tuple] = None
+        self._fc1_cache: tuple | None = None
 
     @classmethod
     def from_module(cls, module: SaE, backend: str = "auto", strategy: str = "auto"):
@@ -56,7 +55,7 @@ class FusedSaE(SaE):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}, strategy={self.strategy}"
 
-    def _inference_fc1(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _inference_fc1(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stacked branch weights, concatenated again only when a branch parameter changed
         (its storage or version counter): inference then costs no copy per call."""
         key = tuple((p.data_ptr(), p._version) for p in self.branches.parameters())
@@ -64,7 +63,7 @@ class FusedSaE(SaE):
             self._fc1_cache = (key, *self.stacked_fc1())
         return self._fc1_cache[1], self._fc1_cache[2]
 
-    def forward(self, x: torch.Tensor, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
         cached = (self.cardinality > 1 and not torch.is_grad_enabled()
                   and not torch.compiler.is_compiling())
         fc1_weight, fc1_bias = self._inference_fc1() if cached else self.stacked_fc1()
@@ -84,7 +83,7 @@ class FusedSE(FusedSaE):
         gate: str = "sigmoid",
         bias: bool = True,
         residual: bool = False,
-        rd_channels: Optional[int] = None,
+        rd_channels: int | None = None,
         act_out: str = "none",
         backend: str = "auto",
         strategy: str = "auto",

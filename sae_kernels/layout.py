@@ -6,13 +6,11 @@ are read in place; other layouts are copied to NCHW first.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
-def nc_hw_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
-    """(stride_n, stride_c, stride_hw) of ``t`` viewed as (N, C, H*W), or None if H, W don't flatten."""
+def nc_hw_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride_n, stride_c, stride_hw) of ``t`` read as (N, C, H*W); None if H, W don't flatten."""
     _, _, h, w = t.shape
     stride_n, stride_c, stride_h, stride_w = t.stride()
     if w == 1:

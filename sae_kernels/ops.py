@@ -6,7 +6,6 @@
 matmuls over the batch done here, deterministic by construction.
 """
 
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -21,10 +20,10 @@ from .reference import TORCH_ACTIVATIONS
 def sae_forward(
     x: Tensor,
     fc1_weight: Tensor,
-    fc1_bias: Optional[Tensor],
+    fc1_bias: Tensor | None,
     fc2_weight: Tensor,
-    fc2_bias: Optional[Tensor],
-    identity: Optional[Tensor],
+    fc2_bias: Tensor | None,
+    identity: Tensor | None,
     act: str,
     gate: str,
     residual: bool,
@@ -49,7 +48,7 @@ def _sae_forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, a
 def sae_backward(
     grad: Tensor,
     x: Tensor,
-    y: Optional[Tensor],
+    y: Tensor | None,
     fc1_weight: Tensor,
     fc2_weight: Tensor,
     p: Tensor,
@@ -73,7 +72,8 @@ def _sae_backward_fake(grad, x, y, fc1_weight, fc2_weight, p, u, act, gate, resi
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, residual, act_out, _ = inputs
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity = inputs[:6]
+    act, gate, residual, act_out = inputs[6:10]
     y, z, p, u = output
     ctx.mark_non_differentiable(z, p, u)
     ctx.save_for_backward(x, fc1_weight, fc2_weight, z, p, u, y if act_out == "relu" else None)

@@ -7,8 +7,6 @@ names accepted here are the whole contract.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 #: Activations inside the branches; the index is the code the kernels receive.
@@ -28,7 +26,7 @@ def check_name(kind: str, name: str, allowed: tuple[str, ...]) -> str:
     return name
 
 
-def reduced_width(channels: int, reduction: int, rd_channels: Optional[int]) -> int:
+def reduced_width(channels: int, reduction: int, rd_channels: int | None) -> int:
     """Width of one branch: ``rd_channels`` if given, else ``channels // reduction``."""
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels}")
@@ -67,10 +65,10 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 def check_operands(
     x: torch.Tensor,
     fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
+    fc1_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    identity: Optional[torch.Tensor],
+    fc2_bias: torch.Tensor | None,
+    identity: torch.Tensor | None,
     act: str,
     gate: str,
     act_out: str,

@@ -7,7 +7,7 @@ SE is the cardinality-1 case. The output is ``act_out(x * s [+ x] [+ identity])`
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,10 @@ TORCH_GATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def sae_reference(
     x: torch.Tensor,
     fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
+    fc1_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    identity: Optional[torch.Tensor] = None,
+    fc2_bias: torch.Tensor | None,
+    identity: torch.Tensor | None = None,
     *,
     act: str = "relu",
     gate: str = "sigmoid",
@@ -95,7 +95,7 @@ class SaE(nn.Module):
         gate: str = "sigmoid",
         bias: bool = True,
         residual: bool = False,
-        rd_channels: Optional[int] = None,
+        rd_channels: int | None = None,
         act_out: str = "none",
     ) -> None:
         super().__init__()
@@ -116,7 +116,7 @@ class SaE(nn.Module):
     def bias(self) -> bool:
         return self.excite.bias is not None
 
-    def stacked_fc1(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def stacked_fc1(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The branch weights stacked row-wise, (cardinality * rd_channels, C), and biases."""
         if self.cardinality == 1:
             return self.branches[0].weight, self.branches[0].bias
@@ -137,7 +137,7 @@ class SaE(nn.Module):
             f"residual={self.residual}, act_out={self.act_out}"
         )
 
-    def forward(self, x: torch.Tensor, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
         """``act_out(x * s [+ x] [+ identity])``, computed branch by branch as in the paper."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
@@ -169,7 +169,7 @@ class SE(SaE):
         gate: str = "sigmoid",
         bias: bool = True,
         residual: bool = False,
-        rd_channels: Optional[int] = None,
+        rd_channels: int | None = None,
         act_out: str = "none",
     ) -> None:
         super().__init__(

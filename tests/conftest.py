@@ -19,5 +19,6 @@ def pytest_terminal_summary(terminalreporter):
     """Print how close the largest errors came to the tolerances (1.0 = at the bound)."""
     helpers = sys.modules.get("helpers")
     if helpers is not None and helpers.WORST:
-        worst = ", ".join(f"{str(k).removeprefix('torch.')} {v:.3f}" for k, v in helpers.WORST.items())
+        worst = ", ".join(f"{str(k).removeprefix('torch.')} {v:.3f}"
+                          for k, v in helpers.WORST.items())
         terminalreporter.write_line(f"largest error / tolerance per dtype: {worst}")

@@ -2,7 +2,6 @@
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -22,7 +21,7 @@ WORST: dict = {}
 def assert_close_to_truth(name: str, actual: torch.Tensor, truth: torch.Tensor,
                           dtype: torch.dtype, record: bool = True) -> None:
     """Within the accuracy contract of ``sae_kernels.accuracy``, elementwise."""
-    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    assert actual.shape == truth.shape, f"{name}: {tuple(actual.shape)} != {tuple(truth.shape)}"
     ratio = error_ratio(actual, truth, dtype)
     if record and ratio.numel():
         WORST[dtype] = max(WORST.get(dtype, 0.0), ratio.max().item())
@@ -43,7 +42,7 @@ class Case:
     h: int
     w: int
     cardinality: int = 2
-    rd_channels: Optional[int] = None
+    rd_channels: int | None = None
     act: str = "relu"
     gate: str = "sigmoid"
     bias: bool = True
@@ -53,7 +52,7 @@ class Case:
     channels_last: bool = False
     dtype: torch.dtype = torch.float32
     #: dtype of the weights; None means the I/O dtype (autocast-style fp32 otherwise)
-    weight_dtype: Optional[torch.dtype] = None
+    weight_dtype: torch.dtype | None = None
     strategy: str = "auto"
     seed: int = 0
 
@@ -108,6 +107,6 @@ def check_case(case: Case) -> None:
     assert_close_to_truth("dx", xq.grad.cpu(), x64.grad, d)
     if iq is not None:
         assert_close_to_truth("d_identity", iq.grad.cpu(), i64.grad, d)
-    for (name, p), p64 in zip(fused.named_parameters(), truth_module.parameters()):
+    for (name, p), p64 in zip(fused.named_parameters(), truth_module.parameters(), strict=True):
         assert p.grad is not None and p.grad.dtype == weight_dtype, name
         assert_close_to_truth(f"grad {name}", p.grad.cpu(), p64.grad, weight_dtype)

@@ -19,7 +19,6 @@ from sae_kernels.dispatch import (
 )
 
 
-
 def test_auto_backend_by_device():
     assert resolve_backend("auto", torch.device("cpu")) == "reference"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"

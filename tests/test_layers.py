@@ -48,7 +48,7 @@ def test_from_module_copies_everything(cls, ref_cls):
     assert type(fused) is cls and not fused.training
     assert fused.config() == ref.config()
     assert fused.backend == "triton" and fused.strategy == "split"
-    for a, b in zip(fused.parameters(), ref.parameters()):
+    for a, b in zip(fused.parameters(), ref.parameters(), strict=True):
         assert a.dtype == torch.float64 and a.device == b.device
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
     x = torch.randn(2, 32, 5, 5, device=DEVICE, dtype=torch.float64)

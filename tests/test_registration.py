@@ -71,7 +71,7 @@ def test_compile_fullgraph_forward_backward(strategy):
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model(x).square().sum().backward()
-    for g, p in zip(grads, model.parameters()):
+    for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=0, atol=0)
 
 
@@ -85,9 +85,9 @@ def test_same_bits_every_run_and_inputs_untouched(strategy):
         out = sae(x, w1, b1, w2, b2, identity, act_out="relu", backend="triton", strategy=strategy)
         grads = torch.autograd.grad(out, (x, w1, b1, w2, b2, identity), grad)
         results.append([out, *grads])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
-    for t, b in zip((x, w1, b1, w2, b2, identity), before):
+    for t, b in zip((x, w1, b1, w2, b2, identity), before, strict=True):
         assert torch.equal(t, b)
 
 

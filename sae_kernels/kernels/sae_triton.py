@@ -40,7 +40,8 @@ from .activations import activation, activation_grad, gate, gate_grad
 def _load_grad(g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw, offs_c, offs_hw, mask,
                RELU_OUT: tl.constexpr, acc_ty: tl.constexpr):
     """g' = dL/dy, zeroed where the ReLU tail clamped (PyTorch's ``y <= 0`` rule)."""
-    g = tl.load(g_ptr + offs_c[:, None] * g_sc + offs_hw[None, :] * g_shw, mask=mask, other=0.0).to(acc_ty)
+    g = tl.load(g_ptr + offs_c[:, None] * g_sc + offs_hw[None, :] * g_shw, mask=mask, other=0.0)
+    g = g.to(acc_ty)
     if RELU_OUT:
         y = tl.load(y_ptr + offs_c[:, None] * y_sc + offs_hw[None, :] * y_shw, mask=mask, other=0.0)
         g = tl.where(y.to(acc_ty) <= 0, 0.0, g)
@@ -58,7 +59,8 @@ def _channel_sums(x_ptr, x_sc, x_shw, g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw,
     for hw0 in range(hw_start, hw_stop, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = mask_c[:, None] & (offs_hw < hw_stop)[None, :]
-        v = tl.load(x_ptr + offs_c[:, None] * x_sc + offs_hw[None, :] * x_shw, mask=mask, other=0.0).to(acc_ty)
+        v = tl.load(x_ptr + offs_c[:, None] * x_sc + offs_hw[None, :] * x_shw, mask=mask,
+                    other=0.0).to(acc_ty)
         if WITH_GRAD:
             v = v * _load_grad(g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw, offs_c, offs_hw, mask,
                                RELU_OUT, acc_ty)
@@ -156,7 +158,8 @@ def _rescale(x_ptr, x_sc, x_shw, id_ptr, id_sc, id_shw, y_ptr, y_sc, y_shw, u_ro
     for hw0 in range(hw_start, hw_stop, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = mask_c[:, None] & (offs_hw < hw_stop)[None, :]
-        x = tl.load(x_ptr + offs_c[:, None] * x_sc + offs_hw[None, :] * x_shw, mask=mask, other=0.0).to(acc_ty)
+        x = tl.load(x_ptr + offs_c[:, None] * x_sc + offs_hw[None, :] * x_shw, mask=mask,
+                    other=0.0).to(acc_ty)
         out = x * scale[:, None]
         if RESIDUAL:  # x * s + x, not x * (1 + s): inf * 0 must give NaN as in the reference
             out += x
@@ -306,7 +309,8 @@ def sae_backward_reduce_kernel(
             offs = c0 + tl.arange(0, BLOCK_FC)
             mask = offs < C
             ds = _sum_slots(slots_row, offs, mask, n_splits, C)
-            tl.store(du_row + offs, ds * gate_grad(tl.load(u_row + offs, mask=mask), GATE), mask=mask)
+            du = ds * gate_grad(tl.load(u_row + offs, mask=mask), GATE)
+            tl.store(du_row + offs, du, mask=mask)
         tl.debug_barrier()
         _excite_backward(du_row, dp_ptr + n * K, dz_ptr + n * C, p_ptr + n * K, w1_ptr, w1_sk,
                          w1_sc, w2_ptr, w2_sc, w2_sk, C, K, ACT, BLOCK_K, BLOCK_FC)
@@ -338,7 +342,8 @@ def sae_backward_dx_kernel(
     for hw0 in range(hw_start, hw_stop, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = mask_c[:, None] & (offs_hw < hw_stop)[None, :]
-        g = _load_grad(g_row, g_sc, g_shw, y_row, y_sc, y_shw, offs_c, offs_hw, mask, RELU_OUT, acc_ty)
+        g = _load_grad(g_row, g_sc, g_shw, y_row, y_sc, y_shw, offs_c, offs_hw, mask, RELU_OUT,
+                       acc_ty)
         dx = g * scale[:, None] + dz_mean[:, None]
         tl.store(dx_ptr + n * dx_sn + offs_c[:, None] * dx_sc + offs_hw[None, :] * dx_shw,
                  dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -385,8 +390,15 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
+#: Offsets inside one sample are int32; sample offsets are int64.
+MAX_SAMPLE_ELEMENTS = 2**31 - 1
+
+
 def _plan(x: torch.Tensor, x_strides: tuple[int, int, int], k: int, strategy: str) -> LaunchPlan:
     n, c, h, w = x.shape
+    if c * h * w > MAX_SAMPLE_ELEMENTS:
+        raise ValueError(f"one sample of x has {c * h * w} elements; the Triton kernels take "
+                         f"at most 2**31 - 1 per sample (any number of samples)")
     return plan_launch(n, c, h * w, k, x.element_size(), is_channels_last(x_strides, c),
                        x.device, strategy)
 

@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import triton

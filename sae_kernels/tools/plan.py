@@ -17,7 +17,8 @@ def plan_rows(batch_sizes=(1, 32), element_size: int = 2) -> tuple[str, list[dic
         device = torch.device("cuda")
         profile, where = device_profile(device), torch.cuda.get_device_name(device)
     else:
-        device, profile, where = torch.device("cpu"), H100, "no GPU here; planned for an H100 (132 SMs)"
+        device, profile = torch.device("cpu"), H100
+        where = "no GPU here; planned for an H100 (132 SMs)"
     rows = []
     for site in resnet50_sites():
         hw = site.size**2
@@ -38,6 +39,7 @@ def plan_rows(batch_sizes=(1, 32), element_size: int = 2) -> tuple[str, list[dic
 def format_table(rows: list[dict]) -> str:
     columns = list(rows[0])
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    for row in rows:
+        lines.append("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
     return "\n".join(lines)

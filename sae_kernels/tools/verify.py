@@ -30,5 +30,6 @@ def verify_sites(device: torch.device, n: int = 2, dtype: torch.dtype = torch.fl
             y = fused(*leaves)
             y.backward(grad.to(device, dtype))
             got = [y, *(t.grad for t in leaves), *(p.grad for p in fused.parameters())]
-            worst = max(error_ratio(a, t, dtype).max().item() for a, t in zip(got, expected))
+            pairs = zip(got, expected, strict=True)
+            worst = max(error_ratio(a, t, dtype).max().item() for a, t in pairs)
             yield site, strategy, worst
