@@ -7,7 +7,7 @@ import torch
 
 from helpers import DEVICE
 from sae_kernels import FusedSaE, SaE, sae
-from sae_kernels.ops import sae_forward
+from sae_kernels.ops import sae_backward, sae_forward
 
 
 def _operands(n=2, c=5, h=3, w=4, k=6, dtype=torch.float64, identity=True, channels_last=False):
@@ -32,6 +32,17 @@ def test_opcheck(strategy, options, channels_last):
     args = (*_operands(dtype=torch.float32, channels_last=channels_last), act, gate, residual,
             act_out, strategy)
     torch.library.opcheck(sae_forward, args)
+
+
+@pytest.mark.parametrize("has_identity", [False, True])
+@pytest.mark.parametrize("act_out", ["none", "relu"])
+def test_opcheck_backward(act_out, has_identity):
+    x, w1, b1, w2, b2, identity = _operands(dtype=torch.float32, identity=has_identity)
+    args = (x, w1, b1, w2, b2, identity, "silu", "sigmoid", True, act_out, "split")
+    y, _, p, u = sae_forward(*args)
+    grad = torch.randn_like(y)
+    torch.library.opcheck(sae_backward, (grad, x.detach(), y.detach(), w1.detach(), w2.detach(),
+                                         p, u, "silu", "sigmoid", True, act_out, has_identity))
 
 
 @pytest.mark.parametrize("act", ["relu", "silu", "hardswish", "gelu"])
@@ -59,13 +70,14 @@ def test_gradcheck_float64_full_jacobian(strategy):
     assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2, identity))
 
 
-@pytest.mark.parametrize("strategy", ["single", "split"])
-def test_compile_fullgraph_forward_backward(strategy):
+@pytest.mark.parametrize("strategy, compiler", [("single", "aot_eager"), ("split", "aot_eager"),
+                                                ("split", "inductor")])
+def test_compile_fullgraph_forward_backward(strategy, compiler):
     torch.manual_seed(0)
     ref = SaE(16, reduction=4, cardinality=4, act="silu", residual=True)
     fused = FusedSaE.from_module(ref, backend="triton", strategy=strategy).to(DEVICE)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), fused).to(DEVICE)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
     compiled(x).square().sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -107,3 +119,23 @@ def test_nan_and_inf_propagate_like_the_reference(strategy):
         assert torch.equal(fused.isinf(), ref.isinf())
         finite = ref.isfinite()
         torch.testing.assert_close(fused[finite], ref[finite])
+
+
+def test_autocast_half_activations_with_fp32_weights():
+    """Under autocast a conv hands the block half activations while its weights stay fp32;
+    the result has the reference's dtype and its values within the half dtype's rounding."""
+    torch.manual_seed(0)
+    half = torch.bfloat16 if DEVICE.type == "cpu" else torch.float16
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1).to(DEVICE)
+    ref = SaE(16, reduction=4, cardinality=2).to(DEVICE)
+    fused = FusedSaE.from_module(ref, backend="triton")
+    x = torch.randn(2, 3, 9, 9, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=half):
+        h = conv(x)
+        assert h.dtype == half
+        y_ref, y = ref(h), fused(h)
+    assert y.dtype == y_ref.dtype == half
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())
+    # the reference rounds s to the half dtype before the rescale; the fused path does not
+    torch.testing.assert_close(y, y_ref, rtol=2 * torch.finfo(half).eps, atol=1e-3)
