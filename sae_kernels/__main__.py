@@ -1,4 +1,5 @@
-"""Command line: ``sae-kernels plan | verify | compile-report`` (or ``python -m sae_kernels``)."""
+"""Command line: ``sae-kernels build | plan | verify | compile-report``
+(or ``python -m sae_kernels ...``)."""
 
 import argparse
 import os
@@ -44,6 +45,14 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
+def _build(args) -> int:
+    from .kernels import cpu
+
+    cpu.build(verbose=args.verbose)
+    print(f"CPU kernels ready ({cpu.isa()})")
+    return 0
+
+
 def _compile_report(args) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         os.execve(sys.executable, [sys.executable, "-m", "sae_kernels", *sys.argv[1:]],
@@ -64,6 +73,9 @@ def _compile_report(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sae-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build the C++ CPU kernels now (else on first use)")
+    build.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
+    build.set_defaults(run=_build)
     sub.add_parser("plan", help="strategy, tiles and launches per SE site").set_defaults(run=_plan)
     verify = sub.add_parser("verify", help="fused vs float64 reference on the SE sites")
     verify.add_argument("-n", type=int, default=2, help="batch size (default 2)")

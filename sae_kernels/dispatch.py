@@ -4,8 +4,11 @@ Backends:
     ``"triton"``     the Triton kernels; on a CPU tensor they run through Triton's
                      interpreter (``TRITON_INTERPRET=1`` before triton is imported),
                      which is for correctness checks only.
+    ``"cpu"``        the C++ kernels of csrc/ (``kernels/cpu.py``) for float32, float64
+                     and bfloat16 CPU tensors. float16, or an extension that could not be
+                     built, falls back to the reference with a warning.
     ``"reference"``  the PyTorch composite of ``reference.sae_reference``.
-    ``"auto"``       Triton for CUDA tensors, the reference composite for CPU tensors.
+    ``"auto"``       Triton for CUDA tensors, ``"cpu"`` for CPU tensors.
 
 Triton strategies (kernels in ``kernels/sae_triton.py``):
     ``"single"``  one launch, one program per sample;
@@ -16,11 +19,15 @@ Triton strategies (kernels in ``kernels/sae_triton.py``):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+from .kernels import cpu as cpu_kernels
+
+BACKENDS = ("auto", "cpu", "triton", "reference")
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 STRATEGIES = ("auto", "single", "split")
 
 #: Tile of the excitation GEMVs, (BLOCK_K, BLOCK_FC) = at most 64 x 64 (32 x 64 in fp64).
@@ -80,12 +87,20 @@ def check_strategy(strategy: str) -> str:
     return strategy
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs a call: ``"triton"`` or ``"reference"``."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs a call: ``"cpu"``, ``"triton"`` or ``"reference"``."""
     check_backend(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    return backend
+        backend = "triton" if device.type == "cuda" else "cpu"
+    if backend != "cpu":
+        return backend
+    if device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if dtype not in CPU_DTYPES:
+        warnings.warn(f"sae_kernels: the CPU kernels take float32, float64 and bfloat16; "
+                      f"{dtype} uses the PyTorch reference path", RuntimeWarning, stacklevel=3)
+        return "reference"
+    return "cpu" if cpu_kernels.available() else "reference"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import torch
 
 from . import ops
 from .dispatch import check_strategy, resolve_backend
-from .options import check_operands
+from .options import ACTIVATIONS, GATES, check_operands
 from .reference import composite
 
 
@@ -32,8 +32,13 @@ def sae(
     """
     check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out)
     check_strategy(strategy)
-    if resolve_backend(backend, x.device) == "reference":
+    backend = resolve_backend(backend, x.device, x.dtype)
+    if backend == "reference":
         return composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
                          residual, act_out)
+    if backend == "cpu":
+        return torch.ops.sae_kernels.cpu_sae(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                             identity, ACTIVATIONS.index(act), GATES.index(gate),
+                                             residual, act_out == "relu")
     return ops.sae_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
                            residual, act_out, strategy)[0]

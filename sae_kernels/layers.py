@@ -3,8 +3,10 @@
 
 import torch
 
-from .dispatch import check_backend, check_strategy
+from .dispatch import CPU_DTYPES, check_backend, check_strategy
 from .functional import sae
+from .kernels import cpu as cpu_kernels
+from .options import ACTIVATIONS, GATES
 from .reference import SaE
 
 
@@ -36,6 +38,9 @@ class FusedSaE(SaE):
         self.backend = check_backend(backend)
         self.strategy = check_strategy(strategy)
         self._fc1_cache: tuple | None = None
+        # arguments of the C++ op after the tensors, for the direct CPU path
+        self._cpu_options = (ACTIVATIONS.index(self.act), GATES.index(self.gate), self.residual,
+                             self.act_out == "relu")
 
     @classmethod
     def from_module(cls, module: SaE, backend: str = "auto", strategy: str = "auto"):
@@ -67,6 +72,12 @@ class FusedSaE(SaE):
         cached = (self.cardinality > 1 and not torch.is_grad_enabled()
                   and not torch.compiler.is_compiling())
         fc1_weight, fc1_bias = self._inference_fc1() if cached else self.stacked_fc1()
+        if (self.backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
+                and cpu_kernels.available()):
+            # straight to the C++ op, which checks the operands itself: the Python checks
+            # would cost as much as the whole operator on small maps
+            return torch.ops.sae_kernels.cpu_sae(x, fc1_weight, fc1_bias, self.excite.weight,
+                                                 self.excite.bias, identity, *self._cpu_options)
         return sae(x, fc1_weight, fc1_bias, self.excite.weight, self.excite.bias, identity,
                    act=self.act, gate=self.gate, residual=self.residual, act_out=self.act_out,
                    backend=self.backend, strategy=self.strategy)

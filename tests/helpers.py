@@ -54,6 +54,7 @@ class Case:
     #: dtype of the weights; None means the I/O dtype (autocast-style fp32 otherwise)
     weight_dtype: torch.dtype | None = None
     strategy: str = "auto"
+    backend: str = "triton"
     seed: int = 0
 
 
@@ -62,7 +63,8 @@ def _layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def check_case(case: Case) -> None:
-    """Fused (Triton) vs float64 reference: output, dx, d_identity and every parameter grad."""
+    """Fused (``case.backend``) vs float64 reference: output, dx, d_identity and every
+    parameter gradient."""
     gen = torch.Generator().manual_seed(case.seed)
     rd = case.rd_channels or max(1, case.c // 4)
     ref = SaE(case.c, cardinality=case.cardinality, rd_channels=rd, act=case.act, gate=case.gate,
@@ -77,21 +79,22 @@ def check_case(case: Case) -> None:
     grad = torch.randn(shape, generator=gen)
 
     weight_dtype = case.weight_dtype or case.dtype
-    fused = FusedSaE.from_module(ref, backend="triton", strategy=case.strategy)
-    fused = fused.to(DEVICE, weight_dtype)
+    device = torch.device("cpu") if case.backend == "cpu" else DEVICE
+    fused = FusedSaE.from_module(ref, backend=case.backend, strategy=case.strategy)
+    fused = fused.to(device, weight_dtype)
     truth_module = copy.deepcopy(fused).double()  # the same (rounded) weight values
     truth_module.backend = "reference"
 
     def leaf(t, dtype, device):
         return _layout(t.to(dtype), case.channels_last).to(device).detach().requires_grad_(True)
 
-    xq = leaf(x, case.dtype, DEVICE)
-    iq = leaf(identity, case.dtype, DEVICE) if identity is not None else None
+    xq = leaf(x, case.dtype, device)
+    iq = leaf(identity, case.dtype, device) if identity is not None else None
     # the truth sees exactly the values the kernels see
     x64 = leaf(xq.detach().cpu(), torch.float64, "cpu")
     i64 = leaf(iq.detach().cpu(), torch.float64, "cpu") if iq is not None else None
     truth_module = truth_module.cpu()
-    gq = _layout(grad.to(case.dtype), case.channels_last).to(DEVICE)
+    gq = _layout(grad.to(case.dtype), case.channels_last).to(device)
 
     y = fused(xq, iq)
     assert y.dtype == case.dtype and y.shape == xq.shape

@@ -17,13 +17,19 @@ from sae_kernels.dispatch import (
     plan_launch,
     resolve_backend,
 )
+from sae_kernels.kernels import cpu as cpu_kernels
 
 
 def test_auto_backend_by_device():
-    assert resolve_backend("auto", torch.device("cpu")) == "reference"
-    assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
-    assert resolve_backend("triton", torch.device("cpu")) == "triton"
-    assert resolve_backend("reference", torch.device("cuda", 0)) == "reference"
+    cpu_backend = "cpu" if cpu_kernels.available() else "reference"
+    f32 = torch.float32
+    assert resolve_backend("auto", torch.device("cpu"), f32) == cpu_backend
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == cpu_backend
+    assert resolve_backend("auto", torch.device("cuda", 0), f32) == "triton"
+    assert resolve_backend("triton", torch.device("cpu"), f32) == "triton"
+    assert resolve_backend("reference", torch.device("cuda", 0), f32) == "reference"
+    with pytest.warns(RuntimeWarning, match="float16 uses the PyTorch reference path"):
+        assert resolve_backend("auto", torch.device("cpu"), torch.float16) == "reference"
 
 
 def test_auto_backend_never_runs_the_interpreter_on_cpu(monkeypatch):
@@ -35,7 +41,7 @@ def test_auto_backend_never_runs_the_interpreter_on_cpu(monkeypatch):
     ref = SaE(8, reduction=2)
     ref.load_state_dict(block.state_dict())
     x = torch.randn(2, 8, 5, 5)
-    torch.testing.assert_close(block(x), ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(block(x), ref(x))
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():

@@ -5,6 +5,7 @@ import torch
 
 from helpers import DEVICE
 from sae_kernels import SE, FusedSaE, FusedSE, SaE, sae
+from sae_kernels.kernels import cpu as cpu_kernels
 
 
 def _operands(n=2, c=8, k=4):
@@ -15,6 +16,13 @@ def _operands(n=2, c=8, k=4):
 
 def _call(args, **kwargs):
     return sae(*args, **{"backend": "triton", **kwargs})
+
+
+def _cpu_op(args, identity=None):
+    """The C++ op, which checks its operands itself (the layers call it directly)."""
+    if DEVICE.type != "cpu" or not cpu_kernels.available():
+        pytest.skip("needs the C++ CPU kernels")
+    return torch.ops.sae_kernels.cpu_sae(*args, identity, 0, 0, False, False)
 
 
 @pytest.mark.parametrize("index, value, error, message", [
@@ -32,21 +40,26 @@ def _call(args, **kwargs):
     (3, torch.randn(8, 5), ValueError, "fc2_weight must have shape \\(C=8, K=4\\)"),
     (4, torch.randn(7), ValueError, "fc2_bias must have shape \\(8,\\)"),
 ])
-def test_bad_operand(index, value, error, message):
+@pytest.mark.parametrize("entry", ["functional", "cpu_op"])
+def test_bad_operand(entry, index, value, error, message):
     args = _operands()
     if isinstance(value, torch.Tensor):
         value = value.to(DEVICE)
+    elif entry == "cpu_op":
+        pytest.skip("the op's schema rejects non-tensors itself")
     args[index] = value
     with pytest.raises(error, match=message):
-        _call(args)
+        _call(args) if entry == "functional" else _cpu_op(args)
 
 
-def test_identity_of_wrong_shape_or_dtype():
+@pytest.mark.parametrize("entry", ["functional", "cpu_op"])
+def test_identity_of_wrong_shape_or_dtype(entry):
     args = _operands()
+    call = _call if entry == "functional" else _cpu_op
     with pytest.raises(ValueError, match="identity must have x's shape"):
-        _call(args, identity=torch.randn(2, 8, 5, 4, device=DEVICE))
+        call(args, identity=torch.randn(2, 8, 5, 4, device=DEVICE))
     with pytest.raises(TypeError, match="identity must have x's dtype"):
-        _call(args, identity=torch.randn(2, 8, 5, 5, device=DEVICE, dtype=torch.float64))
+        call(args, identity=torch.randn(2, 8, 5, 5, device=DEVICE, dtype=torch.float64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
@@ -57,11 +70,12 @@ def test_operands_on_different_devices():
         _call(args)
 
 
-def test_operands_on_meta_and_cpu():
+@pytest.mark.parametrize("entry", ["functional", "cpu_op"])
+def test_operands_on_meta_and_cpu(entry):
     args = _operands()
     args[3] = args[3].to("meta")
     with pytest.raises(ValueError, match="fc2_weight is on meta but x is on"):
-        _call(args)
+        _call(args) if entry == "functional" else _cpu_op(args)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -94,14 +108,15 @@ def test_bad_module_arguments(cls, kwargs, message):
 
 def test_bad_fused_module_arguments():
     with pytest.raises(ValueError, match="unknown backend"):
-        FusedSaE(8, reduction=2, backend="cpu")
+        FusedSaE(8, reduction=2, backend="gpu")
     with pytest.raises(ValueError, match="unknown strategy"):
         FusedSE(8, reduction=2, strategy="fast")
 
 
-@pytest.mark.parametrize("cls", [SaE, FusedSaE])
-def test_module_channel_mismatch(cls):
-    block = cls(8, reduction=2).to(DEVICE)
+@pytest.mark.parametrize("cls, backend", [(SaE, None), (FusedSaE, "triton"), (FusedSaE, "auto")])
+def test_module_channel_mismatch(cls, backend):
+    block = (cls(8, reduction=2) if backend is None else cls(8, reduction=2, backend=backend))
+    block = block.to(DEVICE)
     with pytest.raises(ValueError, match="x has 6 channels|has 8 channels"):
         block(torch.randn(2, 6, 4, 4, device=DEVICE))
 

@@ -1,0 +1,301 @@
+// Inner loops of the CPU path, compiled once per instruction set.
+//
+// This header is included by kernels_{avx512,avx2,generic}.cpp after a
+// `#pragma GCC target(...)` and with SAE_ISA naming the namespace, so every loop below
+// is vectorized for that instruction set; sae_cpu.cpp picks one table at run time.
+// Nothing here calls a function defined outside this header (GCC will not inline
+// across target options), and nothing depends on the thread count: every output
+// element is produced by one call, summing in a fixed order, so results are the same
+// bits with any number of threads.
+//
+// Layouts: a sample of x is read either as `rows` (NCHW: one row of HW contiguous
+// elements per channel) or as `pixels` (channels_last: one row of C contiguous
+// channels per pixel). T is the storage type (float, double or Bf16), A the
+// accumulation type (float, or double for double).
+
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "sae_cpu.h"
+
+namespace sae_cpu {
+namespace SAE_ISA {
+
+inline float to_acc(Bf16 v) {
+  uint32_t bits = uint32_t(v.bits) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+
+template <typename T, typename A>
+inline T from_acc(A v);
+template <>
+inline float from_acc<float, float>(float v) { return v; }
+template <>
+inline double from_acc<double, double>(double v) { return v; }
+template <>
+inline Bf16 from_acc<Bf16, float>(float v) {
+  // round to nearest even, NaN kept quiet (as c10::BFloat16 does)
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return Bf16{uint16_t(is_nan ? 0x7FC0u : rounded)};
+}
+
+// ---------------------------------------------------------------- forward passes
+
+// out[r] = sum_i x[r * row_stride + i], i < len
+template <typename T, typename A>
+void sum_rows(const T* x, int64_t rows, int64_t row_stride, int64_t len, A* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * row_stride;
+    A acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < len; ++i) acc += to_acc(row[i]);
+    out[r] = acc;
+  }
+}
+
+// out[c] = sum_p x[p * pixel_stride + c], c < width (summed pixel after pixel)
+template <typename T, typename A>
+void sum_pixels(const T* x, int64_t pixels, int64_t pixel_stride, int64_t width, A* out) {
+  for (int64_t c = 0; c < width; ++c) out[c] = 0;
+  for (int64_t p = 0; p < pixels; ++p) {
+    const T* row = x + p * pixel_stride;
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) out[c] += to_acc(row[c]);
+  }
+}
+
+// y = act_out(x * s [+ x] [+ identity]); `s` is per channel
+template <bool RESIDUAL, bool IDENTITY, bool RELU, typename A>
+inline A rescaled(A x, A s, A identity) {
+  A v = x * s;
+  if (RESIDUAL) v += x;  // x * s + x, not x * (1 + s): inf * 0 gives NaN as in PyTorch
+  if (IDENTITY) v += identity;
+  if (RELU) v = v < A(0) ? A(0) : v;  // keeps NaN, as torch.relu
+  return v;
+}
+
+template <bool RESIDUAL, bool IDENTITY, bool RELU, typename T, typename A>
+void rescale_rows_impl(const Rows<T>& t, const A* s) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const T* x = t.x + r * t.x_stride;
+    const T* id = IDENTITY ? t.identity + r * t.identity_stride : nullptr;
+    T* y = t.y + r * t.y_stride;
+    const A scale = s[r];
+#pragma omp simd
+    for (int64_t i = 0; i < t.len; ++i) {
+      A identity = IDENTITY ? to_acc(id[i]) : A(0);
+      y[i] = from_acc<T, A>(rescaled<RESIDUAL, IDENTITY, RELU>(to_acc(x[i]), scale, identity));
+    }
+  }
+}
+
+template <bool RESIDUAL, bool IDENTITY, bool RELU, typename T, typename A>
+void rescale_pixels_impl(const Rows<T>& t, const A* s) {
+  for (int64_t p = 0; p < t.rows; ++p) {
+    const T* x = t.x + p * t.x_stride;
+    const T* id = IDENTITY ? t.identity + p * t.identity_stride : nullptr;
+    T* y = t.y + p * t.y_stride;
+#pragma omp simd
+    for (int64_t c = 0; c < t.len; ++c) {
+      A identity = IDENTITY ? to_acc(id[c]) : A(0);
+      y[c] = from_acc<T, A>(rescaled<RESIDUAL, IDENTITY, RELU>(to_acc(x[c]), s[c], identity));
+    }
+  }
+}
+
+// Picks the instantiation for the run-time epilogue flags (outside the loops).
+template <bool PIXELS, typename T, typename A>
+void rescale(const Rows<T>& t, const A* s, Epilogue e) {
+#define SAE_RESCALE(R, I, U)                                 \
+  if (e.residual == R && e.identity == I && e.relu == U) {   \
+    if (PIXELS) rescale_pixels_impl<R, I, U, T, A>(t, s);    \
+    else rescale_rows_impl<R, I, U, T, A>(t, s);             \
+    return;                                                  \
+  }
+  SAE_RESCALE(false, false, false)
+  SAE_RESCALE(false, false, true)
+  SAE_RESCALE(false, true, false)
+  SAE_RESCALE(false, true, true)
+  SAE_RESCALE(true, false, false)
+  SAE_RESCALE(true, false, true)
+  SAE_RESCALE(true, true, false)
+  SAE_RESCALE(true, true, true)
+#undef SAE_RESCALE
+}
+
+// ---------------------------------------------------------------- backward passes
+
+// g' = g, zeroed where the ReLU tail clamped (PyTorch's `y <= 0` rule)
+template <bool RELU, typename T, typename A>
+inline A masked_grad(const T* g, const T* y, int64_t i) {
+  A grad = to_acc(g[i]);
+  if (RELU) grad = to_acc(y[i]) <= A(0) ? A(0) : grad;
+  return grad;
+}
+
+template <bool RELU, typename T, typename A>
+void dot_rows_impl(const GradRows<T>& t, A* out) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const T* x = t.x + r * t.x_stride;
+    const T* g = t.grad + r * t.grad_stride;
+    const T* y = RELU ? t.y + r * t.y_stride : nullptr;
+    A acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < t.len; ++i) acc += masked_grad<RELU, T, A>(g, y, i) * to_acc(x[i]);
+    out[r] = acc;
+  }
+}
+
+template <bool RELU, typename T, typename A>
+void dot_pixels_impl(const GradRows<T>& t, A* out) {
+  for (int64_t c = 0; c < t.len; ++c) out[c] = 0;
+  for (int64_t p = 0; p < t.rows; ++p) {
+    const T* x = t.x + p * t.x_stride;
+    const T* g = t.grad + p * t.grad_stride;
+    const T* y = RELU ? t.y + p * t.y_stride : nullptr;
+#pragma omp simd
+    for (int64_t c = 0; c < t.len; ++c) out[c] += masked_grad<RELU, T, A>(g, y, c) * to_acc(x[c]);
+  }
+}
+
+// out[r or c] = sum over the sample of g' * x
+template <bool PIXELS, typename T, typename A>
+void grad_dot(const GradRows<T>& t, A* out, bool relu) {
+  if (PIXELS) {
+    relu ? dot_pixels_impl<true, T, A>(t, out) : dot_pixels_impl<false, T, A>(t, out);
+  } else {
+    relu ? dot_rows_impl<true, T, A>(t, out) : dot_rows_impl<false, T, A>(t, out);
+  }
+}
+
+// dx = g' * scale + shift (per channel); d_identity = g' when written
+template <bool PIXELS, bool RELU, bool WRITE_ID, typename T, typename A>
+void dx_impl(const GradRows<T>& t, const A* scale, const A* shift) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const T* g = t.grad + r * t.grad_stride;
+    const T* y = RELU ? t.y + r * t.y_stride : nullptr;
+    T* dx = t.dx + r * t.dx_stride;
+    T* did = WRITE_ID ? t.d_identity + r * t.d_identity_stride : nullptr;
+    const A row_scale = PIXELS ? A(0) : scale[r];
+    const A row_shift = PIXELS ? A(0) : shift[r];
+#pragma omp simd
+    for (int64_t i = 0; i < t.len; ++i) {
+      A grad = masked_grad<RELU, T, A>(g, y, i);
+      A a = PIXELS ? scale[i] : row_scale;
+      A b = PIXELS ? shift[i] : row_shift;
+      dx[i] = from_acc<T, A>(grad * a + b);
+      if (WRITE_ID) did[i] = from_acc<T, A>(grad);
+    }
+  }
+}
+
+template <bool PIXELS, typename T, typename A>
+void grad_input(const GradRows<T>& t, const A* scale, const A* shift, bool relu, bool write_id) {
+  if (relu) {
+    write_id ? dx_impl<PIXELS, true, true, T, A>(t, scale, shift)
+             : dx_impl<PIXELS, true, false, T, A>(t, scale, shift);
+  } else {
+    dx_impl<PIXELS, false, false, T, A>(t, scale, shift);
+  }
+}
+
+// ---------------------------------------------------------------- the small FCs
+
+// out[b, o] = bias[o] + sum_i w[o, i] * in[b, i]   (w: (outs, ins) row-major)
+// for o in [o_begin, o_end); four samples share each weight load.
+template <typename A>
+void linear(const A* in, int64_t batch, int64_t ins, const A* w, const A* bias, A* out,
+            int64_t outs, int64_t o_begin, int64_t o_end) {
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const A* row = w + o * ins;
+    const A b0 = bias ? bias[o] : A(0);
+    int64_t b = 0;
+    for (; b + 4 <= batch; b += 4) {
+      const A* i0 = in + b * ins;
+      const A *i1 = i0 + ins, *i2 = i1 + ins, *i3 = i2 + ins;
+      A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t i = 0; i < ins; ++i) {
+        a0 += row[i] * i0[i];
+        a1 += row[i] * i1[i];
+        a2 += row[i] * i2[i];
+        a3 += row[i] * i3[i];
+      }
+      out[b * outs + o] = a0 + b0;
+      out[(b + 1) * outs + o] = a1 + b0;
+      out[(b + 2) * outs + o] = a2 + b0;
+      out[(b + 3) * outs + o] = a3 + b0;
+    }
+    for (; b < batch; ++b) {
+      const A* i0 = in + b * ins;
+      A a0 = 0;
+#pragma omp simd reduction(+ : a0)
+      for (int64_t i = 0; i < ins; ++i) a0 += row[i] * i0[i];
+      out[b * outs + o] = a0 + b0;
+    }
+  }
+}
+
+// out[m, :] = sum_b a[b, m] * v[b, :] for m in [m_begin, m_end): a weight gradient
+// (dW = d_out^T @ in) with a: (batch, a_cols), v: (batch, width), out: (a_cols, width).
+template <typename A>
+void outer_sum(const A* a, int64_t batch, int64_t a_cols, const A* v, int64_t width, A* out,
+               int64_t m_begin, int64_t m_end) {
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    A* row = out + m * width;
+    for (int64_t i = 0; i < width; ++i) row[i] = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      const A coef = a[b * a_cols + m];
+      const A* vb = v + b * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) row[i] += coef * vb[i];
+    }
+  }
+}
+
+// d_in[b, i] = sum_o d_out[b, o] * w[o, i] (w: (outs, ins)) for columns i in [i_begin, i_end)
+template <typename A>
+void linear_backward_input(const A* d_out, int64_t batch, int64_t outs, const A* w, int64_t ins,
+                           A* d_in, int64_t i_begin, int64_t i_end) {
+  for (int64_t b = 0; b < batch; ++b) {
+    A* row = d_in + b * ins;
+    for (int64_t i = i_begin; i < i_end; ++i) row[i] = 0;
+    for (int64_t o = 0; o < outs; ++o) {
+      const A coef = d_out[b * outs + o];
+      const A* wo = w + o * ins;
+#pragma omp simd
+      for (int64_t i = i_begin; i < i_end; ++i) row[i] += coef * wo[i];
+    }
+  }
+}
+
+template <typename T, typename A>
+PassKernels<T, A> pass_kernels() {
+  return {sum_rows<T, A>,           sum_pixels<T, A>,          rescale<false, T, A>,
+          rescale<true, T, A>,      grad_dot<false, T, A>,     grad_dot<true, T, A>,
+          grad_input<false, T, A>,  grad_input<true, T, A>};
+}
+
+template <typename A>
+FcKernels<A> fc_kernels() {
+  return {linear<A>, linear_backward_input<A>, outer_sum<A>};
+}
+
+const KernelTable& table() {
+  static const KernelTable kernels = {SAE_ISA_NAME, pass_kernels<float, float>(),
+                                      pass_kernels<double, double>(), pass_kernels<Bf16, float>(),
+                                      fc_kernels<float>(), fc_kernels<double>()};
+  return kernels;
+}
+
+}  // namespace SAE_ISA
+}  // namespace sae_cpu

@@ -1,0 +1,635 @@
+// The fused SE / SaE operator on CPU: ops, autograd and registration.
+//
+// Forward, per chunk of samples small enough to stay in cache between its two passes:
+//   pool (z) -> p = W1 z + b1 -> h = act(p) -> u = W2 h + b2 -> s = gate(u) -> rescale.
+// Backward, per chunk: ds = sum g'*x -> du, dh, dp, dz -> dx = g' * scale + dz / HW;
+// then the weight gradients over the whole batch. The passes over x and the FCs run in
+// kernels.h (vectorized per instruction set, chosen at run time); activations and
+// gates on the small (chunk, C) and (chunk, K) tensors are ATen's own vectorized ops,
+// so they match the reference exactly. Work is split across threads only where each
+// output element is produced by one thread in a fixed order: the same inputs give the
+// same bits with any number of threads.
+//
+// Ops (namespace sae_kernels):
+//   cpu_sae       the differentiable operator (autograd below), returns y
+//   cpu_forward   y and the saved z (N, C), p (N, K), u (N, C)
+//   cpu_backward  dx, d_identity, and the weight and bias gradients
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+#include "sae_cpu.h"
+
+namespace sae_cpu {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+// Act and gate codes: indices into sae_kernels.options.ACTIVATIONS / GATES.
+enum Act : int64_t { kRelu = 0, kSilu = 1, kHardswish = 2, kGelu = 3 };
+enum Gate : int64_t { kSigmoid = 0, kHardsigmoid = 1 };
+
+// Samples per chunk: as many as fit in this many bytes (at least one), so the second
+// pass over a chunk reads it from cache. SAE_KERNELS_CPU_CHUNK_BYTES overrides it.
+constexpr int64_t kDefaultChunkBytes = 4 << 20;
+// Elements of work below which a loop is not split across threads.
+constexpr int64_t kGrainElements = 1 << 14;
+// Channels per task in the channels_last pooling pass.
+constexpr int64_t kPixelBlock = 128;
+
+const KernelTable& pick_table() {
+  const char* forced = std::getenv("SAE_KERNELS_CPU_ISA");
+  std::string want = forced ? forced : "";
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (want.empty() ? has_avx512 : want == "avx512") {
+    TORCH_CHECK(has_avx512, "SAE_KERNELS_CPU_ISA=avx512 but this CPU lacks AVX-512");
+    return avx512::table();
+  }
+  if (want.empty() ? has_avx2 : want == "avx2") {
+    TORCH_CHECK(has_avx2, "SAE_KERNELS_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+    return avx2::table();
+  }
+#endif
+  TORCH_CHECK(want.empty() || want == "generic", "SAE_KERNELS_CPU_ISA must be avx512, avx2 or "
+              "generic (on this CPU), got ", want);
+  return generic::table();
+}
+
+const KernelTable& kernels() {
+  static const KernelTable& table = pick_table();
+  return table;
+}
+
+int64_t chunk_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("SAE_KERNELS_CPU_CHUNK_BYTES");
+    return env ? std::max<int64_t>(1, std::atoll(env)) : kDefaultChunkBytes;
+  }();
+  return bytes;
+}
+
+// How one 4-D tensor is walked: as channel rows (NCHW) or pixel rows (channels_last).
+struct View {
+  bool pixels;      // rows are pixels with C contiguous channels
+  int64_t sample;   // stride between samples
+  int64_t row;      // stride between rows (channels for NCHW, pixels for channels_last)
+};
+
+optional<View> view_of(const Tensor& t) {
+  auto s = t.strides();
+  int64_t c = t.size(1), h = t.size(2), w = t.size(3);
+  bool hw_flat = w == 1 || h == 1 || s[2] == w * s[3];
+  int64_t hw_stride = w == 1 ? s[2] : s[3];
+  if (!hw_flat) return std::nullopt;
+  if (c > 1 && s[1] == 1) return View{true, s[0], hw_stride};
+  if (hw_stride == 1 || h * w == 1) return View{false, s[0], s[1]};
+  return std::nullopt;
+}
+
+// `t` in the same walk as `like` (copied when its layout differs).
+Tensor same_walk(const Tensor& t, const View& like) {
+  auto v = view_of(t);
+  if (v && v->pixels == like.pixels) return t;
+  return t.contiguous(like.pixels ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// An output shaped like x, always walkable: x's layout when x is, else NCHW.
+Tensor output_like(const Tensor& x) {
+  Tensor out = at::empty_like(x);
+  return view_of(out) ? out : at::empty_like(x, at::MemoryFormat::Contiguous);
+}
+
+Tensor activation(const Tensor& p, int64_t act) {
+  switch (act) {
+    case kRelu: return at::relu(p);
+    case kSilu: return at::silu(p);
+    case kHardswish: return at::hardswish(p);
+    default: return at::gelu(p);
+  }
+}
+
+Tensor activation_backward(const Tensor& grad, const Tensor& p, const Tensor& h, int64_t act) {
+  switch (act) {
+    case kRelu: return at::threshold_backward(grad, h, 0);
+    case kSilu: return at::silu_backward(grad, p);
+    case kHardswish: return at::hardswish_backward(grad, p);
+    default: return at::gelu_backward(grad, p);
+  }
+}
+
+Tensor gate(const Tensor& u, int64_t g) { return g == kSigmoid ? at::sigmoid(u) : at::hardsigmoid(u); }
+
+Tensor gate_backward(const Tensor& grad, const Tensor& u, const Tensor& s, int64_t g) {
+  return g == kSigmoid ? at::sigmoid_backward(grad, s) : at::hardsigmoid_backward(grad, u);
+}
+
+// Runs f(begin, end) over [0, n) in parallel, splitting no finer than `grain`.
+template <typename F>
+void parallel(int64_t n, int64_t grain, const F& f) {
+  at::parallel_for(0, n, std::max<int64_t>(1, grain), f);
+}
+
+template <typename A>
+const FcKernels<A>& fc_kernels() {
+  if constexpr (std::is_same_v<A, double>) return kernels().fc_f64;
+  else return kernels().fc_f32;
+}
+
+// out (rows, outs) = in (rows, ins) @ w^T + bias, split over output columns.
+template <typename A>
+void linear(const A* in, int64_t rows, int64_t ins, const A* w, const A* bias, A* out,
+            int64_t outs) {
+  parallel(outs, kGrainElements / std::max<int64_t>(1, rows * ins), [&](int64_t b, int64_t e) {
+    fc_kernels<A>().linear(in, rows, ins, w, bias, out, outs, b, e);
+  });
+}
+
+// d_in (rows, ins) = d_out (rows, outs) @ w (outs, ins), split over columns of d_in.
+template <typename A>
+void linear_backward_input(const A* d_out, int64_t rows, int64_t outs, const A* w, int64_t ins,
+                           A* d_in) {
+  parallel(ins, kGrainElements / std::max<int64_t>(1, rows * outs), [&](int64_t b, int64_t e) {
+    fc_kernels<A>().linear_backward_input(d_out, rows, outs, w, ins, d_in, b, e);
+  });
+}
+
+template <typename T, typename A>
+const PassKernels<T, A>& pass_kernels() {
+  if constexpr (std::is_same_v<T, Bf16>) return kernels().bf16;
+  else if constexpr (std::is_same_v<T, double>) return kernels().f64;
+  else return kernels().f32;
+}
+
+template <typename T>
+T* data(const Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// Pool samples [n0, n0 + rows) of x into z (sums, not yet divided by HW).
+template <typename T, typename A>
+void pool(const Tensor& x, const View& v, int64_t n0, int64_t count, A* z) {
+  const auto& k = pass_kernels<T, A>();
+  const T* base = data<T>(x) + n0 * v.sample;
+  int64_t c = x.size(1), hw = x.size(2) * x.size(3);
+  if (v.pixels) {
+    int64_t blocks = (c + kPixelBlock - 1) / kPixelBlock;
+    parallel(count * blocks, kGrainElements / std::max<int64_t>(1, hw * kPixelBlock),
+             [&](int64_t b, int64_t e) {
+               for (int64_t i = b; i < e; ++i) {
+                 int64_t n = i / blocks, c0 = (i % blocks) * kPixelBlock;
+                 k.sum_pixels(base + n * v.sample + c0, hw, v.row,
+                              std::min(kPixelBlock, c - c0), z + n * c + c0);
+               }
+             });
+  } else {
+    parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e;) {  // consecutive channels of one sample in one call
+        int64_t n = i / c, c0 = i % c, len = std::min(e - i, c - c0);
+        k.sum_rows(base + n * v.sample + c0 * v.row, len, v.row, hw, z + n * c + c0);
+        i += len;
+      }
+    });
+  }
+}
+
+// Rows of samples [n0, n0 + count) split across threads: pixel blocks or channel rows.
+template <typename F>
+void for_rows(const View& v, int64_t count, int64_t c, int64_t hw, const F& f) {
+  if (v.pixels) {
+    int64_t per_task = std::max<int64_t>(1, kGrainElements / c);
+    int64_t blocks = (hw + per_task - 1) / per_task;
+    parallel(count * blocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        int64_t n = i / blocks, r0 = (i % blocks) * per_task;
+        f(n, r0, std::min(per_task, hw - r0));
+      }
+    });
+  } else {
+    parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e;) {
+        int64_t n = i / c, r0 = i % c, len = std::min(e - i, c - r0);
+        f(n, r0, len);
+        i += len;
+      }
+    });
+  }
+}
+
+struct Options {
+  int64_t act, gate;
+  bool residual, relu_out;
+};
+
+template <typename T, typename A>
+void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& identity,
+                   const View& iv, const Tensor& y, const View& yv, const Tensor& w1,
+                   const optional<Tensor>& b1, const Tensor& w2, const optional<Tensor>& b2,
+                   const Tensor& z, const Tensor& p, const Tensor& u, const Options& o) {
+  int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w1.size(0);
+  int64_t chunk = std::clamp<int64_t>(chunk_bytes() / std::max<int64_t>(1, c * hw * x.element_size()),
+                                      1, n);
+  const auto& kern = pass_kernels<T, A>();
+  const A* b1p = b1 ? data<A>(*b1) : nullptr;
+  const A* b2p = b2 ? data<A>(*b2) : nullptr;
+  Epilogue e{o.residual, identity.has_value(), o.relu_out};
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    int64_t count = std::min(chunk, n - n0);
+    A* zc = data<A>(z) + n0 * c;
+    pool<T, A>(x, xv, n0, count, zc);
+    for (int64_t i = 0; i < count * c; ++i) zc[i] /= static_cast<A>(hw);
+    linear<A>(zc, count, c, data<A>(w1), b1p, data<A>(p) + n0 * k, k);
+    Tensor h = activation(p.narrow(0, n0, count), o.act);
+    linear<A>(data<A>(h), count, k, data<A>(w2), b2p, data<A>(u) + n0 * c, c);
+    Tensor s = gate(u.narrow(0, n0, count), o.gate);
+    const A* sp = data<A>(s);
+    for_rows(xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
+      int64_t sample = n0 + i;
+      Rows<T> t{data<T>(x) + sample * xv.sample + r0 * xv.row, xv.row,
+                identity ? data<T>(*identity) + sample * iv.sample + r0 * iv.row : nullptr,
+                iv.row,
+                data<T>(y) + sample * yv.sample + r0 * yv.row, yv.row,
+                rows, xv.pixels ? c : hw};
+      if (xv.pixels) kern.rescale_pixels(t, sp + i * c, e);
+      else kern.rescale_rows(t, sp + i * c + r0, e);
+    });
+  }
+}
+
+// Weights and biases as contiguous tensors of the accumulation dtype (no copy for fp32).
+Tensor acc_contiguous(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+optional<Tensor> acc_contiguous(const optional<Tensor>& t, at::ScalarType acc) {
+  return t ? optional<Tensor>(acc_contiguous(*t, acc)) : std::nullopt;
+}
+
+at::ScalarType acc_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_dtype(const Tensor& x) {
+  auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+                   "the CPU kernels take float32, float64 or bfloat16, got ", t);
+}
+
+bool is_float(const Tensor& t) {
+  auto s = t.scalar_type();
+  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
+}
+
+// The rules of sae_kernels.options.check_operands, with the same messages: this op is
+// reached without the Python checks.
+void check_operands(const Tensor& x, const Tensor& w1, const optional<Tensor>& b1,
+                    const Tensor& w2, const optional<Tensor>& b2,
+                    const optional<Tensor>& identity, int64_t act, int64_t gate_code) {
+  TORCH_CHECK_VALUE(act >= kRelu && act <= kGelu, "unknown act code ", act);
+  TORCH_CHECK_VALUE(gate_code == kSigmoid || gate_code == kHardsigmoid, "unknown gate code ",
+                    gate_code);
+  TORCH_CHECK_TYPE(is_float(x), "x must be float16, bfloat16, float32 or float64, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D shape ",
+                    x.sizes());
+  int64_t c = x.size(1);
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) >= 1, "x must have a spatial size H*W >= 1, got H=",
+                    x.size(2), ", W=", x.size(3));
+  auto check = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(is_float(t), name, " must be float16, bfloat16, float32 or float64, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
+                      x.device());
+  };
+  check(w1, "fc1_weight");
+  check(w2, "fc2_weight");
+  if (b1) check(*b1, "fc1_bias");
+  if (b2) check(*b2, "fc2_bias");
+  if (identity) check(*identity, "identity");
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == c, "x has ", c,
+                    " channels but fc1_weight has shape ", w1.sizes(),
+                    "; fc1_weight must have shape (K, C=", c, ")");
+  int64_t k = w1.size(0);
+  TORCH_CHECK_VALUE(k >= 1, "fc1_weight must have at least one row (reduced width >= 1)");
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == c && w2.size(1) == k,
+                    "fc2_weight must have shape (C=", c, ", K=", k, "), got ", w2.sizes());
+  TORCH_CHECK_VALUE(!b1 || (b1->dim() == 1 && b1->size(0) == k), "fc1_bias must have shape (",
+                    k, ",), got ", b1 ? b1->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!b2 || (b2->dim() == 1 && b2->size(0) == c), "fc2_bias must have shape (",
+                    c, ",), got ", b2 ? b2->sizes() : at::IntArrayRef{});
+  if (identity) {
+    TORCH_CHECK_VALUE(identity->sizes() == x.sizes(), "identity must have x's shape ",
+                      x.sizes(), ", got ", identity->sizes());
+    TORCH_CHECK_TYPE(identity->scalar_type() == x.scalar_type(), "identity must have x's dtype ",
+                     x.scalar_type(), ", got ", identity->scalar_type());
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
+    const Tensor& x_in, const Tensor& w1_in, const optional<Tensor>& b1_in, const Tensor& w2_in,
+    const optional<Tensor>& b2_in, const optional<Tensor>& identity_in, int64_t act,
+    int64_t gate_code, bool residual, bool relu_out) {
+  check_operands(x_in, w1_in, b1_in, w2_in, b2_in, identity_in, act, gate_code);
+  check_dtype(x_in);
+  auto acc = acc_type(x_in);
+  int64_t n = x_in.size(0), c = x_in.size(1), k = w1_in.size(0);
+  Tensor y = output_like(x_in);
+  Tensor z = at::empty({n, c}, x_in.options().dtype(acc));
+  Tensor p = at::empty({n, k}, x_in.options().dtype(acc));
+  Tensor u = at::empty({n, c}, x_in.options().dtype(acc));
+  if (n == 0) return {y, z, p, u};
+  View yv = *view_of(y);
+  Tensor x = same_walk(x_in, yv);
+  View xv = *view_of(x);
+  optional<Tensor> identity;
+  View iv = xv;
+  if (identity_in) {
+    identity = same_walk(*identity_in, xv);
+    iv = *view_of(*identity);
+  }
+  Tensor w1 = acc_contiguous(w1_in, acc), w2 = acc_contiguous(w2_in, acc);
+  auto b1 = acc_contiguous(b1_in, acc), b2 = acc_contiguous(b2_in, acc);
+  Options o{act, gate_code, residual, relu_out};
+  switch (x.scalar_type()) {
+    case at::kDouble:
+      forward_typed<double, double>(x, xv, identity, iv, y, yv, w1, b1, w2, b2, z, p, u, o);
+      break;
+    case at::kBFloat16:
+      forward_typed<Bf16, float>(x, xv, identity, iv, y, yv, w1, b1, w2, b2, z, p, u, o);
+      break;
+    default:
+      forward_typed<float, float>(x, xv, identity, iv, y, yv, w1, b1, w2, b2, z, p, u, o);
+  }
+  return {y, z, p, u};
+}
+
+template <typename T, typename A>
+void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const View& xv,
+                    const optional<Tensor>& y, const View& yv, const Tensor& dx, const View& dxv,
+                    const optional<Tensor>& d_identity, const View& div, const Tensor& w1,
+                    const Tensor& w2, const Tensor& p, const Tensor& u, const Tensor& du,
+                    const Tensor& dp, const Options& o) {
+  int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w1.size(0);
+  int64_t chunk = std::clamp<int64_t>(chunk_bytes() / std::max<int64_t>(1, c * hw * x.element_size()),
+                                      1, n);
+  const auto& kern = pass_kernels<T, A>();
+  bool write_id = d_identity.has_value();
+  Tensor ds = at::empty({chunk, c}, u.options());
+  Tensor dh = at::empty({chunk, k}, u.options());
+  Tensor dz = at::empty({chunk, c}, u.options());
+  auto rows_at = [&](int64_t sample, int64_t r0, int64_t rows) {
+    return GradRows<T>{data<T>(x) + sample * xv.sample + r0 * xv.row, xv.row,
+                       data<T>(grad) + sample * gv.sample + r0 * gv.row, gv.row,
+                       y ? data<T>(*y) + sample * yv.sample + r0 * yv.row : nullptr, yv.row,
+                       data<T>(dx) + sample * dxv.sample + r0 * dxv.row, dxv.row,
+                       write_id ? data<T>(*d_identity) + sample * div.sample + r0 * div.row
+                                : nullptr,
+                       div.row, rows, xv.pixels ? c : hw};
+  };
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    int64_t count = std::min(chunk, n - n0);
+    A* dsp = data<A>(ds);
+    // ds = sum g' * x: per channel, one task per channel row or channel block
+    if (xv.pixels) {
+      int64_t blocks = (c + kPixelBlock - 1) / kPixelBlock;
+      parallel(count * blocks, kGrainElements / std::max<int64_t>(1, hw * kPixelBlock),
+               [&](int64_t b, int64_t e) {
+                 for (int64_t i = b; i < e; ++i) {
+                   int64_t s = i / blocks, c0 = (i % blocks) * kPixelBlock;
+                   GradRows<T> t = rows_at(n0 + s, 0, hw);
+                   t.x += c0, t.grad += c0, t.y = t.y ? t.y + c0 : nullptr;
+                   t.len = std::min(kPixelBlock, c - c0);
+                   kern.grad_dot_pixels(t, dsp + s * c + c0, o.relu_out);
+                 }
+               });
+    } else {
+      parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e;) {
+          int64_t s = i / c, c0 = i % c, len = std::min(e - i, c - c0);
+          kern.grad_dot_rows(rows_at(n0 + s, c0, len), dsp + s * c + c0, o.relu_out);
+          i += len;
+        }
+      });
+    }
+    Tensor u_c = u.narrow(0, n0, count), p_c = p.narrow(0, n0, count);
+    Tensor s = gate(u_c, o.gate);
+    du.narrow(0, n0, count).copy_(gate_backward(ds.narrow(0, 0, count), u_c, s, o.gate));
+    linear_backward_input<A>(data<A>(du) + n0 * c, count, c, data<A>(w2), k, data<A>(dh));
+    Tensor h = o.act == kRelu ? activation(p_c, o.act) : Tensor();
+    dp.narrow(0, n0, count).copy_(activation_backward(dh.narrow(0, 0, count), p_c, h, o.act));
+    linear_backward_input<A>(data<A>(dp) + n0 * k, count, k, data<A>(w1), c, data<A>(dz));
+    Tensor scale = o.residual ? s + 1 : s;
+    A* shift = data<A>(dz);
+    for (int64_t i = 0; i < count * c; ++i) shift[i] /= static_cast<A>(hw);
+    const A* scale_p = data<A>(scale);
+    for_rows(xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
+      GradRows<T> t = rows_at(n0 + i, r0, rows);
+      if (xv.pixels) {
+        kern.grad_input_pixels(t, scale_p + i * c, shift + i * c, o.relu_out, write_id);
+      } else {
+        kern.grad_input_rows(t, scale_p + i * c + r0, shift + i * c + r0, o.relu_out, write_id);
+      }
+    });
+  }
+}
+
+// out (M, width) = a^T (M, N) @ v (N, width), split over rows of out.
+template <typename A>
+Tensor weight_grad(const Tensor& a, const Tensor& v) {
+  int64_t batch = a.size(0), m = a.size(1), width = v.size(1);
+  Tensor out = at::empty({m, width}, a.options());
+  parallel(m, kGrainElements / std::max<int64_t>(1, batch * width), [&](int64_t b, int64_t e) {
+    fc_kernels<A>().outer_sum(data<A>(a), batch, m, data<A>(v), width, data<A>(out), b, e);
+  });
+  return out;
+}
+
+// Sum over the batch, column by column in sample order (ATen's sum may reorder by threads).
+template <typename A>
+Tensor bias_grad(const Tensor& d) {
+  int64_t batch = d.size(0), width = d.size(1);
+  Tensor out = at::zeros({width}, d.options());
+  A* o = data<A>(out);
+  const A* src = data<A>(d);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < width; ++i) o[i] += src[b * width + i];
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward(
+    const Tensor& grad_in, const Tensor& x_in, const optional<Tensor>& y_in, const Tensor& w1_in,
+    const Tensor& w2_in, const Tensor& z, const Tensor& p, const Tensor& u, int64_t act,
+    int64_t gate_code, bool residual, bool relu_out, bool has_identity) {
+  check_dtype(x_in);
+  auto acc = acc_type(x_in);
+  int64_t n = x_in.size(0), c = x_in.size(1), k = w1_in.size(0);
+  bool write_id = has_identity && relu_out;
+  Tensor du = at::empty({n, c}, u.options()), dp = at::empty({n, k}, p.options());
+  Tensor dx = output_like(x_in);
+  optional<Tensor> d_identity = write_id ? optional<Tensor>(output_like(x_in)) : std::nullopt;
+  if (n > 0) {
+    View dxv = *view_of(dx);
+    Tensor x = same_walk(x_in, dxv);
+    View xv = *view_of(x);
+    Tensor grad = same_walk(grad_in.to(x.scalar_type()), xv);
+    optional<Tensor> y = relu_out ? optional<Tensor>(same_walk(*y_in, xv)) : std::nullopt;
+    View gv = *view_of(grad), yv = y ? *view_of(*y) : xv;
+    View div = d_identity ? *view_of(*d_identity) : xv;
+    Tensor w1 = acc_contiguous(w1_in, acc), w2 = acc_contiguous(w2_in, acc);
+    Options o{act, gate_code, residual, relu_out};
+    switch (x.scalar_type()) {
+      case at::kDouble:
+        backward_typed<double, double>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div, w1, w2,
+                                       p, u, du, dp, o);
+        break;
+      case at::kBFloat16:
+        backward_typed<Bf16, float>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div, w1, w2, p,
+                                    u, du, dp, o);
+        break;
+      default:
+        backward_typed<float, float>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div, w1, w2, p,
+                                     u, du, dp, o);
+    }
+  }
+  Tensor h = activation(p, act);
+  bool wide = acc == at::kDouble;
+  Tensor dw1 = wide ? weight_grad<double>(dp, z) : weight_grad<float>(dp, z);
+  Tensor dw2 = wide ? weight_grad<double>(du, h) : weight_grad<float>(du, h);
+  Tensor db1 = wide ? bias_grad<double>(dp) : bias_grad<float>(dp);
+  Tensor db2 = wide ? bias_grad<double>(du) : bias_grad<float>(du);
+  return {dx, d_identity ? *d_identity : Tensor(), dw1.to(w1_in.scalar_type()), db1,
+          dw2.to(w2_in.scalar_type()), db2};
+}
+
+// ------------------------------------------------------------------ autograd and ops
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward_meta(
+    const Tensor& x, const Tensor& w1, const optional<Tensor>& b1, const Tensor& w2,
+    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+    bool, bool) {
+  check_operands(x, w1, b1, w2, b2, identity, act, gate_code);
+  auto acc = acc_type(x);
+  int64_t n = x.size(0), c = x.size(1), k = w1.size(0);
+  return {output_like(x), at::empty({n, c}, x.options().dtype(acc)),
+          at::empty({n, k}, x.options().dtype(acc)), at::empty({n, c}, x.options().dtype(acc))};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward_meta(
+    const Tensor&, const Tensor& x, const optional<Tensor>&, const Tensor& w1, const Tensor& w2,
+    const Tensor&, const Tensor& p, const Tensor& u, int64_t, int64_t, bool, bool relu_out,
+    bool has_identity) {
+  Tensor d_identity = has_identity && relu_out ? output_like(x) : Tensor();
+  return {output_like(x), d_identity, at::empty_like(w1),
+          at::empty({w1.size(0)}, p.options()), at::empty_like(w2),
+          at::empty({w2.size(0)}, u.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
+    const Tensor& x, const Tensor& w1, const optional<Tensor>& b1, const Tensor& w2,
+    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+    bool residual, bool relu_out) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sae_kernels::cpu_forward", "")
+                       .typed<decltype(cpu_forward)>();
+  return op.call(x, w1, b1, w2, b2, identity, act, gate_code, residual, relu_out);
+}
+
+class SaeFunction : public torch::autograd::Function<SaeFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w1,
+                        const optional<Tensor>& b1, const Tensor& w2, const optional<Tensor>& b2,
+                        const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+                        bool residual, bool relu_out) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, z, p, u] = call_forward(x, w1, b1, w2, b2, identity, act, gate_code, residual,
+                                     relu_out);
+    ctx->save_for_backward({x, w1, w2, z, p, u, relu_out ? y : Tensor()});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["gate"] = gate_code;
+    ctx->saved_data["residual"] = residual;
+    ctx->saved_data["relu_out"] = relu_out;
+    ctx->saved_data["has_identity"] = identity.has_value();
+    ctx->saved_data["b1_dtype"] = b1 ? c10::IValue(b1->scalar_type()) : c10::IValue();
+    ctx->saved_data["b2_dtype"] = b2 ? c10::IValue(b2->scalar_type()) : c10::IValue();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    bool relu_out = ctx->saved_data["relu_out"].toBool();
+    bool has_identity = ctx->saved_data["has_identity"].toBool();
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sae_kernels::cpu_backward", "")
+                         .typed<decltype(cpu_backward)>();
+    auto [dx, d_identity, dw1, db1, dw2, db2] =
+        op.call(grads[0], saved[0], relu_out ? optional<Tensor>(saved[6]) : std::nullopt,
+                saved[1], saved[2], saved[3], saved[4], saved[5], ctx->saved_data["act"].toInt(),
+                ctx->saved_data["gate"].toInt(), ctx->saved_data["residual"].toBool(), relu_out,
+                has_identity);
+    auto bias = [&](const Tensor& g, const char* key) {
+      auto dtype = ctx->saved_data[key];
+      return dtype.isNone() ? Tensor() : g.to(dtype.toScalarType());
+    };
+    Tensor d_id = !has_identity ? Tensor() : relu_out ? d_identity : grads[0];
+    return {dx,     dw1,      bias(db1, "b1_dtype"), dw2,      bias(db2, "b2_dtype"),
+            d_id,   Tensor(), Tensor(),              Tensor(), Tensor()};
+  }
+};
+
+Tensor sae_autograd(const Tensor& x, const Tensor& w1, const optional<Tensor>& b1,
+                    const Tensor& w2, const optional<Tensor>& b2,
+                    const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+                    bool residual, bool relu_out) {
+  return SaeFunction::apply(x, w1, b1, w2, b2, identity, act, gate_code, residual, relu_out);
+}
+
+Tensor sae_no_autograd(const Tensor& x, const Tensor& w1, const optional<Tensor>& b1,
+                       const Tensor& w2, const optional<Tensor>& b2,
+                       const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+                       bool residual, bool relu_out) {
+  return std::get<0>(call_forward(x, w1, b1, w2, b2, identity, act, gate_code, residual,
+                                  relu_out));
+}
+
+std::string isa() { return kernels().isa; }
+
+}  // namespace
+}  // namespace sae_cpu
+
+TORCH_LIBRARY_FRAGMENT(sae_kernels, m) {
+  m.def("cpu_sae(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+        "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out) "
+        "-> Tensor");
+  m.def("cpu_forward(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+        "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_backward(Tensor grad, Tensor x, Tensor? y, Tensor fc1_weight, Tensor fc2_weight, "
+        "Tensor z, Tensor p, Tensor u, int act, int gate, bool residual, bool relu_out, "
+        "bool has_identity) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_isa() -> str", &sae_cpu::isa);
+}
+
+TORCH_LIBRARY_IMPL(sae_kernels, CPU, m) {
+  m.impl("cpu_sae", &sae_cpu::sae_no_autograd);
+  m.impl("cpu_forward", &sae_cpu::cpu_forward);
+  m.impl("cpu_backward", &sae_cpu::cpu_backward);
+}
+
+TORCH_LIBRARY_IMPL(sae_kernels, Meta, m) {
+  m.impl("cpu_sae", &sae_cpu::sae_no_autograd);
+  m.impl("cpu_forward", &sae_cpu::cpu_forward_meta);
+  m.impl("cpu_backward", &sae_cpu::cpu_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(sae_kernels, Autograd, m) {
+  m.impl("cpu_sae", &sae_cpu::sae_autograd);
+}

@@ -1,0 +1,90 @@
+// Plain types shared by the per-instruction-set kernels and the operator code.
+// No torch headers here: kernels_*.cpp compile this under `#pragma GCC target`.
+
+#pragma once
+
+#include <cstdint>
+
+namespace sae_cpu {
+
+struct Bf16 {
+  uint16_t bits;
+};
+
+// The output epilogue: act_out(x * s [+ x] [+ identity]).
+struct Epilogue {
+  bool residual;
+  bool identity;
+  bool relu;
+};
+
+// `rows` rows of `len` contiguous elements; row r of each tensor at ptr + r * stride.
+// NCHW: a row is one channel's H*W values. channels_last: a row is one pixel's C values.
+template <typename T>
+struct Rows {
+  const T* x;
+  int64_t x_stride;
+  const T* identity;
+  int64_t identity_stride;
+  T* y;
+  int64_t y_stride;
+  int64_t rows;
+  int64_t len;
+};
+
+template <typename T>
+struct GradRows {
+  const T* x;
+  int64_t x_stride;
+  const T* grad;
+  int64_t grad_stride;
+  const T* y;  // the forward output, read under the ReLU tail
+  int64_t y_stride;
+  T* dx;
+  int64_t dx_stride;
+  T* d_identity;
+  int64_t d_identity_stride;
+  int64_t rows;
+  int64_t len;
+};
+
+// The passes over the big tensors, for storage type T and accumulation type A.
+template <typename T, typename A>
+struct PassKernels {
+  void (*sum_rows)(const T* x, int64_t rows, int64_t row_stride, int64_t len, A* out);
+  void (*sum_pixels)(const T* x, int64_t pixels, int64_t pixel_stride, int64_t width, A* out);
+  void (*rescale_rows)(const Rows<T>& t, const A* s, Epilogue e);
+  void (*rescale_pixels)(const Rows<T>& t, const A* s, Epilogue e);
+  void (*grad_dot_rows)(const GradRows<T>& t, A* out, bool relu);
+  void (*grad_dot_pixels)(const GradRows<T>& t, A* out, bool relu);
+  void (*grad_input_rows)(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
+                          bool write_id);
+  void (*grad_input_pixels)(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
+                            bool write_id);
+};
+
+// The small FCs over a chunk of samples, in the accumulation type.
+template <typename A>
+struct FcKernels {
+  void (*linear)(const A* in, int64_t batch, int64_t ins, const A* w, const A* bias, A* out,
+                 int64_t outs, int64_t o_begin, int64_t o_end);
+  void (*linear_backward_input)(const A* d_out, int64_t batch, int64_t outs, const A* w,
+                                int64_t ins, A* d_in, int64_t i_begin, int64_t i_end);
+  void (*outer_sum)(const A* a, int64_t batch, int64_t a_cols, const A* v, int64_t width, A* out,
+                    int64_t m_begin, int64_t m_end);
+};
+
+struct KernelTable {
+  const char* isa;
+  PassKernels<float, float> f32;
+  PassKernels<double, double> f64;
+  PassKernels<Bf16, float> bf16;
+  FcKernels<float> fc_f32;
+  FcKernels<double> fc_f64;
+};
+
+namespace avx512 { const KernelTable& table(); }
+namespace avx2 { const KernelTable& table(); }
+namespace generic { const KernelTable& table(); }
+
+}  // namespace sae_cpu

@@ -1,0 +1,161 @@
+"""The C++ CPU backend against the float64 reference, its fallbacks and determinism."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import Case, check_case
+from sae_kernels import FusedSaE, SaE
+from sae_kernels.kernels import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C++ CPU kernels did not build")
+
+LAYOUTS = {"nchw": False, "channels_last": True}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+EPILOGUES = {  # (residual, with_identity, act_out)
+    "scale": (False, False, "none"),
+    "residual": (True, False, "none"),
+    "identity_relu": (False, True, "relu"),
+    "residual_identity_relu": (True, True, "relu"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [0, 1, 3])
+@pytest.mark.parametrize("hw", [(1, 1), (7, 7), (13, 17), (56, 56)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("c", [1, 3, 19, 228])
+def test_shapes(c, hw, n, layout):
+    check_case(Case(n, c, *hw, channels_last=LAYOUTS[layout], backend="cpu"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("weights", ["same", "fp32"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 19, 13, 17), (2, 300, 7, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_dtypes(shape, dtype, weights, layout):
+    if weights == "fp32" and dtype != "bf16":
+        pytest.skip("same as weights='same'")
+    check_case(Case(*shape, dtype=DTYPES[dtype], channels_last=LAYOUTS[layout],
+                    weight_dtype=torch.float32 if weights == "fp32" else None,
+                    with_identity=True, act_out="relu", backend="cpu"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
+@pytest.mark.parametrize("act", ["relu", "silu", "hardswish", "gelu"])
+def test_options(act, gate, epilogue, layout):
+    residual, with_identity, act_out = EPILOGUES[epilogue]
+    check_case(Case(3, 19, 7, 7, act=act, gate=gate, residual=residual,
+                    with_identity=with_identity, act_out=act_out, cardinality=4,
+                    channels_last=LAYOUTS[layout], backend="cpu"))
+
+
+def test_chunks_of_samples(monkeypatch):
+    """A batch larger than one chunk (a few samples per chunk, a partial last one)."""
+    check_case(Case(7, 64, 30, 30, channels_last=True, backend="cpu", with_identity=True,
+                    act_out="relu"))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_every_instruction_set(isa):
+    """Each compiled instruction set (where the CPU has it) within the accuracy contract."""
+    code = ("import torch, sys; sys.path.insert(0, 'tests'); from helpers import Case, check_case\n"
+            "from sae_kernels.kernels import cpu\n"
+            "check_case(Case(3, 40, 9, 11, backend='cpu', with_identity=True, act_out='relu'))\n"
+            "check_case(Case(2, 40, 9, 11, backend='cpu', channels_last=True,\n"
+            "                dtype=torch.bfloat16, weight_dtype=torch.float32))\n"
+            "print(cpu.isa())\n")
+    env = {**os.environ, "SAE_KERNELS_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if "lacks" in result.stderr:
+        pytest.skip(f"this CPU has no {isa}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == isa
+
+
+def test_one_and_two_threads_give_the_same_bits():
+    torch.manual_seed(0)
+    ref = SaE(300, reduction=8, cardinality=4, act_out="relu")
+    fused = FusedSaE.from_module(ref, backend="cpu")
+    x = torch.randn(5, 300, 12, 12).to(memory_format=torch.channels_last)
+    identity, grad = torch.randn_like(x), torch.randn_like(x)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for xx in (x, x.contiguous()):
+                xx = xx.clone().requires_grad_(True)
+                fused.zero_grad()
+                y = fused(xx, identity)
+                y.backward(grad)
+                results.append([y, xx.grad, *(p.grad for p in fused.parameters())])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in ((results[0], results[2]), (results[1], results[3])):
+        for a, b in zip(one, two, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_fp16_falls_back_with_a_warning():
+    fused = FusedSaE(8, reduction=2, backend="cpu").half()
+    ref = SaE(8, reduction=2).half()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 8, 3, 3).half()
+    with pytest.warns(RuntimeWarning, match="float16 uses the PyTorch reference path"):
+        y = fused(x)
+    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+
+
+def test_cpu_backend_on_a_cuda_tensor_is_an_error():
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        from sae_kernels.dispatch import resolve_backend
+
+        resolve_backend("cpu", torch.device("cuda", 0), torch.float32)
+
+
+def test_falls_back_when_the_extension_cannot_build(tmp_path):
+    """No usable compiler: a warning, then the reference path; never a crash."""
+    code = ("import warnings, torch\n"
+            "from sae_kernels import FusedSaE, SaE\n"
+            "ref = SaE(8, reduction=2); fused = FusedSaE.from_module(ref)\n"
+            "x = torch.randn(2, 8, 3, 3)\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    y = fused(x)\n"
+            "assert torch.equal(y, ref(x))\n"
+            "print([str(m.message) for m in w])\n")
+    env = {**os.environ, "CXX": "/nonexistent/c++", "SAE_KERNELS_BUILD_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the C++ CPU kernels are unavailable" in result.stdout
+
+
+def test_compile_fullgraph_forward_backward():
+    torch.manual_seed(0)
+    fused = FusedSaE.from_module(SaE(16, reduction=4, act="silu", residual=True), backend="cpu")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), fused)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8)
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=0)
+
+
+def test_opcheck():
+    x = torch.randn(2, 5, 3, 4)
+    w1, b1, w2, b2 = torch.randn(6, 5), torch.randn(6), torch.randn(5, 6), torch.randn(5)
+    for args in [(x, w1, b1, w2, b2, torch.randn_like(x), 1, 0, True, True),
+                 (x.to(memory_format=torch.channels_last), w1, None, w2, None, None, 3, 1, False,
+                  False)]:
+        args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.sae_kernels.cpu_sae.default, args)
