@@ -210,13 +210,13 @@ void grad_input(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
 
 // ---------------------------------------------------------------- the small FCs
 
-// out[b, o] = bias[o] + sum_i w[o, i] * in[b, i]   (w: (outs, ins) row-major)
+// out[b, o] = bias[o] + sum_i w[o, i] * in[b, i]   (row o of w at w_rows[o])
 // for o in [o_begin, o_end); four samples share each weight load.
 template <typename A>
-void linear(const A* in, int64_t batch, int64_t ins, const A* w, const A* bias, A* out,
-            int64_t outs, int64_t o_begin, int64_t o_end) {
+void linear(const A* in, int64_t batch, int64_t ins, const A* const* w_rows, const A* bias,
+            A* out, int64_t outs, int64_t o_begin, int64_t o_end) {
   for (int64_t o = o_begin; o < o_end; ++o) {
-    const A* row = w + o * ins;
+    const A* row = w_rows[o];
     const A b0 = bias ? bias[o] : A(0);
     int64_t b = 0;
     for (; b + 4 <= batch; b += 4) {
@@ -262,16 +262,16 @@ void outer_sum(const A* a, int64_t batch, int64_t a_cols, const A* v, int64_t wi
   }
 }
 
-// d_in[b, i] = sum_o d_out[b, o] * w[o, i] (w: (outs, ins)) for columns i in [i_begin, i_end)
+// d_in[b, i] = sum_o d_out[b, o] * w[o, i] (row o of w at w_rows[o]), for i in [i_begin, i_end)
 template <typename A>
-void linear_backward_input(const A* d_out, int64_t batch, int64_t outs, const A* w, int64_t ins,
-                           A* d_in, int64_t i_begin, int64_t i_end) {
+void linear_backward_input(const A* d_out, int64_t batch, int64_t outs, const A* const* w_rows,
+                           int64_t ins, A* d_in, int64_t i_begin, int64_t i_end) {
   for (int64_t b = 0; b < batch; ++b) {
     A* row = d_in + b * ins;
     for (int64_t i = i_begin; i < i_end; ++i) row[i] = 0;
     for (int64_t o = 0; o < outs; ++o) {
       const A coef = d_out[b * outs + o];
-      const A* wo = w + o * ins;
+      const A* wo = w_rows[o];
 #pragma omp simd
       for (int64_t i = i_begin; i < i_end; ++i) row[i] += coef * wo[i];
     }

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "sae_cpu.h"
 
@@ -149,7 +150,7 @@ const FcKernels<A>& fc_kernels() {
 
 // out (rows, outs) = in (rows, ins) @ w^T + bias, split over output columns.
 template <typename A>
-void linear(const A* in, int64_t rows, int64_t ins, const A* w, const A* bias, A* out,
+void linear(const A* in, int64_t rows, int64_t ins, const A* const* w, const A* bias, A* out,
             int64_t outs) {
   parallel(outs, kGrainElements / std::max<int64_t>(1, rows * ins), [&](int64_t b, int64_t e) {
     fc_kernels<A>().linear(in, rows, ins, w, bias, out, outs, b, e);
@@ -158,8 +159,8 @@ void linear(const A* in, int64_t rows, int64_t ins, const A* w, const A* bias, A
 
 // d_in (rows, ins) = d_out (rows, outs) @ w (outs, ins), split over columns of d_in.
 template <typename A>
-void linear_backward_input(const A* d_out, int64_t rows, int64_t outs, const A* w, int64_t ins,
-                           A* d_in) {
+void linear_backward_input(const A* d_out, int64_t rows, int64_t outs, const A* const* w,
+                           int64_t ins, A* d_in) {
   parallel(ins, kGrainElements / std::max<int64_t>(1, rows * outs), [&](int64_t b, int64_t e) {
     fc_kernels<A>().linear_backward_input(d_out, rows, outs, w, ins, d_in, b, e);
   });
@@ -232,26 +233,56 @@ struct Options {
   bool residual, relu_out;
 };
 
+// The FC weights in the accumulation dtype, by rows: fc1 is its branch matrices in order
+// (together the rows of the stacked W1, (K, C)), fc2 one (C, K) matrix.
+template <typename A>
+struct Weights {
+  std::vector<Tensor> keep;  // owners of the rows (copies only where the dtype differed)
+  std::vector<const A*> w1_rows, w2_rows;
+  Tensor b1, b2;
+  int64_t k = 0;
+
+  const A* b1_data() const { return b1.defined() ? data<A>(b1) : nullptr; }
+  const A* b2_data() const { return b2.defined() ? data<A>(b2) : nullptr; }
+};
+
+template <typename A>
+void add_rows(const Tensor& w, std::vector<const A*>& rows, std::vector<Tensor>& keep) {
+  Tensor t = w.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  for (int64_t r = 0; r < t.size(0); ++r) rows.push_back(data<A>(t) + r * t.size(1));
+  keep.push_back(std::move(t));
+}
+
+template <typename A>
+Weights<A> weights_by_rows(at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+                           const optional<Tensor>& b2) {
+  constexpr auto acc = c10::CppTypeToScalarType<A>::value;
+  Weights<A> w;
+  for (const Tensor& t : w1s) add_rows<A>(t, w.w1_rows, w.keep);
+  add_rows<A>(w2, w.w2_rows, w.keep);
+  w.k = static_cast<int64_t>(w.w1_rows.size());
+  if (!b1s.empty()) w.b1 = at::cat(b1s).to(acc).contiguous();
+  if (b2) w.b2 = b2->to(acc).contiguous();
+  return w;
+}
+
 template <typename T, typename A>
 void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& identity,
-                   const View& iv, const Tensor& y, const View& yv, const Tensor& w1,
-                   const optional<Tensor>& b1, const Tensor& w2, const optional<Tensor>& b2,
+                   const View& iv, const Tensor& y, const View& yv, const Weights<A>& w,
                    const Tensor& z, const Tensor& p, const Tensor& u, const Options& o) {
-  int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w1.size(0);
+  int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.k;
   int64_t chunk = std::clamp<int64_t>(chunk_bytes() / std::max<int64_t>(1, c * hw * x.element_size()),
                                       1, n);
   const auto& kern = pass_kernels<T, A>();
-  const A* b1p = b1 ? data<A>(*b1) : nullptr;
-  const A* b2p = b2 ? data<A>(*b2) : nullptr;
   Epilogue e{o.residual, identity.has_value(), o.relu_out};
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     int64_t count = std::min(chunk, n - n0);
     A* zc = data<A>(z) + n0 * c;
     pool<T, A>(x, xv, n0, count, zc);
     for (int64_t i = 0; i < count * c; ++i) zc[i] /= static_cast<A>(hw);
-    linear<A>(zc, count, c, data<A>(w1), b1p, data<A>(p) + n0 * k, k);
+    linear<A>(zc, count, c, w.w1_rows.data(), w.b1_data(), data<A>(p) + n0 * k, k);
     Tensor h = activation(p.narrow(0, n0, count), o.act);
-    linear<A>(data<A>(h), count, k, data<A>(w2), b2p, data<A>(u) + n0 * c, c);
+    linear<A>(data<A>(h), count, k, w.w2_rows.data(), w.b2_data(), data<A>(u) + n0 * c, c);
     Tensor s = gate(u.narrow(0, n0, count), o.gate);
     const A* sp = data<A>(s);
     for_rows(xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
@@ -265,12 +296,6 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
       else kern.rescale_rows(t, sp + i * c + r0, e);
     });
   }
-}
-
-// Weights and biases as contiguous tensors of the accumulation dtype (no copy for fp32).
-Tensor acc_contiguous(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
-optional<Tensor> acc_contiguous(const optional<Tensor>& t, at::ScalarType acc) {
-  return t ? optional<Tensor>(acc_contiguous(*t, acc)) : std::nullopt;
 }
 
 at::ScalarType acc_type(const Tensor& x) {
@@ -290,9 +315,9 @@ bool is_float(const Tensor& t) {
 
 // The rules of sae_kernels.options.check_operands, with the same messages: this op is
 // reached without the Python checks.
-void check_operands(const Tensor& x, const Tensor& w1, const optional<Tensor>& b1,
-                    const Tensor& w2, const optional<Tensor>& b2,
-                    const optional<Tensor>& identity, int64_t act, int64_t gate_code) {
+void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+                    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
+                    int64_t gate_code) {
   TORCH_CHECK_VALUE(act >= kRelu && act <= kGelu, "unknown act code ", act);
   TORCH_CHECK_VALUE(gate_code == kSigmoid || gate_code == kHardsigmoid, "unknown gate code ",
                     gate_code);
@@ -309,20 +334,30 @@ void check_operands(const Tensor& x, const Tensor& w1, const optional<Tensor>& b
     TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
                       x.device());
   };
-  check(w1, "fc1_weight");
+  TORCH_CHECK_VALUE(!w1s.empty(), "fc1_weights must hold at least one branch matrix");
+  TORCH_CHECK_VALUE(b1s.empty() || b1s.size() == w1s.size(), "fc1_biases must be empty or one "
+                    "per branch matrix: ", b1s.size(), " biases for ", w1s.size(), " matrices");
+  int64_t k = 0;
+  for (size_t i = 0; i < w1s.size(); ++i) {
+    const Tensor& w1 = w1s[i];
+    check(w1, "fc1_weight");
+    TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == c, "x has ", c,
+                      " channels but fc1_weight has shape ", w1.sizes(),
+                      "; fc1_weight must have shape (K, C=", c, ")");
+    TORCH_CHECK_VALUE(w1.size(0) >= 1,
+                      "fc1_weight must have at least one row (reduced width >= 1)");
+    if (!b1s.empty()) {
+      check(b1s[i], "fc1_bias");
+      TORCH_CHECK_VALUE(b1s[i].dim() == 1 && b1s[i].size(0) == w1.size(0),
+                        "fc1_bias must have shape (", w1.size(0), ",), got ", b1s[i].sizes());
+    }
+    k += w1.size(0);
+  }
   check(w2, "fc2_weight");
-  if (b1) check(*b1, "fc1_bias");
   if (b2) check(*b2, "fc2_bias");
   if (identity) check(*identity, "identity");
-  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == c, "x has ", c,
-                    " channels but fc1_weight has shape ", w1.sizes(),
-                    "; fc1_weight must have shape (K, C=", c, ")");
-  int64_t k = w1.size(0);
-  TORCH_CHECK_VALUE(k >= 1, "fc1_weight must have at least one row (reduced width >= 1)");
   TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == c && w2.size(1) == k,
                     "fc2_weight must have shape (C=", c, ", K=", k, "), got ", w2.sizes());
-  TORCH_CHECK_VALUE(!b1 || (b1->dim() == 1 && b1->size(0) == k), "fc1_bias must have shape (",
-                    k, ",), got ", b1 ? b1->sizes() : at::IntArrayRef{});
   TORCH_CHECK_VALUE(!b2 || (b2->dim() == 1 && b2->size(0) == c), "fc2_bias must have shape (",
                     c, ",), got ", b2 ? b2->sizes() : at::IntArrayRef{});
   if (identity) {
@@ -334,13 +369,13 @@ void check_operands(const Tensor& x, const Tensor& w1, const optional<Tensor>& b
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
-    const Tensor& x_in, const Tensor& w1_in, const optional<Tensor>& b1_in, const Tensor& w2_in,
-    const optional<Tensor>& b2_in, const optional<Tensor>& identity_in, int64_t act,
+    const Tensor& x_in, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+    const optional<Tensor>& b2, const optional<Tensor>& identity_in, int64_t act,
     int64_t gate_code, bool residual, bool relu_out) {
-  check_operands(x_in, w1_in, b1_in, w2_in, b2_in, identity_in, act, gate_code);
+  check_operands(x_in, w1s, b1s, w2, b2, identity_in, act, gate_code);
   check_dtype(x_in);
   auto acc = acc_type(x_in);
-  int64_t n = x_in.size(0), c = x_in.size(1), k = w1_in.size(0);
+  int64_t n = x_in.size(0), c = x_in.size(1), k = w2.size(1);
   Tensor y = output_like(x_in);
   Tensor z = at::empty({n, c}, x_in.options().dtype(acc));
   Tensor p = at::empty({n, k}, x_in.options().dtype(acc));
@@ -355,18 +390,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
     identity = same_walk(*identity_in, xv);
     iv = *view_of(*identity);
   }
-  Tensor w1 = acc_contiguous(w1_in, acc), w2 = acc_contiguous(w2_in, acc);
-  auto b1 = acc_contiguous(b1_in, acc), b2 = acc_contiguous(b2_in, acc);
   Options o{act, gate_code, residual, relu_out};
   switch (x.scalar_type()) {
     case at::kDouble:
-      forward_typed<double, double>(x, xv, identity, iv, y, yv, w1, b1, w2, b2, z, p, u, o);
+      forward_typed<double, double>(x, xv, identity, iv, y, yv,
+                                    weights_by_rows<double>(w1s, b1s, w2, b2), z, p, u, o);
       break;
     case at::kBFloat16:
-      forward_typed<Bf16, float>(x, xv, identity, iv, y, yv, w1, b1, w2, b2, z, p, u, o);
+      forward_typed<Bf16, float>(x, xv, identity, iv, y, yv,
+                                 weights_by_rows<float>(w1s, b1s, w2, b2), z, p, u, o);
       break;
     default:
-      forward_typed<float, float>(x, xv, identity, iv, y, yv, w1, b1, w2, b2, z, p, u, o);
+      forward_typed<float, float>(x, xv, identity, iv, y, yv,
+                                  weights_by_rows<float>(w1s, b1s, w2, b2), z, p, u, o);
   }
   return {y, z, p, u};
 }
@@ -374,10 +410,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
 template <typename T, typename A>
 void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const View& xv,
                     const optional<Tensor>& y, const View& yv, const Tensor& dx, const View& dxv,
-                    const optional<Tensor>& d_identity, const View& div, const Tensor& w1,
-                    const Tensor& w2, const Tensor& p, const Tensor& u, const Tensor& du,
-                    const Tensor& dp, const Options& o) {
-  int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w1.size(0);
+                    const optional<Tensor>& d_identity, const View& div, const Weights<A>& w,
+                    const Tensor& p, const Tensor& u, const Tensor& du, const Tensor& dp,
+                    const Options& o) {
+  int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.k;
   int64_t chunk = std::clamp<int64_t>(chunk_bytes() / std::max<int64_t>(1, c * hw * x.element_size()),
                                       1, n);
   const auto& kern = pass_kernels<T, A>();
@@ -422,10 +458,10 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
     Tensor u_c = u.narrow(0, n0, count), p_c = p.narrow(0, n0, count);
     Tensor s = gate(u_c, o.gate);
     du.narrow(0, n0, count).copy_(gate_backward(ds.narrow(0, 0, count), u_c, s, o.gate));
-    linear_backward_input<A>(data<A>(du) + n0 * c, count, c, data<A>(w2), k, data<A>(dh));
+    linear_backward_input<A>(data<A>(du) + n0 * c, count, c, w.w2_rows.data(), k, data<A>(dh));
     Tensor h = o.act == kRelu ? activation(p_c, o.act) : Tensor();
     dp.narrow(0, n0, count).copy_(activation_backward(dh.narrow(0, 0, count), p_c, h, o.act));
-    linear_backward_input<A>(data<A>(dp) + n0 * k, count, k, data<A>(w1), c, data<A>(dz));
+    linear_backward_input<A>(data<A>(dp) + n0 * k, count, k, w.w1_rows.data(), c, data<A>(dz));
     Tensor scale = o.residual ? s + 1 : s;
     A* shift = data<A>(dz);
     for (int64_t i = 0; i < count * c; ++i) shift[i] /= static_cast<A>(hw);
@@ -464,13 +500,27 @@ Tensor bias_grad(const Tensor& d) {
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward(
-    const Tensor& grad_in, const Tensor& x_in, const optional<Tensor>& y_in, const Tensor& w1_in,
-    const Tensor& w2_in, const Tensor& z, const Tensor& p, const Tensor& u, int64_t act,
-    int64_t gate_code, bool residual, bool relu_out, bool has_identity) {
+using BackwardResult =
+    std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, Tensor, Tensor>;
+
+// Splits the rows of a stacked fc1 gradient (K, ...) back into one per branch matrix.
+std::vector<Tensor> per_branch(const Tensor& stacked, at::TensorList w1s, bool cast) {
+  std::vector<int64_t> sizes;
+  for (const Tensor& w : w1s) sizes.push_back(w.size(0));
+  auto parts = stacked.split_with_sizes(sizes);
+  std::vector<Tensor> out;
+  for (size_t i = 0; i < parts.size(); ++i)
+    out.push_back(cast ? parts[i].to(w1s[i].scalar_type()) : parts[i]);
+  return out;
+}
+
+BackwardResult cpu_backward(const Tensor& grad_in, const Tensor& x_in,
+                            const optional<Tensor>& y_in, at::TensorList w1s, const Tensor& w2,
+                            const Tensor& z, const Tensor& p, const Tensor& u, int64_t act,
+                            int64_t gate_code, bool residual, bool relu_out, bool has_identity) {
   check_dtype(x_in);
   auto acc = acc_type(x_in);
-  int64_t n = x_in.size(0), c = x_in.size(1), k = w1_in.size(0);
+  int64_t n = x_in.size(0), c = x_in.size(1), k = w2.size(1);
   bool write_id = has_identity && relu_out;
   Tensor du = at::empty({n, c}, u.options()), dp = at::empty({n, k}, p.options());
   Tensor dx = output_like(x_in);
@@ -483,20 +533,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward(
     optional<Tensor> y = relu_out ? optional<Tensor>(same_walk(*y_in, xv)) : std::nullopt;
     View gv = *view_of(grad), yv = y ? *view_of(*y) : xv;
     View div = d_identity ? *view_of(*d_identity) : xv;
-    Tensor w1 = acc_contiguous(w1_in, acc), w2 = acc_contiguous(w2_in, acc);
     Options o{act, gate_code, residual, relu_out};
     switch (x.scalar_type()) {
       case at::kDouble:
-        backward_typed<double, double>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div, w1, w2,
-                                       p, u, du, dp, o);
+        backward_typed<double, double>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div,
+                                       weights_by_rows<double>(w1s, {}, w2, std::nullopt), p, u,
+                                       du, dp, o);
         break;
       case at::kBFloat16:
-        backward_typed<Bf16, float>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div, w1, w2, p,
-                                    u, du, dp, o);
+        backward_typed<Bf16, float>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div,
+                                    weights_by_rows<float>(w1s, {}, w2, std::nullopt), p, u, du,
+                                    dp, o);
         break;
       default:
-        backward_typed<float, float>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div, w1, w2, p,
-                                     u, du, dp, o);
+        backward_typed<float, float>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div,
+                                     weights_by_rows<float>(w1s, {}, w2, std::nullopt), p, u, du,
+                                     dp, o);
     }
   }
   Tensor h = activation(p, act);
@@ -505,59 +557,66 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward(
   Tensor dw2 = wide ? weight_grad<double>(du, h) : weight_grad<float>(du, h);
   Tensor db1 = wide ? bias_grad<double>(dp) : bias_grad<float>(dp);
   Tensor db2 = wide ? bias_grad<double>(du) : bias_grad<float>(du);
-  return {dx, d_identity ? *d_identity : Tensor(), dw1.to(w1_in.scalar_type()), db1,
-          dw2.to(w2_in.scalar_type()), db2};
+  return {dx, d_identity ? *d_identity : Tensor(), per_branch(dw1, w1s, true),
+          per_branch(db1, w1s, false), dw2.to(w2.scalar_type()), db2};
 }
 
 // ------------------------------------------------------------------ autograd and ops
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward_meta(
-    const Tensor& x, const Tensor& w1, const optional<Tensor>& b1, const Tensor& w2,
+    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
     bool, bool) {
-  check_operands(x, w1, b1, w2, b2, identity, act, gate_code);
+  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code);
   auto acc = acc_type(x);
-  int64_t n = x.size(0), c = x.size(1), k = w1.size(0);
+  int64_t n = x.size(0), c = x.size(1), k = w2.size(1);
   return {output_like(x), at::empty({n, c}, x.options().dtype(acc)),
           at::empty({n, k}, x.options().dtype(acc)), at::empty({n, c}, x.options().dtype(acc))};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward_meta(
-    const Tensor&, const Tensor& x, const optional<Tensor>&, const Tensor& w1, const Tensor& w2,
-    const Tensor&, const Tensor& p, const Tensor& u, int64_t, int64_t, bool, bool relu_out,
-    bool has_identity) {
+BackwardResult cpu_backward_meta(const Tensor&, const Tensor& x, const optional<Tensor>&,
+                                 at::TensorList w1s, const Tensor& w2, const Tensor&,
+                                 const Tensor& p, const Tensor& u, int64_t, int64_t, bool,
+                                 bool relu_out, bool has_identity) {
   Tensor d_identity = has_identity && relu_out ? output_like(x) : Tensor();
-  return {output_like(x), d_identity, at::empty_like(w1),
-          at::empty({w1.size(0)}, p.options()), at::empty_like(w2),
+  std::vector<Tensor> dw1, db1;
+  for (const Tensor& w : w1s) {
+    dw1.push_back(at::empty_like(w));
+    db1.push_back(at::empty({w.size(0)}, p.options()));
+  }
+  return {output_like(x), d_identity, dw1, db1, at::empty_like(w2),
           at::empty({w2.size(0)}, u.options())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
-    const Tensor& x, const Tensor& w1, const optional<Tensor>& b1, const Tensor& w2,
+    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
     bool residual, bool relu_out) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sae_kernels::cpu_forward", "")
                        .typed<decltype(cpu_forward)>();
-  return op.call(x, w1, b1, w2, b2, identity, act, gate_code, residual, relu_out);
+  return op.call(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out);
 }
 
 class SaeFunction : public torch::autograd::Function<SaeFunction> {
  public:
-  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w1,
-                        const optional<Tensor>& b1, const Tensor& w2, const optional<Tensor>& b2,
-                        const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-                        bool residual, bool relu_out) {
+  // The gradients returned follow the inputs, each tensor of a list counting as one.
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                        at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+                        const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
+                        int64_t gate_code, bool residual, bool relu_out) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, z, p, u] = call_forward(x, w1, b1, w2, b2, identity, act, gate_code, residual,
+    auto [y, z, p, u] = call_forward(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
                                      relu_out);
-    ctx->save_for_backward({x, w1, w2, z, p, u, relu_out ? y : Tensor()});
+    std::vector<Tensor> saved{x, w2, z, p, u, relu_out ? y : Tensor()};
+    saved.insert(saved.end(), w1s.begin(), w1s.end());
+    ctx->save_for_backward(saved);
     ctx->saved_data["act"] = act;
     ctx->saved_data["gate"] = gate_code;
     ctx->saved_data["residual"] = residual;
     ctx->saved_data["relu_out"] = relu_out;
     ctx->saved_data["has_identity"] = identity.has_value();
-    ctx->saved_data["b1_dtype"] = b1 ? c10::IValue(b1->scalar_type()) : c10::IValue();
+    ctx->saved_data["b1_dtype"] = b1s.empty() ? c10::IValue() : c10::IValue(b1s[0].scalar_type());
     ctx->saved_data["b2_dtype"] = b2 ? c10::IValue(b2->scalar_type()) : c10::IValue();
     return y;
   }
@@ -565,38 +624,42 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
+    std::vector<Tensor> w1s(saved.begin() + 6, saved.end());
     bool relu_out = ctx->saved_data["relu_out"].toBool();
     bool has_identity = ctx->saved_data["has_identity"].toBool();
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("sae_kernels::cpu_backward", "")
                          .typed<decltype(cpu_backward)>();
     auto [dx, d_identity, dw1, db1, dw2, db2] =
-        op.call(grads[0], saved[0], relu_out ? optional<Tensor>(saved[6]) : std::nullopt,
-                saved[1], saved[2], saved[3], saved[4], saved[5], ctx->saved_data["act"].toInt(),
+        op.call(grads[0], saved[0], relu_out ? optional<Tensor>(saved[5]) : std::nullopt, w1s,
+                saved[1], saved[2], saved[3], saved[4], ctx->saved_data["act"].toInt(),
                 ctx->saved_data["gate"].toInt(), ctx->saved_data["residual"].toBool(), relu_out,
                 has_identity);
-    auto bias = [&](const Tensor& g, const char* key) {
-      auto dtype = ctx->saved_data[key];
-      return dtype.isNone() ? Tensor() : g.to(dtype.toScalarType());
-    };
-    Tensor d_id = !has_identity ? Tensor() : relu_out ? d_identity : grads[0];
-    return {dx,     dw1,      bias(db1, "b1_dtype"), dw2,      bias(db2, "b2_dtype"),
-            d_id,   Tensor(), Tensor(),              Tensor(), Tensor()};
+    torch::autograd::variable_list out{dx};
+    out.insert(out.end(), dw1.begin(), dw1.end());
+    auto b1_dtype = ctx->saved_data["b1_dtype"];
+    if (!b1_dtype.isNone())
+      for (const Tensor& g : db1) out.push_back(g.to(b1_dtype.toScalarType()));
+    out.push_back(dw2);
+    auto b2_dtype = ctx->saved_data["b2_dtype"];
+    out.push_back(b2_dtype.isNone() ? Tensor() : db2.to(b2_dtype.toScalarType()));
+    out.push_back(!has_identity ? Tensor() : relu_out ? d_identity : grads[0]);
+    out.insert(out.end(), 4, Tensor());  // act, gate, residual, relu_out
+    return out;
   }
 };
 
-Tensor sae_autograd(const Tensor& x, const Tensor& w1, const optional<Tensor>& b1,
-                    const Tensor& w2, const optional<Tensor>& b2,
-                    const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-                    bool residual, bool relu_out) {
-  return SaeFunction::apply(x, w1, b1, w2, b2, identity, act, gate_code, residual, relu_out);
+Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+                    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
+                    int64_t gate_code, bool residual, bool relu_out) {
+  return SaeFunction::apply(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out);
 }
 
-Tensor sae_no_autograd(const Tensor& x, const Tensor& w1, const optional<Tensor>& b1,
+Tensor sae_no_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
                        const Tensor& w2, const optional<Tensor>& b2,
                        const optional<Tensor>& identity, int64_t act, int64_t gate_code,
                        bool residual, bool relu_out) {
-  return std::get<0>(call_forward(x, w1, b1, w2, b2, identity, act, gate_code, residual,
+  return std::get<0>(call_forward(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
                                   relu_out));
 }
 
@@ -606,15 +669,17 @@ std::string isa() { return kernels().isa; }
 }  // namespace sae_cpu
 
 TORCH_LIBRARY_FRAGMENT(sae_kernels, m) {
-  m.def("cpu_sae(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+  // fc1_weights: the branch matrices (rows of the stacked W1); fc1_biases: empty or one each
+  m.def("cpu_sae(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor fc2_weight, "
         "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out) "
         "-> Tensor");
-  m.def("cpu_forward(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+  m.def("cpu_forward(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor fc2_weight, "
         "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("cpu_backward(Tensor grad, Tensor x, Tensor? y, Tensor fc1_weight, Tensor fc2_weight, "
-        "Tensor z, Tensor p, Tensor u, int act, int gate, bool residual, bool relu_out, "
-        "bool has_identity) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_backward(Tensor grad, Tensor x, Tensor? y, Tensor[] fc1_weights, "
+        "Tensor fc2_weight, Tensor z, Tensor p, Tensor u, int act, int gate, bool residual, "
+        "bool relu_out, bool has_identity) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor, "
+        "Tensor)");
   m.def("cpu_isa() -> str", &sae_cpu::isa);
 }
 

@@ -63,13 +63,15 @@ struct PassKernels {
                             bool write_id);
 };
 
-// The small FCs over a chunk of samples, in the accumulation type.
+// The small FCs over a chunk of samples, in the accumulation type. A weight matrix
+// (outs, ins) is given by its row pointers, so the branch matrices of SaE need no stacking.
 template <typename A>
 struct FcKernels {
-  void (*linear)(const A* in, int64_t batch, int64_t ins, const A* w, const A* bias, A* out,
-                 int64_t outs, int64_t o_begin, int64_t o_end);
-  void (*linear_backward_input)(const A* d_out, int64_t batch, int64_t outs, const A* w,
-                                int64_t ins, A* d_in, int64_t i_begin, int64_t i_end);
+  void (*linear)(const A* in, int64_t batch, int64_t ins, const A* const* w_rows,
+                 const A* bias, A* out, int64_t outs, int64_t o_begin, int64_t o_end);
+  void (*linear_backward_input)(const A* d_out, int64_t batch, int64_t outs,
+                                const A* const* w_rows, int64_t ins, A* d_in, int64_t i_begin,
+                                int64_t i_end);
   void (*outer_sum)(const A* a, int64_t batch, int64_t a_cols, const A* v, int64_t width, A* out,
                     int64_t m_begin, int64_t m_end);
 };

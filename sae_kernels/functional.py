@@ -37,7 +37,8 @@ def sae(
         return composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
                          residual, act_out)
     if backend == "cpu":
-        return torch.ops.sae_kernels.cpu_sae(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+        fc1_biases = [] if fc1_bias is None else [fc1_bias]
+        return torch.ops.sae_kernels.cpu_sae(x, [fc1_weight], fc1_biases, fc2_weight, fc2_bias,
                                              identity, ACTIVATIONS.index(act), GATES.index(gate),
                                              residual, act_out == "relu")
     return ops.sae_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,

@@ -69,15 +69,18 @@ class FusedSaE(SaE):
         return self._fc1_cache[1], self._fc1_cache[2]
 
     def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
+                and cpu_kernels.available()):
+            # straight to the C++ op, which checks the operands itself (the Python checks
+            # would cost as much as the whole operator on small maps) and reads the branch
+            # matrices in place
+            biases = [b.bias for b in self.branches] if self.bias else []
+            return torch.ops.sae_kernels.cpu_sae(
+                x, [b.weight for b in self.branches], biases, self.excite.weight,
+                self.excite.bias, identity, *self._cpu_options)
         cached = (self.cardinality > 1 and not torch.is_grad_enabled()
                   and not torch.compiler.is_compiling())
         fc1_weight, fc1_bias = self._inference_fc1() if cached else self.stacked_fc1()
-        if (self.backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
-                and cpu_kernels.available()):
-            # straight to the C++ op, which checks the operands itself: the Python checks
-            # would cost as much as the whole operator on small maps
-            return torch.ops.sae_kernels.cpu_sae(x, fc1_weight, fc1_bias, self.excite.weight,
-                                                 self.excite.bias, identity, *self._cpu_options)
         return sae(x, fc1_weight, fc1_bias, self.excite.weight, self.excite.bias, identity,
                    act=self.act, gate=self.gate, residual=self.residual, act_out=self.act_out,
                    backend=self.backend, strategy=self.strategy)

@@ -154,8 +154,12 @@ def test_compile_fullgraph_forward_backward():
 def test_opcheck():
     x = torch.randn(2, 5, 3, 4)
     w1, b1, w2, b2 = torch.randn(6, 5), torch.randn(6), torch.randn(5, 6), torch.randn(5)
-    for args in [(x, w1, b1, w2, b2, torch.randn_like(x), 1, 0, True, True),
-                 (x.to(memory_format=torch.channels_last), w1, None, w2, None, None, 3, 1, False,
-                  False)]:
-        args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
+    w1b = torch.randn(2, 5)
+    x_cl = x.to(memory_format=torch.channels_last)
+    for args in [(x, [w1], [b1], w2, b2, torch.randn_like(x), 1, 0, True, True),
+                 (x_cl, [w1[:4], w1b], [], torch.randn(5, 6), None, None, 3, 1, False, False)]:
+        def grad(a):
+            return a.clone().requires_grad_(True)
+        args = tuple(grad(a) if isinstance(a, torch.Tensor) else
+                     [grad(t) for t in a] if isinstance(a, list) else a for a in args)
         torch.library.opcheck(torch.ops.sae_kernels.cpu_sae.default, args)

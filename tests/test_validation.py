@@ -22,7 +22,8 @@ def _cpu_op(args, identity=None):
     """The C++ op, which checks its operands itself (the layers call it directly)."""
     if DEVICE.type != "cpu" or not cpu_kernels.available():
         pytest.skip("needs the C++ CPU kernels")
-    return torch.ops.sae_kernels.cpu_sae(*args, identity, 0, 0, False, False)
+    x, w1, b1, w2, b2 = args
+    return torch.ops.sae_kernels.cpu_sae(x, [w1], [b1], w2, b2, identity, 0, 0, False, False)
 
 
 @pytest.mark.parametrize("index, value, error, message", [
