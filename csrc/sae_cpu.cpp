@@ -239,10 +239,11 @@ template <typename A>
 struct Weights {
   std::vector<Tensor> keep;  // owners of the rows (copies only where the dtype differed)
   std::vector<const A*> w1_rows, w2_rows;
-  Tensor b1, b2;
+  std::vector<A> b1;  // the branch biases, concatenated (K values)
+  Tensor b2;
   int64_t k = 0;
 
-  const A* b1_data() const { return b1.defined() ? data<A>(b1) : nullptr; }
+  const A* b1_data() const { return b1.empty() ? nullptr : b1.data(); }
   const A* b2_data() const { return b2.defined() ? data<A>(b2) : nullptr; }
 };
 
@@ -261,7 +262,10 @@ Weights<A> weights_by_rows(at::TensorList w1s, at::TensorList b1s, const Tensor&
   for (const Tensor& t : w1s) add_rows<A>(t, w.w1_rows, w.keep);
   add_rows<A>(w2, w.w2_rows, w.keep);
   w.k = static_cast<int64_t>(w.w1_rows.size());
-  if (!b1s.empty()) w.b1 = at::cat(b1s).to(acc).contiguous();
+  for (const Tensor& b : b1s) {
+    Tensor t = b.to(acc).contiguous();
+    w.b1.insert(w.b1.end(), data<A>(t), data<A>(t) + t.numel());
+  }
   if (b2) w.b2 = b2->to(acc).contiguous();
   return w;
 }
@@ -649,9 +653,21 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
   }
 };
 
+bool any_requires_grad(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+                       const optional<Tensor>& b2, const optional<Tensor>& identity) {
+  auto needs = [](const Tensor& t) { return t.requires_grad(); };
+  return needs(x) || needs(w2) || (b2 && needs(*b2)) || (identity && needs(*identity)) ||
+         std::any_of(w1s.begin(), w1s.end(), needs) || std::any_of(b1s.begin(), b1s.end(), needs);
+}
+
 Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
                     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
                     int64_t gate_code, bool residual, bool relu_out) {
+  if (!at::GradMode::is_enabled() || !any_requires_grad(x, w1s, b1s, w2, b2, identity)) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // inference: no graph node, nothing saved
+    return std::get<0>(call_forward(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
+                                    relu_out));
+  }
   return SaeFunction::apply(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out);
 }
 

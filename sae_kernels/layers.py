@@ -71,13 +71,15 @@ class FusedSaE(SaE):
     def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
         if (self.backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
                 and cpu_kernels.available()):
-            # straight to the C++ op, which checks the operands itself (the Python checks
-            # would cost as much as the whole operator on small maps) and reads the branch
-            # matrices in place
-            biases = [b.bias for b in self.branches] if self.bias else []
+            # straight to the C++ op, which checks the operands itself and reads the branch
+            # matrices in place: on small maps the Python checks, and even nn.Module's
+            # attribute lookups (~0.7 us each), would cost as much as the operator
+            branches = [m._parameters for m in self._modules["branches"]._modules.values()]
+            excite = self._modules["excite"]._parameters
+            biases = [b["bias"] for b in branches] if excite["bias"] is not None else []
             return torch.ops.sae_kernels.cpu_sae(
-                x, [b.weight for b in self.branches], biases, self.excite.weight,
-                self.excite.bias, identity, *self._cpu_options)
+                x, [b["weight"] for b in branches], biases, excite["weight"], excite["bias"],
+                identity, *self._cpu_options)
         cached = (self.cardinality > 1 and not torch.is_grad_enabled()
                   and not torch.compiler.is_compiling())
         fc1_weight, fc1_bias = self._inference_fc1() if cached else self.stacked_fc1()
