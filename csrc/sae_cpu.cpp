@@ -178,31 +178,42 @@ T* data(const Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-// Pool samples [n0, n0 + rows) of x into z (sums, not yet divided by HW).
-template <typename T, typename A>
-void pool(const Tensor& x, const View& v, int64_t n0, int64_t count, A* z) {
-  const auto& k = pass_kernels<T, A>();
-  const T* base = data<T>(x) + n0 * v.sample;
-  int64_t c = x.size(1), hw = x.size(2) * x.size(3);
+// Channels of `count` samples split across threads for the per-channel sums, calling
+// f(sample, c0, width) on channels [c0, c0 + width) of one sample: consecutive channel
+// rows (NCHW) or blocks of kPixelBlock channels (channels_last).
+template <typename F>
+void for_channels(const View& v, int64_t count, int64_t c, int64_t hw, const F& f) {
   if (v.pixels) {
     int64_t blocks = (c + kPixelBlock - 1) / kPixelBlock;
     parallel(count * blocks, kGrainElements / std::max<int64_t>(1, hw * kPixelBlock),
              [&](int64_t b, int64_t e) {
                for (int64_t i = b; i < e; ++i) {
-                 int64_t n = i / blocks, c0 = (i % blocks) * kPixelBlock;
-                 k.sum_pixels(base + n * v.sample + c0, hw, v.row,
-                              std::min(kPixelBlock, c - c0), z + n * c + c0);
+                 int64_t c0 = (i % blocks) * kPixelBlock;
+                 f(i / blocks, c0, std::min(kPixelBlock, c - c0));
                }
              });
   } else {
     parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e;) {  // consecutive channels of one sample in one call
-        int64_t n = i / c, c0 = i % c, len = std::min(e - i, c - c0);
-        k.sum_rows(base + n * v.sample + c0 * v.row, len, v.row, hw, z + n * c + c0);
-        i += len;
+      for (int64_t i = b; i < e;) {
+        int64_t c0 = i % c, width = std::min(e - i, c - c0);
+        f(i / c, c0, width);
+        i += width;
       }
     });
   }
+}
+
+// Pool samples [n0, n0 + count) of x into z (sums, not yet divided by HW).
+template <typename T, typename A>
+void pool(const Tensor& x, const View& v, int64_t n0, int64_t count, A* z) {
+  const auto& k = pass_kernels<T, A>();
+  const T* base = data<T>(x) + n0 * v.sample;
+  int64_t c = x.size(1), hw = x.size(2) * x.size(3);
+  for_channels(v, count, c, hw, [&](int64_t n, int64_t c0, int64_t width) {
+    const T* sample = base + n * v.sample;
+    if (v.pixels) k.sum_pixels(sample + c0, hw, v.row, width, z + n * c + c0);
+    else k.sum_rows(sample + c0 * v.row, width, v.row, hw, z + n * c + c0);
+  });
 }
 
 // Rows of samples [n0, n0 + count) split across threads: pixel blocks or channel rows.
@@ -437,28 +448,17 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     int64_t count = std::min(chunk, n - n0);
     A* dsp = data<A>(ds);
-    // ds = sum g' * x: per channel, one task per channel row or channel block
-    if (xv.pixels) {
-      int64_t blocks = (c + kPixelBlock - 1) / kPixelBlock;
-      parallel(count * blocks, kGrainElements / std::max<int64_t>(1, hw * kPixelBlock),
-               [&](int64_t b, int64_t e) {
-                 for (int64_t i = b; i < e; ++i) {
-                   int64_t s = i / blocks, c0 = (i % blocks) * kPixelBlock;
-                   GradRows<T> t = rows_at(n0 + s, 0, hw);
-                   t.x += c0, t.grad += c0, t.y = t.y ? t.y + c0 : nullptr;
-                   t.len = std::min(kPixelBlock, c - c0);
-                   kern.grad_dot_pixels(t, dsp + s * c + c0, o.relu_out);
-                 }
-               });
-    } else {
-      parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e;) {
-          int64_t s = i / c, c0 = i % c, len = std::min(e - i, c - c0);
-          kern.grad_dot_rows(rows_at(n0 + s, c0, len), dsp + s * c + c0, o.relu_out);
-          i += len;
-        }
-      });
-    }
+    // ds = sum g' * x, per channel
+    for_channels(xv, count, c, hw, [&](int64_t i, int64_t c0, int64_t width) {
+      if (xv.pixels) {
+        GradRows<T> t = rows_at(n0 + i, 0, hw);
+        t.x += c0, t.grad += c0, t.y = t.y ? t.y + c0 : nullptr;
+        t.len = width;
+        kern.grad_dot_pixels(t, dsp + i * c + c0, o.relu_out);
+      } else {
+        kern.grad_dot_rows(rows_at(n0 + i, c0, width), dsp + i * c + c0, o.relu_out);
+      }
+    });
     Tensor u_c = u.narrow(0, n0, count), p_c = p.narrow(0, n0, count);
     Tensor s = gate(u_c, o.gate);
     du.narrow(0, n0, count).copy_(gate_backward(ds.narrow(0, 0, count), u_c, s, o.gate));

@@ -7,6 +7,7 @@ import torch
 
 from helpers import DEVICE
 from sae_kernels import FusedSaE, SaE, sae
+from sae_kernels.kernels import cpu as cpu_kernels
 from sae_kernels.ops import sae_backward, sae_forward
 
 
@@ -70,12 +71,15 @@ def test_gradcheck_float64_full_jacobian(strategy):
     assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2, identity))
 
 
-@pytest.mark.parametrize("strategy, compiler", [("single", "aot_eager"), ("split", "aot_eager"),
-                                                ("split", "inductor")])
-def test_compile_fullgraph_forward_backward(strategy, compiler):
+@pytest.mark.parametrize("backend, strategy, compiler", [
+    ("triton", "single", "aot_eager"), ("triton", "split", "aot_eager"),
+    ("triton", "split", "inductor"), ("cpu", "auto", "aot_eager")])
+def test_compile_fullgraph_forward_backward(backend, strategy, compiler):
+    if backend == "cpu" and (DEVICE.type != "cpu" or not cpu_kernels.available()):
+        pytest.skip("needs the C++ CPU kernels")
     torch.manual_seed(0)
     ref = SaE(16, reduction=4, cardinality=4, act="silu", residual=True)
-    fused = FusedSaE.from_module(ref, backend="triton", strategy=strategy).to(DEVICE)
+    fused = FusedSaE.from_module(ref, backend=backend, strategy=strategy).to(DEVICE)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), fused).to(DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
