@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "sae_cpu.h"
 
@@ -48,17 +49,97 @@ inline Bf16 from_acc<Bf16, float>(float v) {
   return Bf16{uint16_t(is_nan ? 0x7FC0u : rounded)};
 }
 
+// ---------------------------------------------------------------- vectors
+
+// One register of the accumulation type, as a GCC/Clang vector of SAE_VECTOR_BYTES (set
+// per instruction set). The reductions below are written with these instead of
+// `omp simd reduction`, which GCC finishes with one scalar add per lane in order: per
+// row or per output that serial tail cost more than the loads.
+typedef float VecF __attribute__((vector_size(SAE_VECTOR_BYTES)));
+typedef double VecD __attribute__((vector_size(SAE_VECTOR_BYTES)));
+typedef uint16_t VecBf16 __attribute__((vector_size(SAE_VECTOR_BYTES / 2)));
+typedef uint32_t VecU32 __attribute__((vector_size(SAE_VECTOR_BYTES)));
+
+template <typename A>
+struct Simd;
+template <>
+struct Simd<float> {
+  using V = VecF;
+  static constexpr int64_t lanes = SAE_VECTOR_BYTES / sizeof(float);
+};
+template <>
+struct Simd<double> {
+  using V = VecD;
+  static constexpr int64_t lanes = SAE_VECTOR_BYTES / sizeof(double);
+};
+
+// Simd<A>::lanes consecutive elements of p, in the accumulation type.
+template <typename A>
+inline typename Simd<A>::V load(const A* p) {
+  typename Simd<A>::V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename A>
+inline typename Simd<A>::V load(const Bf16* p) {
+  VecBf16 half;
+  std::memcpy(&half, p, sizeof(half));
+  VecU32 bits = __builtin_convertvector(half, VecU32) << 16;
+  VecF v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// The sum of the lanes as a fixed pairwise tree: the two halves added, until two lanes.
+template <typename V>
+inline auto lane_sum(V v) {
+  using A = std::remove_cvref_t<decltype(v[0])>;
+  if constexpr (sizeof(V) == 2 * sizeof(A)) {
+    return v[0] + v[1];
+  } else {
+    typedef A Half __attribute__((vector_size(sizeof(V) / 2)));
+    Half low, high;
+    std::memcpy(&low, &v, sizeof(Half));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return lane_sum(low + high);
+  }
+}
+
+// The lanes where y <= 0 (the ReLU tail clamped) zeroed in g; NaN in y keeps g.
+template <typename V>
+inline V zero_where_clamped(V g, V y) {
+  auto clamped = y <= V{};
+  using M = decltype(clamped);
+  M bits;
+  std::memcpy(&bits, &g, sizeof(bits));
+  bits &= ~clamped;
+  std::memcpy(&g, &bits, sizeof(g));
+  return g;
+}
+
 // ---------------------------------------------------------------- forward passes
 
-// out[r] = sum_i x[r * row_stride + i], i < len
+// out[r] = sum_i x[r * row_stride + i], i < len: four vector accumulators over the
+// whole vectors of a row, a lane tree, then the tail in order.
 template <typename T, typename A>
 void sum_rows(const T* x, int64_t rows, int64_t row_stride, int64_t len, A* out) {
+  using V = typename Simd<A>::V;
+  constexpr int64_t L = Simd<A>::lanes;
+  const int64_t full = len / L * L;
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = x + r * row_stride;
-    A acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < len; ++i) acc += to_acc(row[i]);
-    out[r] = acc;
+    V a0{}, a1{}, a2{}, a3{};
+    int64_t i = 0;
+    for (; i + 4 * L <= full; i += 4 * L) {
+      a0 += load<A>(row + i);
+      a1 += load<A>(row + i + L);
+      a2 += load<A>(row + i + 2 * L);
+      a3 += load<A>(row + i + 3 * L);
+    }
+    for (; i < full; i += L) a0 += load<A>(row + i);
+    A tail = 0;
+    for (; i < len; ++i) tail += to_acc(row[i]);
+    out[r] = lane_sum((a0 + a1) + (a2 + a3)) + tail;
   }
 }
 
@@ -144,14 +225,32 @@ inline A masked_grad(const T* g, const T* y, int64_t i) {
 
 template <bool RELU, typename T, typename A>
 void dot_rows_impl(const GradRows<T>& t, A* out) {
+  using V = typename Simd<A>::V;
+  constexpr int64_t L = Simd<A>::lanes;
+  const int64_t full = t.len / L * L;
   for (int64_t r = 0; r < t.rows; ++r) {
     const T* x = t.x + r * t.x_stride;
     const T* g = t.grad + r * t.grad_stride;
     const T* y = RELU ? t.y + r * t.y_stride : nullptr;
-    A acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < t.len; ++i) acc += masked_grad<RELU, T, A>(g, y, i) * to_acc(x[i]);
-    out[r] = acc;
+    V a0{}, a1{};
+    int64_t i = 0;
+    for (; i + 2 * L <= full; i += 2 * L) {
+      V g0 = load<A>(g + i), g1 = load<A>(g + i + L);
+      if (RELU) {
+        g0 = zero_where_clamped(g0, load<A>(y + i));
+        g1 = zero_where_clamped(g1, load<A>(y + i + L));
+      }
+      a0 += g0 * load<A>(x + i);
+      a1 += g1 * load<A>(x + i + L);
+    }
+    for (; i < full; i += L) {
+      V g0 = load<A>(g + i);
+      if (RELU) g0 = zero_where_clamped(g0, load<A>(y + i));
+      a0 += g0 * load<A>(x + i);
+    }
+    A tail = 0;
+    for (; i < t.len; ++i) tail += masked_grad<RELU, T, A>(g, y, i) * to_acc(x[i]);
+    out[r] = lane_sum(a0 + a1) + tail;
   }
 }
 
@@ -210,37 +309,74 @@ void grad_input(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
 
 // ---------------------------------------------------------------- the small FCs
 
-// out[b, o] = bias[o] + sum_i w[o, i] * in[b, i]   (row o of w at w_rows[o])
-// for o in [o_begin, o_end); four samples share each weight load.
+// Samples per tile of `linear`: 4 outputs x this many samples of vector accumulators,
+// within the 16 (AVX2, SSE) or 32 (AVX-512) vector registers.
+constexpr int64_t kLinearSamples = SAE_VECTOR_BYTES == 64 ? 4 : 2;
+
+// acc[q][s] (+)= the dot products of rows w[q] (Q of them) with inputs in[s] (S of them)
+// over their whole vectors; tail[q][s] the rest in order. Every (row, input) pair sums
+// in the same order whatever Q and S are, so the tiling never changes a result.
+template <int64_t Q, int64_t S, typename A>
+inline void dot_tile(const A* const* w, const A* const* in, int64_t len, A (&out)[Q][S]) {
+  using V = typename Simd<A>::V;
+  constexpr int64_t L = Simd<A>::lanes;
+  const int64_t full = len / L * L;
+  V acc[Q][S];
+  for (int64_t q = 0; q < Q; ++q)
+    for (int64_t s = 0; s < S; ++s) acc[q][s] = V{};
+  for (int64_t i = 0; i < full; i += L) {
+    V x[S];
+    for (int64_t s = 0; s < S; ++s) x[s] = load<A>(in[s] + i);
+    for (int64_t q = 0; q < Q; ++q) {
+      V v = load<A>(w[q] + i);
+      for (int64_t s = 0; s < S; ++s) acc[q][s] += v * x[s];
+    }
+  }
+  for (int64_t q = 0; q < Q; ++q) {
+    for (int64_t s = 0; s < S; ++s) {
+      A tail = 0;
+      for (int64_t i = full; i < len; ++i) tail += w[q][i] * in[s][i];
+      out[q][s] = lane_sum(acc[q][s]) + tail;
+    }
+  }
+}
+
+// out[b, o] = bias[o] + sum_i w[o, i] * in[b, i] for o in [o_begin, o_end), row o of w at
+// w_rows[o]: tiles of 4 outputs x kLinearSamples samples share each load.
 template <typename A>
 void linear(const A* in, int64_t batch, int64_t ins, const A* const* w_rows, const A* bias,
             A* out, int64_t outs, int64_t o_begin, int64_t o_end) {
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const A* row = w_rows[o];
-    const A b0 = bias ? bias[o] : A(0);
-    int64_t b = 0;
-    for (; b + 4 <= batch; b += 4) {
-      const A* i0 = in + b * ins;
-      const A *i1 = i0 + ins, *i2 = i1 + ins, *i3 = i2 + ins;
-      A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t i = 0; i < ins; ++i) {
-        a0 += row[i] * i0[i];
-        a1 += row[i] * i1[i];
-        a2 += row[i] * i2[i];
-        a3 += row[i] * i3[i];
+  constexpr int64_t Q = 4, S = kLinearSamples;  // Q: kLinearOutputs in sae_cpu.cpp
+  auto store = [&](auto& tile, int64_t o, int64_t b, int64_t q_count, int64_t s_count) {
+    for (int64_t q = 0; q < q_count; ++q) {
+      for (int64_t s = 0; s < s_count; ++s) {
+        out[(b + s) * outs + o + q] = tile[q][s] + (bias ? bias[o + q] : A(0));
       }
-      out[b * outs + o] = a0 + b0;
-      out[(b + 1) * outs + o] = a1 + b0;
-      out[(b + 2) * outs + o] = a2 + b0;
-      out[(b + 3) * outs + o] = a3 + b0;
+    }
+  };
+  int64_t o = o_begin;
+  for (; o + Q <= o_end; o += Q) {
+    int64_t b = 0;
+    for (; b + S <= batch; b += S) {
+      const A* inputs[S];
+      for (int64_t s = 0; s < S; ++s) inputs[s] = in + (b + s) * ins;
+      A tile[Q][S];
+      dot_tile<Q, S>(w_rows + o, inputs, ins, tile);
+      store(tile, o, b, Q, S);
     }
     for (; b < batch; ++b) {
-      const A* i0 = in + b * ins;
-      A a0 = 0;
-#pragma omp simd reduction(+ : a0)
-      for (int64_t i = 0; i < ins; ++i) a0 += row[i] * i0[i];
-      out[b * outs + o] = a0 + b0;
+      const A* inputs[1] = {in + b * ins};
+      A tile[Q][1];
+      dot_tile<Q, 1>(w_rows + o, inputs, ins, tile);
+      store(tile, o, b, Q, 1);
+    }
+  }
+  for (; o < o_end; ++o) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const A* inputs[1] = {in + b * ins};
+      A tile[1][1];
+      dot_tile<1, 1>(w_rows + o, inputs, ins, tile);
+      store(tile, o, b, 1, 1);
     }
   }
 }

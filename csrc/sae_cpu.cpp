@@ -20,6 +20,11 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <omp.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -43,8 +48,10 @@ enum Gate : int64_t { kSigmoid = 0, kHardsigmoid = 1 };
 constexpr int64_t kDefaultChunkBytes = 4 << 20;
 // Elements of work below which a loop is not split across threads.
 constexpr int64_t kGrainElements = 1 << 14;
-// Channels per task in the channels_last pooling pass.
-constexpr int64_t kPixelBlock = 128;
+// Outputs per tile of the FC kernel (kernels.h): a piece of an FC's outputs is whole tiles.
+constexpr int64_t kLinearOutputs = 4;
+// Bytes of consecutive pixels per task in the channels_last per-channel sums.
+constexpr int64_t kPixelBlockBytes = 64 << 10;
 
 const KernelTable& pick_table() {
   const char* forced = std::getenv("SAE_KERNELS_CPU_ISA");
@@ -73,11 +80,15 @@ const KernelTable& kernels() {
   return table;
 }
 
+// A non-negative integer from the environment, or `fallback` where it is unset.
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  return env ? std::max<int64_t>(0, std::atoll(env)) : fallback;
+}
+
 int64_t chunk_bytes() {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("SAE_KERNELS_CPU_CHUNK_BYTES");
-    return env ? std::max<int64_t>(1, std::atoll(env)) : kDefaultChunkBytes;
-  }();
+  static const int64_t bytes =
+      std::max<int64_t>(1, env_int("SAE_KERNELS_CPU_CHUNK_BYTES", kDefaultChunkBytes));
   return bytes;
 }
 
@@ -106,10 +117,30 @@ Tensor same_walk(const Tensor& t, const View& like) {
   return t.contiguous(like.pixels ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-// An output shaped like x, always walkable: x's layout when x is, else NCHW.
+// Asks for transparent huge pages under the whole 2 MiB pages of a large CPU tensor not
+// yet written. Fresh memory of that size comes straight from the kernel, and at one page
+// fault per 4 KiB its first write cost more than the operator itself (a third of the
+// time at N = 32 on SE-ResNet's first stage). Off with SAE_KERNELS_CPU_HUGE_PAGES=0; a
+// no-op where the kernel's THP setting is `never`.
+void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = env_int("SAE_KERNELS_CPU_HUGE_PAGES", 1) != 0;
+  constexpr uintptr_t kHugePage = 2 << 20;
+  auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  uintptr_t end = (begin + t.nbytes()) & ~(kHugePage - 1);
+  begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  if (enabled && t.is_cpu() && end > begin) {
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+  }
+#endif
+}
+
+// A new output shaped like x, always walkable: x's layout when x is, else NCHW.
 Tensor output_like(const Tensor& x) {
   Tensor out = at::empty_like(x);
-  return view_of(out) ? out : at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (!view_of(out)) out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  advise_huge_pages(out);
+  return out;
 }
 
 Tensor activation(const Tensor& p, int64_t act) {
@@ -136,10 +167,22 @@ Tensor gate_backward(const Tensor& grad, const Tensor& u, const Tensor& s, int64
   return g == kSigmoid ? at::sigmoid_backward(grad, s) : at::hardsigmoid_backward(grad, u);
 }
 
-// Runs f(begin, end) over [0, n) in parallel, splitting no finer than `grain`.
+// Runs f(begin, end) over [0, n) in pieces of `grain` (at least 1) handed to the threads
+// as they come free: on a shared machine a statically split loop waits for its slowest
+// thread. Serial inside another parallel region.
 template <typename F>
 void parallel(int64_t n, int64_t grain, const F& f) {
-  at::parallel_for(0, n, std::max<int64_t>(1, grain), f);
+  grain = std::max<int64_t>(1, grain);
+  int64_t pieces = (n + grain - 1) / grain;
+  int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), pieces));
+  if (threads <= 1 || at::in_parallel_region() || omp_in_parallel()) {
+    if (n > 0) f(0, n);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t piece = 0; piece < pieces; ++piece) {
+    f(piece * grain, std::min(n, (piece + 1) * grain));
+  }
 }
 
 template <typename A>
@@ -152,9 +195,13 @@ const FcKernels<A>& fc_kernels() {
 template <typename A>
 void linear(const A* in, int64_t rows, int64_t ins, const A* const* w, const A* bias, A* out,
             int64_t outs) {
-  parallel(outs, kGrainElements / std::max<int64_t>(1, rows * ins), [&](int64_t b, int64_t e) {
-    fc_kernels<A>().linear(in, rows, ins, w, bias, out, outs, b, e);
-  });
+  // whole tiles of kLinearOutputs per piece
+  int64_t tiles = (outs + kLinearOutputs - 1) / kLinearOutputs;
+  parallel(tiles, kGrainElements / std::max<int64_t>(1, rows * ins * kLinearOutputs),
+           [&](int64_t b, int64_t e) {
+             fc_kernels<A>().linear(in, rows, ins, w, bias, out, outs, b * kLinearOutputs,
+                                    std::min(outs, e * kLinearOutputs));
+           });
 }
 
 // d_in (rows, ins) = d_out (rows, outs) @ w (outs, ins), split over columns of d_in.
@@ -178,29 +225,49 @@ T* data(const Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-// Channels of `count` samples split across threads for the per-channel sums, calling
-// f(sample, c0, width) on channels [c0, c0 + width) of one sample: consecutive channel
-// rows (NCHW) or blocks of kPixelBlock channels (channels_last).
-template <typename F>
-void for_channels(const View& v, int64_t count, int64_t c, int64_t hw, const F& f) {
-  if (v.pixels) {
-    int64_t blocks = (c + kPixelBlock - 1) / kPixelBlock;
-    parallel(count * blocks, kGrainElements / std::max<int64_t>(1, hw * kPixelBlock),
-             [&](int64_t b, int64_t e) {
-               for (int64_t i = b; i < e; ++i) {
-                 int64_t c0 = (i % blocks) * kPixelBlock;
-                 f(i / blocks, c0, std::min(kPixelBlock, c - c0));
-               }
-             });
-  } else {
+// Per-channel sums over the pixels of `count` samples: out[i * c + channel] for sample i.
+// sum(i, p0, pixels, c0, width, dst) writes the sums over pixels [p0, p0 + pixels) of
+// channels [c0, c0 + width) of sample i to dst[0, width).
+// NCHW: a task sums whole channel rows. channels_last: a task sums one block of
+// kPixelBlockBytes of consecutive pixels across all channels (reading memory in order:
+// a task per channel slice would stride a whole pixel per step), and the blocks' partial
+// sums are then added in block order. Blocks are fixed by the shape, so the result does
+// not depend on the thread count.
+template <typename A, typename F>
+void channel_sums(const View& v, int64_t count, int64_t c, int64_t hw, int64_t element_bytes,
+                  A* out, const F& sum) {
+  if (!v.pixels) {
     parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e;) {
         int64_t c0 = i % c, width = std::min(e - i, c - c0);
-        f(i / c, c0, width);
+        sum(i / c, 0, hw, c0, width, out + i);
         i += width;
       }
     });
+    return;
   }
+  int64_t per_block = std::max<int64_t>(1, kPixelBlockBytes / (c * element_bytes));
+  int64_t blocks = (hw + per_block - 1) / per_block;
+  auto block_sums = [&](A* dst) {
+    parallel(count * blocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        int64_t p0 = (t % blocks) * per_block;
+        sum(t / blocks, p0, std::min(per_block, hw - p0), 0, c, dst + t * c);
+      }
+    });
+  };
+  if (blocks == 1) return block_sums(out);
+  std::vector<A> partial(count * blocks * c);
+  block_sums(partial.data());
+  parallel(count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const A* first = partial.data() + i * blocks * c;
+      A* row = out + i * c;
+      std::copy(first, first + c, row);
+      for (int64_t j = 1; j < blocks; ++j)
+        for (int64_t ch = 0; ch < c; ++ch) row[ch] += first[j * c + ch];
+    }
+  });
 }
 
 // Pool samples [n0, n0 + count) of x into z (sums, not yet divided by HW).
@@ -209,11 +276,12 @@ void pool(const Tensor& x, const View& v, int64_t n0, int64_t count, A* z) {
   const auto& k = pass_kernels<T, A>();
   const T* base = data<T>(x) + n0 * v.sample;
   int64_t c = x.size(1), hw = x.size(2) * x.size(3);
-  for_channels(v, count, c, hw, [&](int64_t n, int64_t c0, int64_t width) {
-    const T* sample = base + n * v.sample;
-    if (v.pixels) k.sum_pixels(sample + c0, hw, v.row, width, z + n * c + c0);
-    else k.sum_rows(sample + c0 * v.row, width, v.row, hw, z + n * c + c0);
-  });
+  channel_sums(v, count, c, hw, sizeof(T), z,
+               [&](int64_t i, int64_t p0, int64_t pixels, int64_t c0, int64_t width, A* dst) {
+                 const T* sample = base + i * v.sample;
+                 if (v.pixels) k.sum_pixels(sample + p0 * v.row + c0, pixels, v.row, width, dst);
+                 else k.sum_rows(sample + c0 * v.row, width, v.row, hw, dst);
+               });
 }
 
 // Rows of samples [n0, n0 + count) split across threads: pixel blocks or channel rows.
@@ -449,16 +517,15 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
     int64_t count = std::min(chunk, n - n0);
     A* dsp = data<A>(ds);
     // ds = sum g' * x, per channel
-    for_channels(xv, count, c, hw, [&](int64_t i, int64_t c0, int64_t width) {
-      if (xv.pixels) {
-        GradRows<T> t = rows_at(n0 + i, 0, hw);
-        t.x += c0, t.grad += c0, t.y = t.y ? t.y + c0 : nullptr;
-        t.len = width;
-        kern.grad_dot_pixels(t, dsp + i * c + c0, o.relu_out);
-      } else {
-        kern.grad_dot_rows(rows_at(n0 + i, c0, width), dsp + i * c + c0, o.relu_out);
-      }
-    });
+    channel_sums(xv, count, c, hw, sizeof(T), dsp,
+                 [&](int64_t i, int64_t p0, int64_t pixels, int64_t c0, int64_t width, A* dst) {
+                   if (xv.pixels) {
+                     GradRows<T> t = rows_at(n0 + i, p0, pixels);
+                     kern.grad_dot_pixels(t, dst, o.relu_out);
+                   } else {
+                     kern.grad_dot_rows(rows_at(n0 + i, c0, width), dst, o.relu_out);
+                   }
+                 });
     Tensor u_c = u.narrow(0, n0, count), p_c = p.narrow(0, n0, count);
     Tensor s = gate(u_c, o.gate);
     du.narrow(0, n0, count).copy_(gate_backward(ds.narrow(0, 0, count), u_c, s, o.gate));
