@@ -381,37 +381,73 @@ void linear(const A* in, int64_t batch, int64_t ins, const A* const* w_rows, con
   }
 }
 
+// out(s)[i, i + W * lanes) = sum_t coef(s0 + s, t) * row(t)[i, ...) for S outputs rows from
+// s0: S x W vector accumulators, the terms t added in order (as in the scalar tail of
+// `axpy_rows`, so the column tiling never changes a result).
+template <int64_t S, int64_t W, typename A, typename Coef, typename Row, typename Out>
+inline void axpy_tile(int64_t s0, int64_t terms, const Coef& coef, const Row& row, const Out& out,
+                      int64_t i) {
+  using V = typename Simd<A>::V;
+  constexpr int64_t L = Simd<A>::lanes;
+  V acc[S][W];
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t j = 0; j < W; ++j) acc[s][j] = V{};
+  for (int64_t t = 0; t < terms; ++t) {
+    const A* r = row(t);
+    V rv[W];
+    for (int64_t j = 0; j < W; ++j) rv[j] = load<A>(r + i + j * L);
+    for (int64_t s = 0; s < S; ++s) {
+      V c = V{} + coef(s0 + s, t);
+      for (int64_t j = 0; j < W; ++j) acc[s][j] += c * rv[j];
+    }
+  }
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t j = 0; j < W; ++j) std::memcpy(out(s0 + s) + i + j * L, &acc[s][j], sizeof(V));
+}
+
+// out(s)[i] = sum_t coef(s, t) * row(t)[i] for s < count and i in [i_begin, i_end): the
+// product of a (count, terms) matrix given by `coef` and a (terms, columns) one given by
+// its rows, in tiles of kLinearSamples output rows x 4 vectors of columns.
+template <typename A, typename Coef, typename Row, typename Out>
+void axpy_rows(int64_t count, int64_t terms, const Coef& coef, const Row& row, const Out& out,
+               int64_t i_begin, int64_t i_end) {
+  constexpr int64_t L = Simd<A>::lanes, S = kLinearSamples, W = 4;
+  auto columns = [&]<int64_t Rows>(int64_t s0) {
+    int64_t i = i_begin;
+    for (; i + W * L <= i_end; i += W * L) axpy_tile<Rows, W, A>(s0, terms, coef, row, out, i);
+    for (; i + L <= i_end; i += L) axpy_tile<Rows, 1, A>(s0, terms, coef, row, out, i);
+    for (; i < i_end; ++i) {
+      for (int64_t s = s0; s < s0 + Rows; ++s) {
+        A acc = 0;
+        for (int64_t t = 0; t < terms; ++t) acc += coef(s, t) * row(t)[i];
+        out(s)[i] = acc;
+      }
+    }
+  };
+  int64_t s = 0;
+  for (; s + S <= count; s += S) columns.template operator()<S>(s);
+  for (; s < count; ++s) columns.template operator()<1>(s);
+}
+
 // out[m, :] = sum_b a[b, m] * v[b, :] for m in [m_begin, m_end): a weight gradient
 // (dW = d_out^T @ in) with a: (batch, a_cols), v: (batch, width), out: (a_cols, width).
 template <typename A>
 void outer_sum(const A* a, int64_t batch, int64_t a_cols, const A* v, int64_t width, A* out,
                int64_t m_begin, int64_t m_end) {
-  for (int64_t m = m_begin; m < m_end; ++m) {
-    A* row = out + m * width;
-    for (int64_t i = 0; i < width; ++i) row[i] = 0;
-    for (int64_t b = 0; b < batch; ++b) {
-      const A coef = a[b * a_cols + m];
-      const A* vb = v + b * width;
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) row[i] += coef * vb[i];
-    }
-  }
+  axpy_rows<A>(
+      m_end - m_begin, batch, [&](int64_t m, int64_t b) { return a[b * a_cols + m_begin + m]; },
+      [&](int64_t b) { return v + b * width; },
+      [&](int64_t m) { return out + (m_begin + m) * width; }, 0, width);
 }
 
 // d_in[b, i] = sum_o d_out[b, o] * w[o, i] (row o of w at w_rows[o]), for i in [i_begin, i_end)
 template <typename A>
 void linear_backward_input(const A* d_out, int64_t batch, int64_t outs, const A* const* w_rows,
                            int64_t ins, A* d_in, int64_t i_begin, int64_t i_end) {
-  for (int64_t b = 0; b < batch; ++b) {
-    A* row = d_in + b * ins;
-    for (int64_t i = i_begin; i < i_end; ++i) row[i] = 0;
-    for (int64_t o = 0; o < outs; ++o) {
-      const A coef = d_out[b * outs + o];
-      const A* wo = w_rows[o];
-#pragma omp simd
-      for (int64_t i = i_begin; i < i_end; ++i) row[i] += coef * wo[i];
-    }
-  }
+  axpy_rows<A>(
+      batch, outs, [&](int64_t b, int64_t o) { return d_out[b * outs + o]; },
+      [&](int64_t o) { return w_rows[o]; }, [&](int64_t b) { return d_in + b * ins; }, i_begin,
+      i_end);
 }
 
 template <typename T, typename A>

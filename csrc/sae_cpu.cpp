@@ -48,8 +48,12 @@ enum Gate : int64_t { kSigmoid = 0, kHardsigmoid = 1 };
 constexpr int64_t kDefaultChunkBytes = 4 << 20;
 // Elements of work below which a loop is not split across threads.
 constexpr int64_t kGrainElements = 1 << 14;
+// Most pieces per thread a parallel loop is cut into, for balance.
+constexpr int64_t kPiecesPerThread = 8;
 // Outputs per tile of the FC kernel (kernels.h): a piece of an FC's outputs is whole tiles.
 constexpr int64_t kLinearOutputs = 4;
+// Columns per piece of the FC backward's split (a multiple of every vector width).
+constexpr int64_t kColumnBlock = 64;
 // Bytes of consecutive pixels per task in the channels_last per-channel sums.
 constexpr int64_t kPixelBlockBytes = 64 << 10;
 
@@ -167,21 +171,24 @@ Tensor gate_backward(const Tensor& grad, const Tensor& u, const Tensor& s, int64
   return g == kSigmoid ? at::sigmoid_backward(grad, s) : at::hardsigmoid_backward(grad, u);
 }
 
-// Runs f(begin, end) over [0, n) in pieces of `grain` (at least 1) handed to the threads
-// as they come free: on a shared machine a statically split loop waits for its slowest
-// thread. Serial inside another parallel region.
+// Runs f(begin, end) over [0, n) in parallel: in pieces of at least `grain`, at most
+// kPiecesPerThread per thread, handed to the threads as they come free (on a shared
+// machine a loop split once, evenly, waits for its slowest thread). Serial inside
+// another parallel region.
 template <typename F>
 void parallel(int64_t n, int64_t grain, const F& f) {
-  grain = std::max<int64_t>(1, grain);
-  int64_t pieces = (n + grain - 1) / grain;
-  int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), pieces));
-  if (threads <= 1 || at::in_parallel_region() || omp_in_parallel()) {
+  int64_t threads = at::get_num_threads();
+  int64_t pieces = std::min((n + std::max<int64_t>(1, grain) - 1) / std::max<int64_t>(1, grain),
+                            threads * kPiecesPerThread);
+  if (pieces <= 1 || threads <= 1 || at::in_parallel_region() || omp_in_parallel()) {
     if (n > 0) f(0, n);
     return;
   }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  int64_t size = (n + pieces - 1) / pieces;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::min(threads, pieces))
   for (int64_t piece = 0; piece < pieces; ++piece) {
-    f(piece * grain, std::min(n, (piece + 1) * grain));
+    int64_t begin = piece * size;
+    if (begin < n) f(begin, std::min(n, begin + size));
   }
 }
 
@@ -208,9 +215,14 @@ void linear(const A* in, int64_t rows, int64_t ins, const A* const* w, const A* 
 template <typename A>
 void linear_backward_input(const A* d_out, int64_t rows, int64_t outs, const A* const* w,
                            int64_t ins, A* d_in) {
-  parallel(ins, kGrainElements / std::max<int64_t>(1, rows * outs), [&](int64_t b, int64_t e) {
-    fc_kernels<A>().linear_backward_input(d_out, rows, outs, w, ins, d_in, b, e);
-  });
+  // whole blocks of kColumnBlock columns per piece, so the kernel runs on whole vectors
+  int64_t blocks = (ins + kColumnBlock - 1) / kColumnBlock;
+  parallel(blocks, kGrainElements / std::max<int64_t>(1, rows * outs * kColumnBlock),
+           [&](int64_t b, int64_t e) {
+             fc_kernels<A>().linear_backward_input(d_out, rows, outs, w, ins, d_in,
+                                                   b * kColumnBlock,
+                                                   std::min(ins, e * kColumnBlock));
+           });
 }
 
 template <typename T, typename A>
