@@ -1,5 +1,6 @@
 """Fused Squeeze-and-Excitation (SE) and Squeeze-Aggregated-Excitation (SaE) layers."""
 
+from .convert import convert
 from .functional import sae
 from .layers import FusedSaE, FusedSE
 from .options import ACTIVATIONS, GATES, OUTPUT_ACTIVATIONS
@@ -13,6 +14,7 @@ __all__ = [
     "FusedSE",
     "FusedSaE",
     "SaE",
+    "convert",
     "sae",
     "sae_reference",
 ]
