@@ -3,6 +3,7 @@
 from .convert import convert
 from .functional import sae
 from .layers import FusedSaE, FusedSE
+from .models import se_resnet, senetv2_resnet
 from .options import ACTIVATIONS, GATES, OUTPUT_ACTIVATIONS
 from .reference import SE, SaE, sae_reference
 
@@ -17,5 +18,7 @@ __all__ = [
     "convert",
     "sae",
     "sae_reference",
+    "se_resnet",
+    "senetv2_resnet",
 ]
 __version__ = "0.1.0"
