@@ -115,14 +115,16 @@ def convert(model: nn.Module, inplace: bool = False, backend: str = "auto",
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     model = model if inplace else copy.deepcopy(model)
     report = ConversionReport()
-    replacements = {}
-    for path, module in model.named_modules():
-        if any(path.startswith(done + ".") for done in replacements):
+    fused_by_block: dict[int, nn.Module | None] = {}  # a block shared by two paths: once
+    replacements = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        if any(not done or path.startswith(done + ".") for done, _ in replacements):
             continue  # inside a block already replaced
-        fused = _convert_block(path, module, backend, report)
-        if fused is not None:
-            replacements[path] = fused
-    for path, fused in replacements.items():
+        if id(module) not in fused_by_block:
+            fused_by_block[id(module)] = _convert_block(path, module, backend, report)
+        if fused_by_block[id(module)] is not None:
+            replacements.append((path, fused_by_block[id(module)]))
+    for path, fused in replacements:
         if not path:
             return fused, report
         parent_path, _, name = path.rpartition(".")
@@ -232,12 +234,16 @@ def _fused_from(block: _TwoFc, backend: str) -> FusedSE:
     fused = FusedSE(c, rd_channels=k, act=_activation_name(block.act, ACTIVATION_CLASSES),
                     gate=_activation_name(block.gate, GATE_CLASSES), bias=needs_bias,
                     backend=backend).to(w1.device, w1.dtype)
+    fc1, fc2 = fused.branches[0], fused.excite
     with torch.no_grad():
-        fused.branches[0].weight.copy_(w1)
-        fused.excite.weight.copy_(w2)
+        fc1.weight.copy_(w1)
+        fc2.weight.copy_(w2)
         if needs_bias:  # a missing bias is a zero bias
-            fused.branches[0].bias.copy_(b1)
-            fused.excite.bias.copy_(b2)
+            fc1.bias.copy_(b1)
+            fc2.bias.copy_(b2)
+    for new, old in ((fc1, block.fc1), (fc2, block.fc2)):  # frozen stays frozen
+        for p in new.parameters():
+            p.requires_grad_(old.weight.requires_grad)
     return fused
 
 

@@ -163,6 +163,16 @@ def test_inplace_and_copy():
     assert same is model and type(model[0]) is FusedSE
 
 
+def test_shared_block_and_frozen_weights():
+    block = SqueezeExcite(16)
+    block.requires_grad_(False)
+    model = nn.Sequential(block, nn.ReLU(), block)
+    converted, report = convert(model)
+    assert converted[0] is converted[2] and type(converted[0]) is FusedSE
+    assert len(report.converted) == 1
+    assert not any(p.requires_grad for p in converted[0].parameters())
+
+
 def test_not_a_module():
     with pytest.raises(TypeError, match="expects an nn.Module"):
         convert(torch.randn(3))
