@@ -328,7 +328,8 @@ struct Options {
 };
 
 // The FC weights in the accumulation dtype, by rows: fc1 is its branch matrices in order
-// (together the rows of the stacked W1, (K, C)), fc2 one (C, K) matrix.
+// (together the rows of the stacked W1, (K, C)), fc2 one (C, K) matrix, or none (the
+// single-FC form, K = C, u = p).
 template <typename A>
 struct Weights {
   std::vector<Tensor> keep;  // owners of the rows (copies only where the dtype differed)
@@ -337,9 +338,17 @@ struct Weights {
   Tensor b2;
   int64_t k = 0;
 
+  bool has_fc2() const { return !w2_rows.empty(); }
   const A* b1_data() const { return b1.empty() ? nullptr : b1.data(); }
   const A* b2_data() const { return b2.defined() ? data<A>(b2) : nullptr; }
 };
+
+// K: the rows of the stacked fc1.
+int64_t fc1_rows(at::TensorList w1s) {
+  int64_t k = 0;
+  for (const Tensor& w : w1s) k += w.size(0);
+  return k;
+}
 
 template <typename A>
 void add_rows(const Tensor& w, std::vector<const A*>& rows, std::vector<Tensor>& keep) {
@@ -349,12 +358,12 @@ void add_rows(const Tensor& w, std::vector<const A*>& rows, std::vector<Tensor>&
 }
 
 template <typename A>
-Weights<A> weights_by_rows(at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+Weights<A> weights_by_rows(at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
                            const optional<Tensor>& b2) {
   constexpr auto acc = c10::CppTypeToScalarType<A>::value;
   Weights<A> w;
   for (const Tensor& t : w1s) add_rows<A>(t, w.w1_rows, w.keep);
-  add_rows<A>(w2, w.w2_rows, w.keep);
+  if (w2) add_rows<A>(*w2, w.w2_rows, w.keep);
   w.k = static_cast<int64_t>(w.w1_rows.size());
   for (const Tensor& b : b1s) {
     Tensor t = b.to(acc).contiguous();
@@ -379,8 +388,12 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
     pool<T, A>(x, xv, n0, count, zc);
     for (int64_t i = 0; i < count * c; ++i) zc[i] /= static_cast<A>(hw);
     linear<A>(zc, count, c, w.w1_rows.data(), w.b1_data(), data<A>(p) + n0 * k, k);
-    Tensor h = activation(p.narrow(0, n0, count), o.act);
-    linear<A>(data<A>(h), count, k, w.w2_rows.data(), w.b2_data(), data<A>(u) + n0 * c, c);
+    if (w.has_fc2()) {
+      Tensor h = activation(p.narrow(0, n0, count), o.act);
+      linear<A>(data<A>(h), count, k, w.w2_rows.data(), w.b2_data(), data<A>(u) + n0 * c, c);
+    } else {
+      u.narrow(0, n0, count).copy_(p.narrow(0, n0, count));
+    }
     Tensor s = gate(u.narrow(0, n0, count), o.gate);
     const A* sp = data<A>(s);
     for_rows(xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
@@ -413,7 +426,7 @@ bool is_float(const Tensor& t) {
 
 // The rules of sae_kernels.options.check_operands, with the same messages: this op is
 // reached without the Python checks.
-void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
                     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
                     int64_t gate_code) {
   TORCH_CHECK_VALUE(act >= kRelu && act <= kGelu, "unknown act code ", act);
@@ -451,11 +464,16 @@ void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s, con
     }
     k += w1.size(0);
   }
-  check(w2, "fc2_weight");
+  if (w2) check(*w2, "fc2_weight");
+  TORCH_CHECK_VALUE(w2 || !b2, "fc2_bias must be None when fc2_weight is None (the single-FC "
+                    "form)");
   if (b2) check(*b2, "fc2_bias");
   if (identity) check(*identity, "identity");
-  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == c && w2.size(1) == k,
-                    "fc2_weight must have shape (C=", c, ", K=", k, "), got ", w2.sizes());
+  TORCH_CHECK_VALUE(w2 || k == c, "without fc2_weight (the single-FC form) fc1_weight must "
+                    "have shape (C=", c, ", C=", c, "), got (", k, ", ", c, ")");
+  TORCH_CHECK_VALUE(!w2 || (w2->dim() == 2 && w2->size(0) == c && w2->size(1) == k),
+                    "fc2_weight must have shape (C=", c, ", K=", k, "), got ",
+                    w2 ? w2->sizes() : at::IntArrayRef{});
   TORCH_CHECK_VALUE(!b2 || (b2->dim() == 1 && b2->size(0) == c), "fc2_bias must have shape (",
                     c, ",), got ", b2 ? b2->sizes() : at::IntArrayRef{});
   if (identity) {
@@ -467,13 +485,13 @@ void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s, con
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
-    const Tensor& x_in, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+    const Tensor& x_in, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
     const optional<Tensor>& b2, const optional<Tensor>& identity_in, int64_t act,
     int64_t gate_code, bool residual, bool relu_out) {
   check_operands(x_in, w1s, b1s, w2, b2, identity_in, act, gate_code);
   check_dtype(x_in);
   auto acc = acc_type(x_in);
-  int64_t n = x_in.size(0), c = x_in.size(1), k = w2.size(1);
+  int64_t n = x_in.size(0), c = x_in.size(1), k = fc1_rows(w1s);
   Tensor y = output_like(x_in);
   Tensor z = at::empty({n, c}, x_in.options().dtype(acc));
   Tensor p = at::empty({n, k}, x_in.options().dtype(acc));
@@ -544,9 +562,14 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
     Tensor u_c = u.narrow(0, n0, count), p_c = p.narrow(0, n0, count);
     Tensor s = gate(u_c, o.gate);
     du.narrow(0, n0, count).copy_(gate_backward(ds.narrow(0, 0, count), u_c, s, o.gate));
-    linear_backward_input<A>(data<A>(du) + n0 * c, count, c, w.w2_rows.data(), k, data<A>(dh));
-    Tensor h = o.act == kRelu ? activation(p_c, o.act) : Tensor();
-    dp.narrow(0, n0, count).copy_(activation_backward(dh.narrow(0, 0, count), p_c, h, o.act));
+    if (w.has_fc2()) {
+      linear_backward_input<A>(data<A>(du) + n0 * c, count, c, w.w2_rows.data(), k,
+                               data<A>(dh));
+      Tensor h = o.act == kRelu ? activation(p_c, o.act) : Tensor();
+      dp.narrow(0, n0, count).copy_(activation_backward(dh.narrow(0, 0, count), p_c, h, o.act));
+    } else {
+      dp.narrow(0, n0, count).copy_(du.narrow(0, n0, count));
+    }
     linear_backward_input<A>(data<A>(dp) + n0 * k, count, k, w.w1_rows.data(), c, data<A>(dz));
     Tensor scale = o.residual ? s + 1 : s;
     A* shift = data<A>(dz);
@@ -601,12 +624,12 @@ std::vector<Tensor> per_branch(const Tensor& stacked, at::TensorList w1s, bool c
 }
 
 BackwardResult cpu_backward(const Tensor& grad_in, const Tensor& x_in,
-                            const optional<Tensor>& y_in, at::TensorList w1s, const Tensor& w2,
+                            const optional<Tensor>& y_in, at::TensorList w1s, const optional<Tensor>& w2,
                             const Tensor& z, const Tensor& p, const Tensor& u, int64_t act,
                             int64_t gate_code, bool residual, bool relu_out, bool has_identity) {
   check_dtype(x_in);
   auto acc = acc_type(x_in);
-  int64_t n = x_in.size(0), c = x_in.size(1), k = w2.size(1);
+  int64_t n = x_in.size(0), c = x_in.size(1), k = fc1_rows(w1s);
   bool write_id = has_identity && relu_out;
   Tensor du = at::empty({n, c}, u.options()), dp = at::empty({n, k}, p.options());
   Tensor dx = output_like(x_in);
@@ -637,31 +660,34 @@ BackwardResult cpu_backward(const Tensor& grad_in, const Tensor& x_in,
                                      dp, o);
     }
   }
-  Tensor h = activation(p, act);
   bool wide = acc == at::kDouble;
   Tensor dw1 = wide ? weight_grad<double>(dp, z) : weight_grad<float>(dp, z);
-  Tensor dw2 = wide ? weight_grad<double>(du, h) : weight_grad<float>(du, h);
   Tensor db1 = wide ? bias_grad<double>(dp) : bias_grad<float>(dp);
-  Tensor db2 = wide ? bias_grad<double>(du) : bias_grad<float>(du);
+  Tensor dw2 = at::empty({0}, u.options()), db2 = at::empty({0}, u.options());  // no fc2
+  if (w2) {
+    Tensor h = activation(p, act);
+    dw2 = (wide ? weight_grad<double>(du, h) : weight_grad<float>(du, h)).to(w2->scalar_type());
+    db2 = wide ? bias_grad<double>(du) : bias_grad<float>(du);
+  }
   return {dx, d_identity ? *d_identity : Tensor(), per_branch(dw1, w1s, true),
-          per_branch(db1, w1s, false), dw2.to(w2.scalar_type()), db2};
+          per_branch(db1, w1s, false), dw2, db2};
 }
 
 // ------------------------------------------------------------------ autograd and ops
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward_meta(
-    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
     bool, bool) {
   check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code);
   auto acc = acc_type(x);
-  int64_t n = x.size(0), c = x.size(1), k = w2.size(1);
+  int64_t n = x.size(0), c = x.size(1), k = fc1_rows(w1s);
   return {output_like(x), at::empty({n, c}, x.options().dtype(acc)),
           at::empty({n, k}, x.options().dtype(acc)), at::empty({n, c}, x.options().dtype(acc))};
 }
 
 BackwardResult cpu_backward_meta(const Tensor&, const Tensor& x, const optional<Tensor>&,
-                                 at::TensorList w1s, const Tensor& w2, const Tensor&,
+                                 at::TensorList w1s, const optional<Tensor>& w2, const Tensor&,
                                  const Tensor& p, const Tensor& u, int64_t, int64_t, bool,
                                  bool relu_out, bool has_identity) {
   Tensor d_identity = has_identity && relu_out ? output_like(x) : Tensor();
@@ -670,12 +696,14 @@ BackwardResult cpu_backward_meta(const Tensor&, const Tensor& x, const optional<
     dw1.push_back(at::empty_like(w));
     db1.push_back(at::empty({w.size(0)}, p.options()));
   }
-  return {output_like(x), d_identity, dw1, db1, at::empty_like(w2),
-          at::empty({w2.size(0)}, u.options())};
+  if (!w2) return {output_like(x), d_identity, dw1, db1, at::empty({0}, u.options()),
+                   at::empty({0}, u.options())};
+  return {output_like(x), d_identity, dw1, db1, at::empty_like(*w2),
+          at::empty({w2->size(0)}, u.options())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
-    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
     bool residual, bool relu_out) {
   static auto op = c10::Dispatcher::singleton()
@@ -688,13 +716,13 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
  public:
   // The gradients returned follow the inputs, each tensor of a list counting as one.
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
-                        at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+                        at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
                         const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
                         int64_t gate_code, bool residual, bool relu_out) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, z, p, u] = call_forward(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
                                      relu_out);
-    std::vector<Tensor> saved{x, w2, z, p, u, relu_out ? y : Tensor()};
+    std::vector<Tensor> saved{x, w2 ? *w2 : Tensor(), z, p, u, relu_out ? y : Tensor()};
     saved.insert(saved.end(), w1s.begin(), w1s.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["act"] = act;
@@ -718,7 +746,8 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
                          .typed<decltype(cpu_backward)>();
     auto [dx, d_identity, dw1, db1, dw2, db2] =
         op.call(grads[0], saved[0], relu_out ? optional<Tensor>(saved[5]) : std::nullopt, w1s,
-                saved[1], saved[2], saved[3], saved[4], ctx->saved_data["act"].toInt(),
+                saved[1].defined() ? optional<Tensor>(saved[1]) : std::nullopt, saved[2], saved[3],
+                saved[4], ctx->saved_data["act"].toInt(),
                 ctx->saved_data["gate"].toInt(), ctx->saved_data["residual"].toBool(), relu_out,
                 has_identity);
     torch::autograd::variable_list out{dx};
@@ -726,7 +755,7 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
     auto b1_dtype = ctx->saved_data["b1_dtype"];
     if (!b1_dtype.isNone())
       for (const Tensor& g : db1) out.push_back(g.to(b1_dtype.toScalarType()));
-    out.push_back(dw2);
+    out.push_back(saved[1].defined() ? dw2 : Tensor());
     auto b2_dtype = ctx->saved_data["b2_dtype"];
     out.push_back(b2_dtype.isNone() ? Tensor() : db2.to(b2_dtype.toScalarType()));
     out.push_back(!has_identity ? Tensor() : relu_out ? d_identity : grads[0]);
@@ -735,14 +764,14 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
   }
 };
 
-bool any_requires_grad(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+bool any_requires_grad(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
                        const optional<Tensor>& b2, const optional<Tensor>& identity) {
   auto needs = [](const Tensor& t) { return t.requires_grad(); };
-  return needs(x) || needs(w2) || (b2 && needs(*b2)) || (identity && needs(*identity)) ||
+  return needs(x) || (w2 && needs(*w2)) || (b2 && needs(*b2)) || (identity && needs(*identity)) ||
          std::any_of(w1s.begin(), w1s.end(), needs) || std::any_of(b1s.begin(), b1s.end(), needs);
 }
 
-Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const Tensor& w2,
+Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
                     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
                     int64_t gate_code, bool residual, bool relu_out) {
   if (!at::GradMode::is_enabled() || !any_requires_grad(x, w1s, b1s, w2, b2, identity)) {
@@ -754,7 +783,7 @@ Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s, con
 }
 
 Tensor sae_no_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
-                       const Tensor& w2, const optional<Tensor>& b2,
+                       const optional<Tensor>& w2, const optional<Tensor>& b2,
                        const optional<Tensor>& identity, int64_t act, int64_t gate_code,
                        bool residual, bool relu_out) {
   return std::get<0>(call_forward(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
@@ -767,15 +796,16 @@ std::string isa() { return kernels().isa; }
 }  // namespace sae_cpu
 
 TORCH_LIBRARY_FRAGMENT(sae_kernels, m) {
-  // fc1_weights: the branch matrices (rows of the stacked W1); fc1_biases: empty or one each
-  m.def("cpu_sae(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor fc2_weight, "
+  // fc1_weights: the branch matrices (rows of the stacked W1); fc1_biases: empty or one each;
+  // fc2_weight None: the single-FC form (fc1 is C x C, u = p)
+  m.def("cpu_sae(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor? fc2_weight, "
         "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out) "
         "-> Tensor");
-  m.def("cpu_forward(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor fc2_weight, "
+  m.def("cpu_forward(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor? fc2_weight, "
         "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_backward(Tensor grad, Tensor x, Tensor? y, Tensor[] fc1_weights, "
-        "Tensor fc2_weight, Tensor z, Tensor p, Tensor u, int act, int gate, bool residual, "
+        "Tensor? fc2_weight, Tensor z, Tensor p, Tensor u, int act, int gate, bool residual, "
         "bool relu_out, bool has_identity) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor, "
         "Tensor)");
   m.def("cpu_isa() -> str", &sae_cpu::isa);

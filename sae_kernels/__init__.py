@@ -2,16 +2,18 @@
 
 from .convert import convert
 from .functional import sae
-from .layers import FusedSaE, FusedSE
+from .layers import FusedEffectiveSE, FusedSaE, FusedSE
 from .models import se_resnet, senetv2_resnet
 from .options import ACTIVATIONS, GATES, OUTPUT_ACTIVATIONS
-from .reference import SE, SaE, sae_reference
+from .reference import SE, EffectiveSE, SaE, sae_reference
 
 __all__ = [
     "ACTIVATIONS",
     "GATES",
     "OUTPUT_ACTIVATIONS",
     "SE",
+    "EffectiveSE",
+    "FusedEffectiveSE",
     "FusedSE",
     "FusedSaE",
     "SaE",

@@ -1,11 +1,13 @@
-"""Swap the SE blocks of a live model for :class:`~sae_kernels.FusedSE` / ``FusedSaE``.
+"""Swap the SE blocks of a live model for fused ones (``FusedSE``, ``FusedSaE``,
+``FusedEffectiveSE``).
 
 Blocks are found by their class (timm, torchvision and this package's own), never by
 the attribute name they sit under, and each is checked for the structure the fused
-operator computes: ``x * gate(fc2(act(fc1(mean_hw(x)))))``. The reduced width is read
-from the weight shapes. A BatchNorm between fc1 and the activation (RexNet) is folded
-into fc1 in eval mode; in train mode it keeps updating its statistics, so such a block
-is left as it is. Everything left is reported with the reason.
+operator computes: ``x * gate(fc2(act(fc1(mean_hw(x)))))``, or ``x * gate(fc(mean_hw(x)))``
+with one C -> C FC (effective SE). The reduced width is read from the weight shapes. A
+BatchNorm between fc1 and the activation (RexNet) is folded into fc1 in eval mode; in
+train mode it keeps updating its statistics, so such a block is left as it is.
+Everything left is reported with the reason.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from .layers import FusedSaE, FusedSE
-from .reference import SaE
+from .layers import FusedEffectiveSE, FusedSaE, FusedSE
+from .reference import EffectiveSE, SaE
 
 #: Activation modules by the name the operator knows them by (torch's and timm's classes,
 #: matched by qualified name so that timm need not be installed).
@@ -44,10 +46,6 @@ NOT_SE_CLASSES = {
     "timm.layers.global_context.GlobalContext": "global context: attention pooling, not a mean",
     "timm.layers.cbam.CbamModule": "CBAM: channel and spatial attention",
     "timm.layers.cbam.LightCbamModule": "CBAM: channel and spatial attention",
-}
-SINGLE_FC_CLASSES = {
-    "timm.layers.squeeze_excite.EffectiveSEModule": "timm.EffectiveSEModule",
-    "timm.models.hgnet.EseModule": "timm.hgnet.EseModule",
 }
 
 
@@ -89,12 +87,13 @@ class ConversionReport:
 
 
 @dataclasses.dataclass
-class _TwoFc:
-    """An SE block read out: fc1 (K, C) and fc2 (C, K) as matrices, act and gate names."""
+class _Block:
+    """An SE block read out: its fc1 (K, C) and fc2 (C, K) convolutions, act and gate
+    modules, and a norm between fc1 and act; fc2 and act None for the single-FC form."""
 
     fc1: nn.Conv2d
-    fc2: nn.Conv2d
-    act: nn.Module
+    fc2: nn.Conv2d | None
+    act: nn.Module | None
     gate: nn.Module
     norm: nn.Module | None = None
 
@@ -136,7 +135,7 @@ def _convert_block(path: str, module: nn.Module, backend: str,
                    report: ConversionReport) -> nn.Module | None:
     """The fused replacement of ``module``, or None (recorded in ``report`` if it is an
     attention block left as it is)."""
-    if isinstance(module, FusedSaE):
+    if isinstance(module, (FusedSaE, FusedEffectiveSE)):
         return None
     if isinstance(module, SaE):
         fused = (FusedSE if module.cardinality == 1 else FusedSaE).from_module(module, backend)
@@ -144,14 +143,14 @@ def _convert_block(path: str, module: nn.Module, backend: str,
                                           module.channels, module.rd_channels, module.act,
                                           module.gate))
         return fused
+    if isinstance(module, EffectiveSE):
+        fused = FusedEffectiveSE.from_module(module, backend)
+        report.converted.append(Converted(path, "sae_kernels.EffectiveSE", module.channels,
+                                          module.channels, "none", module.gate))
+        return fused
     for qualname, reason in NOT_SE_CLASSES.items():
         if _is(module, qualname):
             report.skipped.append(Skipped(path, _short(qualname), f"not an SE block ({reason})"))
-            return None
-    for qualname, variant in SINGLE_FC_CLASSES.items():
-        if _is(module, qualname):
-            report.skipped.append(Skipped(
-                path, variant, "single-FC (C -> C) SE is not supported by the fused operator"))
             return None
     found = _read_block(module)
     if found is None:
@@ -165,45 +164,58 @@ def _convert_block(path: str, module: nn.Module, backend: str,
         report.skipped.append(Skipped(path, variant, problem))
         return None
     fused = _fused_from(block, backend).train(module.training)
-    report.converted.append(Converted(path, variant, fused.channels, fused.rd_channels,
-                                      fused.act, fused.gate))
+    single_fc = block.fc2 is None
+    report.converted.append(Converted(
+        path, variant, fused.channels, fused.channels if single_fc else fused.rd_channels,
+        "none" if single_fc else fused.act, fused.gate))
     return fused
 
 
-def _read_block(module: nn.Module) -> tuple[str, _TwoFc | str] | None:
+def _read_block(module: nn.Module) -> tuple[str, _Block | str] | None:
     """The variant name and the block's parts (or why it cannot be fused), for the SE
     classes this converter knows; None for any other module."""
     if _is(module, "torchvision.ops.misc.SqueezeExcitation"):
         pool = module.avgpool
         if not (isinstance(pool, nn.AdaptiveAvgPool2d) and _is_one(pool.output_size)):
             return "torchvision.SqueezeExcitation", "the pool is not a global average pool"
-        return "torchvision.SqueezeExcitation", _TwoFc(module.fc1, module.fc2, module.activation,
+        return "torchvision.SqueezeExcitation", _Block(module.fc1, module.fc2, module.activation,
                                                        module.scale_activation)
     if _is(module, "timm.layers.squeeze_excite.SEModule"):
         if module.add_maxpool:
             return "timm.SEModule", "add_maxpool=True mixes in a max pool"
         norm = None if isinstance(module.bn, nn.Identity) else module.bn
-        return "timm.SEModule", _TwoFc(module.fc1, module.fc2, module.act, module.gate, norm)
+        return "timm.SEModule", _Block(module.fc1, module.fc2, module.act, module.gate, norm)
     if _is(module, "timm.models._efficientnet_blocks.SqueezeExcite"):
-        return "timm.SqueezeExcite", _TwoFc(module.conv_reduce, module.conv_expand, module.act1,
+        return "timm.SqueezeExcite", _Block(module.conv_reduce, module.conv_expand, module.act1,
                                             module.gate)
     if _is(module, "timm.models.senet.SEModule"):
-        return "timm.senet.SEModule", _TwoFc(module.fc1, module.fc2, module.relu, module.sigmoid)
+        return "timm.senet.SEModule", _Block(module.fc1, module.fc2, module.relu, module.sigmoid)
+    if _is(module, "timm.layers.squeeze_excite.EffectiveSEModule"):
+        if module.add_maxpool:
+            return "timm.EffectiveSEModule", "add_maxpool=True mixes in a max pool"
+        return "timm.EffectiveSEModule", _Block(module.fc, None, None, module.gate)
+    if _is(module, "timm.models.hgnet.EseModule"):
+        return "timm.hgnet.EseModule", _Block(module.conv, None, None, module.sigmoid)
     return None
 
 
-def _check(block: _TwoFc, training: bool) -> str | None:
+def _check(block: _Block, training: bool) -> str | None:
     """Why ``block`` cannot be fused, or None."""
     for fc, name in ((block.fc1, "fc1"), (block.fc2, "fc2")):
+        if fc is None:
+            continue
         if type(fc) is not nn.Conv2d or not fc.weight.is_floating_point():
             return f"{name} is a {type(fc).__module__}.{type(fc).__name__}, not a float nn.Conv2d"
         if (fc.kernel_size != (1, 1) or fc.stride != (1, 1) or fc.groups != 1
                 or fc.dilation != (1, 1) or fc.padding not in ((0, 0), "valid")):
             return f"{name} is not a plain 1x1 convolution"
     k, c = block.fc1.weight.shape[:2]
-    if block.fc2.weight.shape[:2] != (c, k):
+    if block.fc2 is None:
+        if k != c:
+            return f"the single FC has shape {tuple(block.fc1.weight.shape)}; expected C -> C"
+    elif block.fc2.weight.shape[:2] != (c, k):
         return f"fc2 has shape {tuple(block.fc2.weight.shape)}; expected ({c}, {k}, 1, 1)"
-    if _activation_name(block.act, ACTIVATION_CLASSES) is None:
+    if block.act is not None and _activation_name(block.act, ACTIVATION_CLASSES) is None:
         return f"activation {block.act!r} is not one of relu, silu, hardswish, gelu"
     if _activation_name(block.gate, GATE_CLASSES) is None:
         return f"gate {block.gate!r} is not sigmoid or hardsigmoid"
@@ -216,8 +228,18 @@ def _check(block: _TwoFc, training: bool) -> str | None:
     return None
 
 
-def _fused_from(block: _TwoFc, backend: str) -> FusedSE:
-    """A FusedSE with the block's weights (BatchNorm folded into fc1)."""
+def _fused_from(block: _Block, backend: str) -> FusedSE | FusedEffectiveSE:
+    """A fused block with the block's weights (BatchNorm folded into fc1)."""
+    gate = _activation_name(block.gate, GATE_CLASSES)
+    if block.fc2 is None:
+        fc = block.fc1
+        fused = FusedEffectiveSE(fc.weight.shape[0], gate, bias=True, backend=backend)
+        fused = fused.to(fc.weight.device, fc.weight.dtype)
+        with torch.no_grad():
+            fused.fc.weight.copy_(fc.weight[:, :, 0, 0])
+            fused.fc.bias.copy_(_bias(fc, fc.weight.shape[0]))  # a missing bias is zero
+        fused.fc.requires_grad_(fc.weight.requires_grad)
+        return fused
     w1 = block.fc1.weight.detach()[:, :, 0, 0]
     w2 = block.fc2.weight.detach()[:, :, 0, 0]
     k, c = w1.shape
@@ -232,8 +254,7 @@ def _fused_from(block: _TwoFc, backend: str) -> FusedSE:
         b1 = (b1 - bn.running_mean) * scale + shift
     needs_bias = block.fc1.bias is not None or block.fc2.bias is not None or block.norm is not None
     fused = FusedSE(c, rd_channels=k, act=_activation_name(block.act, ACTIVATION_CLASSES),
-                    gate=_activation_name(block.gate, GATE_CLASSES), bias=needs_bias,
-                    backend=backend).to(w1.device, w1.dtype)
+                    gate=gate, bias=needs_bias, backend=backend).to(w1.device, w1.dtype)
     fc1, fc2 = fused.branches[0], fused.excite
     with torch.no_grad():
         fc1.weight.copy_(w1)

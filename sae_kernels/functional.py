@@ -13,7 +13,7 @@ def sae(
     x: torch.Tensor,
     fc1_weight: torch.Tensor,
     fc1_bias: torch.Tensor | None,
-    fc2_weight: torch.Tensor,
+    fc2_weight: torch.Tensor | None,
     fc2_bias: torch.Tensor | None,
     identity: torch.Tensor | None = None,
     *,
@@ -26,8 +26,9 @@ def sae(
 ) -> torch.Tensor:
     """``act_out(x * s [+ x] [+ identity])`` with ``s = gate(W2 act(W1 mean_hw(x) + b1) + b2)``.
 
-    ``fc1_weight`` stacks the branch matrices row-wise (K, C); ``fc2_weight`` is (C, K);
-    the rules on shapes and dtypes are those of ``options.check_operands``. ``backend``
+    ``fc1_weight`` stacks the branch matrices row-wise (K, C); ``fc2_weight`` is (C, K),
+    or None for the single-FC form ``s = gate(W1 mean_hw(x) + b1)`` with W1 (C, C); the
+    rules on shapes and dtypes are those of ``options.check_operands``. ``backend``
     and ``strategy`` are described in ``dispatch``. Differentiable in every tensor.
     """
     check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out)

@@ -7,7 +7,7 @@ from .dispatch import CPU_DTYPES, check_backend, check_strategy
 from .functional import sae
 from .kernels import cpu as cpu_kernels
 from .options import ACTIVATIONS, GATES
-from .reference import SaE
+from .reference import EffectiveSE, SaE
 
 
 class FusedSaE(SaE):
@@ -108,3 +108,40 @@ class FusedSE(FusedSaE):
                          backend, strategy)
 
 
+
+
+class FusedEffectiveSE(EffectiveSE):
+    """Drop-in for :class:`~sae_kernels.reference.EffectiveSE` (one C -> C FC and a gate):
+    the operator's single-FC form. ``backend`` and ``strategy`` as in :class:`FusedSaE`."""
+
+    def __init__(self, channels: int, gate: str = "hardsigmoid", bias: bool = True,
+                 backend: str = "auto", strategy: str = "auto") -> None:
+        super().__init__(channels, gate, bias)
+        self.backend = check_backend(backend)
+        self.strategy = check_strategy(strategy)
+        self._gate_code = GATES.index(self.gate)
+
+    @classmethod
+    def from_module(cls, module: EffectiveSE, backend: str = "auto", strategy: str = "auto"):
+        """A fused copy of a reference block: same config, weights, device, dtype and mode."""
+        if not isinstance(module, EffectiveSE):
+            raise TypeError(f"from_module expects an EffectiveSE module, got "
+                            f"{type(module).__name__}")
+        weight = module.fc.weight
+        fused = cls(**module.config(), backend=backend, strategy=strategy)
+        fused = fused.to(weight.device, weight.dtype)
+        fused.load_state_dict(module.state_dict())
+        return fused.train(module.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend}, strategy={self.strategy}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc = self._modules["fc"]._parameters
+        if (self.backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
+                and cpu_kernels.available()):
+            biases = [] if fc["bias"] is None else [fc["bias"]]
+            return torch.ops.sae_kernels.cpu_sae(x, [fc["weight"]], biases, None, None, None, 0,
+                                                 self._gate_code, False, False)
+        return sae(x, fc["weight"], fc["bias"], None, None, gate=self.gate,
+                   backend=self.backend, strategy=self.strategy)

@@ -3,7 +3,8 @@
 ``sae_kernels::sae_forward`` returns y plus the small tensors the backward needs
 (z, p, u; non-differentiable). ``sae_kernels::sae_backward`` returns dx, d_identity
 (ReLU tail only), du and dp; the weight gradients are two (K x N)(N x C)-sized
-matmuls over the batch done here, deterministic by construction.
+matmuls over the batch done here, deterministic by construction. ``fc2_weight=None`` is
+the single-FC form (see ``options.check_operands``).
 """
 
 
@@ -21,7 +22,7 @@ def sae_forward(
     x: Tensor,
     fc1_weight: Tensor,
     fc1_bias: Tensor | None,
-    fc2_weight: Tensor,
+    fc2_weight: Tensor | None,
     fc2_bias: Tensor | None,
     identity: Tensor | None,
     act: str,
@@ -50,7 +51,7 @@ def sae_backward(
     x: Tensor,
     y: Tensor | None,
     fc1_weight: Tensor,
-    fc2_weight: Tensor,
+    fc2_weight: Tensor | None,
     p: Tensor,
     u: Tensor,
     act: str,
@@ -90,7 +91,9 @@ def _backward(ctx, grad_y, _grad_z, _grad_p, _grad_u):
     need = ctx.needs_input_grad
     dw1 = (dp.T @ z).to(fc1_weight.dtype) if need[1] else None
     db1 = dp.sum(0).to(ctx.bias_dtypes[0]) if need[2] else None
-    dw2 = (du.T @ TORCH_ACTIVATIONS[act](p)).to(fc2_weight.dtype) if need[3] else None
+    single_fc = fc2_weight is None
+    dw2 = None if single_fc or not need[3] else (du.T @ TORCH_ACTIVATIONS[act](p)).to(
+        fc2_weight.dtype)
     db2 = du.sum(0).to(ctx.bias_dtypes[1]) if need[4] else None
     if not need[5]:
         d_identity = None

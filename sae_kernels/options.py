@@ -66,7 +66,7 @@ def check_operands(
     x: torch.Tensor,
     fc1_weight: torch.Tensor,
     fc1_bias: torch.Tensor | None,
-    fc2_weight: torch.Tensor,
+    fc2_weight: torch.Tensor | None,
     fc2_bias: torch.Tensor | None,
     identity: torch.Tensor | None,
     act: str,
@@ -77,7 +77,9 @@ def check_operands(
 
     Shapes: ``x`` (N, C, H, W) with H*W >= 1; ``fc1_weight`` (K, C) — the branch
     matrices stacked row-wise; ``fc1_bias`` (K,); ``fc2_weight`` (C, K);
-    ``fc2_bias`` (C,); ``identity`` like ``x``.
+    ``fc2_bias`` (C,); ``identity`` like ``x``. ``fc2_weight=None`` is the single-FC
+    form ``s = gate(fc1(z))`` (effective SE): fc1 is then (C, C), there is no fc2 bias,
+    and ``act`` is not used.
     """
     check_name("act", act, ACTIVATIONS)
     check_name("gate", gate, GATES)
@@ -90,7 +92,11 @@ def check_operands(
     n, c, h, w = x.shape
     if h * w < 1:
         raise ValueError(f"x must have a spatial size H*W >= 1, got H={h}, W={w}")
-    named = {"fc1_weight": fc1_weight, "fc2_weight": fc2_weight}
+    named = {"fc1_weight": fc1_weight}
+    if fc2_weight is not None:
+        named["fc2_weight"] = fc2_weight
+    elif fc2_bias is not None:
+        raise ValueError("fc2_bias must be None when fc2_weight is None (the single-FC form)")
     if fc1_bias is not None:
         named["fc1_bias"] = fc1_bias
     if fc2_bias is not None:
@@ -111,7 +117,10 @@ def check_operands(
     k = fc1_weight.shape[0]
     if k < 1:
         raise ValueError("fc1_weight must have at least one row (reduced width >= 1)")
-    if tuple(fc2_weight.shape) != (c, k):
+    if fc2_weight is None and k != c:
+        raise ValueError(f"without fc2_weight (the single-FC form) fc1_weight must have shape "
+                         f"(C={c}, C={c}), got {tuple(fc1_weight.shape)}")
+    if fc2_weight is not None and tuple(fc2_weight.shape) != (c, k):
         raise ValueError(
             f"fc2_weight must have shape (C={c}, K={k}), got {tuple(fc2_weight.shape)}"
         )

@@ -39,7 +39,7 @@ def sae_reference(
     x: torch.Tensor,
     fc1_weight: torch.Tensor,
     fc1_bias: torch.Tensor | None,
-    fc2_weight: torch.Tensor,
+    fc2_weight: torch.Tensor | None,
     fc2_bias: torch.Tensor | None,
     identity: torch.Tensor | None = None,
     *,
@@ -61,9 +61,9 @@ def sae_reference(
 def composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, residual,
               act_out) -> torch.Tensor:
     """:func:`sae_reference` on operands already validated."""
-    z = x.mean(dim=(2, 3))
-    h = TORCH_ACTIVATIONS[act](F.linear(z, fc1_weight, fc1_bias))
-    s = TORCH_GATES[gate](F.linear(h, fc2_weight, fc2_bias))[:, :, None, None]
+    p = F.linear(x.mean(dim=(2, 3)), fc1_weight, fc1_bias)
+    u = p if fc2_weight is None else F.linear(TORCH_ACTIVATIONS[act](p), fc2_weight, fc2_bias)
+    s = TORCH_GATES[gate](u)[:, :, None, None]
     y = x + x * s if residual else x * s
     if identity is not None:
         y = y + identity
@@ -183,3 +183,29 @@ class SE(SaE):
             rd_channels=rd_channels,
             act_out=act_out,
         )
+
+
+class EffectiveSE(nn.Module):
+    """Effective SE (CenterMask; timm's ``EffectiveSEModule``, HGNet's ``EseModule``): one
+    C -> C FC and a gate, ``x * gate(W z + b)``; the single-FC form of the operator."""
+
+    def __init__(self, channels: int, gate: str = "hardsigmoid", bias: bool = True) -> None:
+        super().__init__()
+        self.channels = channels
+        self.gate = check_name("gate", gate, GATES)
+        self.fc = nn.Linear(channels, channels, bias=bias)
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this block."""
+        return dict(channels=self.channels, gate=self.gate, bias=self.fc.bias is not None)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, gate={self.gate}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"{type(self).__name__} has {self.channels} channels: expected x of shape "
+                f"(N, {self.channels}, H, W), got {tuple(x.shape)}"
+            )
+        return x * TORCH_GATES[self.gate](self.fc(x.mean(dim=(2, 3))))[:, :, None, None]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_kernels import FusedSaE, SaE
+from sae_kernels import EffectiveSE, FusedEffectiveSE, FusedSaE, SaE
 from sae_kernels.accuracy import error_ratio
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -56,6 +56,8 @@ class Case:
     strategy: str = "auto"
     backend: str = "triton"
     seed: int = 0
+    #: the single-FC form (EffectiveSE: one C -> C FC; no act, epilogue x * s)
+    single_fc: bool = False
 
 
 def _layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -67,8 +69,13 @@ def check_case(case: Case) -> None:
     parameter gradient."""
     gen = torch.Generator().manual_seed(case.seed)
     rd = case.rd_channels or max(1, case.c // 4)
-    ref = SaE(case.c, cardinality=case.cardinality, rd_channels=rd, act=case.act, gate=case.gate,
-              bias=case.bias, residual=case.residual, act_out=case.act_out)
+    if case.single_fc:
+        ref = EffectiveSE(case.c, gate=case.gate, bias=case.bias)
+        fused_type = FusedEffectiveSE
+    else:
+        ref = SaE(case.c, cardinality=case.cardinality, rd_channels=rd, act=case.act,
+                  gate=case.gate, bias=case.bias, residual=case.residual, act_out=case.act_out)
+        fused_type = FusedSaE
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) / max(1, p.shape[-1]) ** 0.5)
@@ -80,7 +87,7 @@ def check_case(case: Case) -> None:
 
     weight_dtype = case.weight_dtype or case.dtype
     device = torch.device("cpu") if case.backend == "cpu" else DEVICE
-    fused = FusedSaE.from_module(ref, backend=case.backend, strategy=case.strategy)
+    fused = fused_type.from_module(ref, backend=case.backend, strategy=case.strategy)
     fused = fused.to(device, weight_dtype)
     truth_module = copy.deepcopy(fused).double()  # the same (rounded) weight values
     truth_module.backend = "reference"
@@ -96,12 +103,12 @@ def check_case(case: Case) -> None:
     truth_module = truth_module.cpu()
     gq = _layout(grad.to(case.dtype), case.channels_last).to(device)
 
-    y = fused(xq, iq)
+    y = fused(xq) if case.single_fc else fused(xq, iq)
     assert y.dtype == case.dtype and y.shape == xq.shape
     if case.channels_last and case.c > 1 and case.h * case.w > 1:
         assert y.is_contiguous(memory_format=torch.channels_last)
     y.backward(gq)
-    y64 = truth_module(x64, i64)
+    y64 = truth_module(x64) if case.single_fc else truth_module(x64, i64)
     y64.backward(gq.double().cpu())
 
     d = case.dtype

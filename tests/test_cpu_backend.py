@@ -55,6 +55,16 @@ def test_options(act, gate, epilogue, layout):
                     channels_last=LAYOUTS[layout], backend="cpu"))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 19, 13, 17), (1, 1, 1, 1), (0, 3, 2, 2), (7, 64, 30, 30)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_single_fc(shape, dtype, layout):
+    """The single-FC form (effective SE), across chunks of samples for the last shape."""
+    check_case(Case(*shape, single_fc=True, gate="hardsigmoid", dtype=DTYPES[dtype],
+                    channels_last=LAYOUTS[layout], backend="cpu"))
+
+
 def test_chunks_of_samples(monkeypatch):
     """A batch larger than one chunk (a few samples per chunk, a partial last one)."""
     check_case(Case(7, 64, 30, 30, channels_last=True, backend="cpu", with_identity=True,
@@ -143,7 +153,9 @@ def test_opcheck():
     w1b = torch.randn(2, 5)
     x_cl = x.to(memory_format=torch.channels_last)
     for args in [(x, [w1], [b1], w2, b2, torch.randn_like(x), 1, 0, True, True),
-                 (x_cl, [w1[:4], w1b], [], torch.randn(5, 6), None, None, 3, 1, False, False)]:
+                 (x_cl, [w1[:4], w1b], [], torch.randn(5, 6), None, None, 3, 1, False, False),
+                 (x, [torch.randn(5, 5)], [torch.randn(5)], None, None, None, 0, 1, False,
+                  False)]:
         def grad(a):
             return a.clone().requires_grad_(True)
         args = tuple(grad(a) if isinstance(a, torch.Tensor) else

@@ -76,6 +76,18 @@ def test_widths_and_bias(rd_channels, bias, strategy):
                     strategy=strategy))
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate,bias", [("hardsigmoid", True), ("sigmoid", False)])
+@pytest.mark.parametrize("shape", [(3, 19, 13, 17), (1, 1, 1, 1), (0, 3, 2, 2), (2, 64, 7, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_single_fc(shape, gate, bias, dtype, layout, strategy):
+    """The single-FC form (effective SE: one C -> C FC, no fc2, no act)."""
+    check_case(Case(*shape, single_fc=True, gate=gate, bias=bias, dtype=DTYPES[dtype],
+                    channels_last=LAYOUTS[layout], strategy=strategy))
+
+
 def test_tolerance_check_is_strict():
     """The comparison rejects an error of a few ulps of the I/O dtype."""
     truth = torch.linspace(-3, 3, 101, dtype=torch.float64)

@@ -35,6 +35,17 @@ def test_opcheck(strategy, options, channels_last):
     torch.library.opcheck(sae_forward, args)
 
 
+@pytest.mark.parametrize("strategy", ["single", "split"])
+def test_opcheck_single_fc(strategy):
+    x, w1, b1, _, _, identity = _operands(k=5, dtype=torch.float32)
+    torch.library.opcheck(sae_forward, (x, w1, b1, None, None, identity, "relu", "hardsigmoid",
+                                        True, "relu", strategy))
+    y, _, p, u = sae_forward(x, w1, b1, None, None, None, "relu", "sigmoid", False, "none",
+                             strategy)
+    torch.library.opcheck(sae_backward, (torch.randn_like(y), x.detach(), None, w1.detach(), None,
+                                         p, u, "relu", "sigmoid", False, "none", False))
+
+
 @pytest.mark.parametrize("has_identity", [False, True])
 @pytest.mark.parametrize("act_out", ["none", "relu"])
 def test_opcheck_backward(act_out, has_identity):
@@ -69,6 +80,21 @@ def test_gradcheck_float64_full_jacobian(strategy):
         return sae(x, w1, b1, w2, b2, identity, act="gelu", backend="triton", strategy=strategy)
 
     assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2, identity))
+
+
+@pytest.mark.parametrize("backend, strategy", [("triton", "single"), ("triton", "split"),
+                                               ("cpu", "auto")])
+def test_gradcheck_single_fc(backend, strategy):
+    """The single-FC form, residual and ReLU tail included, on both backends."""
+    if backend == "cpu" and (DEVICE.type != "cpu" or not cpu_kernels.available()):
+        pytest.skip("needs the C++ CPU kernels")
+    x, w1, b1, _, _, identity = _operands(n=2, c=3, h=2, w=2, k=3)
+
+    def fn(x, w1, b1, identity):
+        return sae(x, w1, b1, None, None, identity, gate="sigmoid", residual=True,
+                   act_out="relu", backend=backend, strategy=strategy)
+
+    assert torch.autograd.gradcheck(fn, (x, w1, b1, identity))
 
 
 @pytest.mark.parametrize("backend, strategy, compiler", [

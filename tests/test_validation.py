@@ -54,6 +54,19 @@ def test_bad_operand(entry, index, value, error, message):
 
 
 @pytest.mark.parametrize("entry", ["functional", "cpu_op"])
+def test_single_fc_form_rules(entry):
+    """Without fc2_weight: fc1 must be C x C and there is no fc2 bias."""
+    x, w1, b1, _, b2 = _operands(k=8)
+    call = _call if entry == "functional" else _cpu_op
+    with pytest.raises(ValueError, match="fc2_bias must be None when fc2_weight is None"):
+        call([x, w1, b1, None, b2])
+    x, w1, b1, _, _ = _operands(k=4)
+    with pytest.raises(ValueError, match="the single-FC form\\) fc1_weight must have shape "
+                                         "\\(C=8, C=8\\), got \\(4, 8\\)"):
+        call([x, w1, b1, None, None])
+
+
+@pytest.mark.parametrize("entry", ["functional", "cpu_op"])
 def test_identity_of_wrong_shape_or_dtype(entry):
     args = _operands()
     call = _call if entry == "functional" else _cpu_op

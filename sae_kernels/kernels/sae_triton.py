@@ -71,8 +71,9 @@ def _channel_sums(x_ptr, x_sc, x_shw, g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw,
 @triton.jit
 def _excite(z_row, p_row, u_row, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr,
             C, K, ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-            BLOCK_K: tl.constexpr, BLOCK_FC: tl.constexpr):
-    """One sample's excitation: p = W1 z + b1, then u = W2 act(p) + b2.
+            HAS_FC2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_FC: tl.constexpr):
+    """One sample's excitation: p = W1 z + b1, then u = W2 act(p) + b2 (u = p without
+    fc2, the single-FC form, where K = C).
 
     z is read back from global memory, so the caller puts a barrier between its
     stores of z and this call; the stores of p are read back here behind one.
@@ -93,42 +94,50 @@ def _excite(z_row, p_row, u_row, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2
         if HAS_B1:
             p += tl.load(b1_ptr + offs_k, mask=mask_k, other=0.0).to(acc_ty)
         tl.store(p_row + offs_k, p, mask=mask_k)
-    tl.debug_barrier()
-    for c0 in range(0, C, BLOCK_FC):
-        offs_c = c0 + tl.arange(0, BLOCK_FC)
-        mask_c = offs_c < C
-        acc = tl.zeros([BLOCK_FC, BLOCK_K], dtype=acc_ty)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            h = activation(tl.load(p_row + offs_k, mask=mask_k, other=0.0), ACT)
-            w = tl.load(w2_ptr + offs_c[:, None] * w2_sc + offs_k[None, :] * w2_sk,
-                        mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(acc_ty)
-            acc += w * h[None, :]
-        u = tl.sum(acc, axis=1)
-        if HAS_B2:
-            u += tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(acc_ty)
-        tl.store(u_row + offs_c, u, mask=mask_c)
+        if not HAS_FC2:
+            tl.store(u_row + offs_k, p, mask=mask_k)
+    if HAS_FC2:
+        tl.debug_barrier()
+        for c0 in range(0, C, BLOCK_FC):
+            offs_c = c0 + tl.arange(0, BLOCK_FC)
+            mask_c = offs_c < C
+            acc = tl.zeros([BLOCK_FC, BLOCK_K], dtype=acc_ty)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                h = activation(tl.load(p_row + offs_k, mask=mask_k, other=0.0), ACT)
+                w = tl.load(w2_ptr + offs_c[:, None] * w2_sc + offs_k[None, :] * w2_sk,
+                            mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(acc_ty)
+                acc += w * h[None, :]
+            u = tl.sum(acc, axis=1)
+            if HAS_B2:
+                u += tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(acc_ty)
+            tl.store(u_row + offs_c, u, mask=mask_c)
 
 
 @triton.jit
 def _excite_backward(du_row, dp_row, dz_row, p_row, w1_ptr, w1_sk, w1_sc, w2_ptr, w2_sc, w2_sk,
-                     C, K, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_FC: tl.constexpr):
-    """One sample: dp = (du W2) * act'(p), then dz = dp W1; du is read back (barrier first)."""
+                     C, K, ACT: tl.constexpr, HAS_FC2: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_FC: tl.constexpr):
+    """One sample: dp = (du W2) * act'(p) (dp = du without fc2), then dz = dp W1; du is
+    read back (barrier first)."""
     acc_ty = dp_row.dtype.element_ty
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        acc = tl.zeros([BLOCK_FC, BLOCK_K], dtype=acc_ty)
-        for c0 in range(0, C, BLOCK_FC):
-            offs_c = c0 + tl.arange(0, BLOCK_FC)
-            mask_c = offs_c < C
-            du = tl.load(du_row + offs_c, mask=mask_c, other=0.0)
-            w = tl.load(w2_ptr + offs_c[:, None] * w2_sc + offs_k[None, :] * w2_sk,
-                        mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(acc_ty)
-            acc += w * du[:, None]
-        p = tl.load(p_row + offs_k, mask=mask_k, other=0.0)
-        dp = tl.sum(acc, axis=0) * activation_grad(p, ACT)
+        if HAS_FC2:
+            acc = tl.zeros([BLOCK_FC, BLOCK_K], dtype=acc_ty)
+            for c0 in range(0, C, BLOCK_FC):
+                offs_c = c0 + tl.arange(0, BLOCK_FC)
+                mask_c = offs_c < C
+                du = tl.load(du_row + offs_c, mask=mask_c, other=0.0)
+                w = tl.load(w2_ptr + offs_c[:, None] * w2_sc + offs_k[None, :] * w2_sk,
+                            mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(acc_ty)
+                acc += w * du[:, None]
+            p = tl.load(p_row + offs_k, mask=mask_k, other=0.0)
+            dp = tl.sum(acc, axis=0) * activation_grad(p, ACT)
+        else:
+            dp = tl.load(du_row + offs_k, mask=mask_k, other=0.0)
         tl.store(dp_row + offs_k, dp, mask=mask_k)
     tl.debug_barrier()
     for c0 in range(0, C, BLOCK_FC):
@@ -206,7 +215,7 @@ def sae_forward_single_kernel(
     w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, z_ptr, p_ptr, u_ptr,
     C, HW, K,
     ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
-    RELU_OUT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    RELU_OUT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_FC2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_FC: tl.constexpr,
 ):
     """The whole operator for one sample per program (grid: N)."""
@@ -222,7 +231,7 @@ def sae_forward_single_kernel(
         tl.store(z_row + offs_c, sums / HW, mask=offs_c < C)
     tl.debug_barrier()
     _excite(z_row, p_ptr + n * K, u_row, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2_sk,
-            b2_ptr, C, K, ACT, HAS_B1, HAS_B2, BLOCK_K, BLOCK_FC)
+            b2_ptr, C, K, ACT, HAS_B1, HAS_B2, HAS_FC2, BLOCK_K, BLOCK_FC)
     tl.debug_barrier()
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -235,7 +244,7 @@ def sae_forward_pool_kernel(
     x_ptr, x_sn, x_sc, x_shw, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr,
     z_ptr, p_ptr, u_ptr, slots_ptr, counter_ptr,
     C, HW, K, HW_PER_SPLIT,
-    ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_FC2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_FC: tl.constexpr,
 ):
     """Split forward (a), grid (N, channel blocks, HW splits): pool, then excite per sample."""
@@ -259,7 +268,7 @@ def sae_forward_pool_kernel(
             tl.store(z_row + offs, _sum_slots(slots_row, offs, mask, n_splits, C) / HW, mask=mask)
         tl.debug_barrier()
         _excite(z_row, p_ptr + n * K, u_ptr + n * C, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc,
-                w2_sk, b2_ptr, C, K, ACT, HAS_B1, HAS_B2, BLOCK_K, BLOCK_FC)
+                w2_sk, b2_ptr, C, K, ACT, HAS_B1, HAS_B2, HAS_FC2, BLOCK_K, BLOCK_FC)
 
 
 @triton.jit
@@ -286,7 +295,7 @@ def sae_backward_reduce_kernel(
     w1_ptr, w1_sk, w1_sc, w2_ptr, w2_sc, w2_sk, p_ptr, u_ptr, du_ptr, dp_ptr, dz_ptr,
     slots_ptr, counter_ptr,
     C, HW, K, HW_PER_SPLIT,
-    ACT: tl.constexpr, GATE: tl.constexpr, RELU_OUT: tl.constexpr,
+    ACT: tl.constexpr, GATE: tl.constexpr, RELU_OUT: tl.constexpr, HAS_FC2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_FC: tl.constexpr,
 ):
     """Backward (a), grid (N, channel blocks, HW splits): ds = sum g'*x, then du, dp, dz."""
@@ -313,7 +322,7 @@ def sae_backward_reduce_kernel(
             tl.store(du_row + offs, du, mask=mask)
         tl.debug_barrier()
         _excite_backward(du_row, dp_ptr + n * K, dz_ptr + n * C, p_ptr + n * K, w1_ptr, w1_sk,
-                         w1_sc, w2_ptr, w2_sc, w2_sk, C, K, ACT, BLOCK_K, BLOCK_FC)
+                         w1_sc, w2_ptr, w2_sc, w2_sk, C, K, ACT, HAS_FC2, BLOCK_K, BLOCK_FC)
 
 
 @triton.jit
@@ -407,7 +416,7 @@ def forward(
     x: torch.Tensor,
     fc1_weight: torch.Tensor,
     fc1_bias: torch.Tensor | None,
-    fc2_weight: torch.Tensor,
+    fc2_weight: torch.Tensor | None,
     fc2_bias: torch.Tensor | None,
     identity: torch.Tensor | None,
     act: str,
@@ -416,7 +425,8 @@ def forward(
     act_out: str,
     strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y and the saved (z, p, u) of the fused forward; operands already validated."""
+    """y and the saved (z, p, u) of the fused forward; operands already validated
+    (``fc2_weight=None``: the single-FC form)."""
     n, c, h, w = x.shape
     hw, k = h * w, fc1_weight.shape[0]
     acc = accumulation_dtype(x.dtype)
@@ -436,11 +446,12 @@ def forward(
     id_arg = identity if identity is not None else x
     plan = _plan(x, xs, k, strategy)
     flags = dict(ACT=ACTIVATIONS.index(act), HAS_B1=fc1_bias is not None,
-                 HAS_B2=fc2_bias is not None)
+                 HAS_B2=fc2_bias is not None, HAS_FC2=fc2_weight is not None)
     epilogue = dict(GATE=GATES.index(gate), RESIDUAL=residual, HAS_IDENTITY=identity is not None,
                     RELU_OUT=act_out == "relu")
     fc_blocks = dict(BLOCK_K=plan.block_k, BLOCK_FC=plan.block_fc)
-    weights = (fc1_weight, *fc1_weight.stride(), b1, fc2_weight, *fc2_weight.stride(), b2)
+    w2 = fc2_weight if fc2_weight is not None else fc1_weight  # not read without fc2
+    weights = (fc1_weight, *fc1_weight.stride(), b1, w2, *w2.stride(), b2)
     if plan.strategy == "single":
         sae_forward_single_kernel[(n,)](
             x, *xs, id_arg, *ids, y, *ys, *weights, z, p, u, c, hw, k,
@@ -467,7 +478,7 @@ def backward(
     x: torch.Tensor,
     y: torch.Tensor | None,
     fc1_weight: torch.Tensor,
-    fc2_weight: torch.Tensor,
+    fc2_weight: torch.Tensor | None,
     p: torch.Tensor,
     u: torch.Tensor,
     act: str,
@@ -505,11 +516,13 @@ def backward(
     plan = _plan(x, xs, k, "split")
     blocks_c, chunks = triton_cdiv(c, plan.block_c), plan.hw_chunks(hw)
     slots = x.new_empty((n, chunks, c), dtype=du.dtype)
+    w2 = fc2_weight if fc2_weight is not None else fc1_weight  # not read without fc2
     sae_backward_reduce_kernel[(n, blocks_c, chunks)](
-        x, *xs, grad, *gs, y_arg, *ys, fc1_weight, *fc1_weight.stride(), fc2_weight,
-        *fc2_weight.stride(), p, u, du, dp, dz, slots, _arrival_counters(x.device, n),
+        x, *xs, grad, *gs, y_arg, *ys, fc1_weight, *fc1_weight.stride(), w2, *w2.stride(),
+        p, u, du, dp, dz, slots, _arrival_counters(x.device, n),
         c, hw, k, plan.hw_chunk,
         ACT=ACTIVATIONS.index(act), GATE=GATES.index(gate), RELU_OUT=relu_out,
+        HAS_FC2=fc2_weight is not None,
         BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, BLOCK_K=plan.block_k, BLOCK_FC=plan.block_fc,
         num_warps=plan.num_warps,
     )

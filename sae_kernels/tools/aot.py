@@ -83,32 +83,36 @@ def _signature(fn, dtype: str, layout: str, constexprs: dict) -> tuple[dict, dic
 
 def variants() -> Iterator[tuple[Variant, int]]:
     """Every (kernel, dtype, layout, tiles) the GPU dispatcher picks for SHAPES with every
-    epilogue flag on, plus each (act, gate) pair once per kernel (fp32, NCHW)."""
+    epilogue flag on, in the two-FC and the single-FC form, plus each (act, gate) pair once
+    per kernel (fp32, NCHW)."""
     every_code = list(itertools.product(range(len(ACTIVATIONS)), range(len(GATES))))
     seen = set()
     for i, ((c, hw, k), layout, dtype) in enumerate(
             itertools.product(SHAPES, ("nchw", "channels_last"), _DTYPES)):
-        plan = plan_launch(1, c, hw, k, dtype.itemsize, layout == "channels_last",
-                           torch.device("cpu"), "single", profile=H100)
-        tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
-        fc = dict(BLOCK_K=plan.block_k, BLOCK_FC=plan.block_fc)
         codes = every_code if i == 0 and dtype == torch.float32 else [(len(ACTIVATIONS) - 1, 0)]
         for act, gate in codes:
-            epilogue = dict(GATE=gate, RESIDUAL=True, RELU_OUT=True)
-            per_kernel = {
-                "sae_forward_single_kernel": dict(ACT=act, **epilogue, HAS_IDENTITY=True,
-                                                  HAS_B1=True, HAS_B2=True, **tiles, **fc),
-                "sae_forward_pool_kernel": dict(ACT=act, HAS_B1=True, HAS_B2=True, **tiles, **fc),
-                "sae_forward_rescale_kernel": dict(**epilogue, HAS_IDENTITY=True, **tiles),
-                "sae_backward_reduce_kernel": dict(ACT=act, GATE=gate, RELU_OUT=True, **tiles,
-                                                   **fc),
-                "sae_backward_dx_kernel": dict(**epilogue, WRITE_D_IDENTITY=True, **tiles),
-            }
-            for kernel, constexprs in per_kernel.items():
-                v = Variant(kernel, _DTYPES[dtype], layout, tuple(sorted(constexprs.items())))
-                if v not in seen:
-                    seen.add(v)
-                    yield v, plan.num_warps
+            # the single-FC form (no fc2, K = C) once per shape, layout and dtype
+            for has_fc2 in (True, False) if (act, gate) == codes[-1] else (True,):
+                plan = plan_launch(1, c, hw, k if has_fc2 else c, dtype.itemsize,
+                                   layout == "channels_last", torch.device("cpu"), "single",
+                                   profile=H100)
+                tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
+                flags = dict(ACT=act, HAS_FC2=has_fc2, BLOCK_K=plan.block_k,
+                             BLOCK_FC=plan.block_fc, **tiles)
+                epilogue = dict(GATE=gate, RESIDUAL=True, RELU_OUT=True)
+                per_kernel = [
+                    ("sae_forward_single_kernel", dict(**flags, **epilogue, HAS_IDENTITY=True,
+                                                       HAS_B1=True, HAS_B2=has_fc2)),
+                    ("sae_forward_pool_kernel", dict(**flags, HAS_B1=True, HAS_B2=has_fc2)),
+                    ("sae_forward_rescale_kernel", dict(**epilogue, HAS_IDENTITY=True, **tiles)),
+                    ("sae_backward_reduce_kernel", dict(**flags, GATE=gate, RELU_OUT=True)),
+                    ("sae_backward_dx_kernel", dict(**epilogue, WRITE_D_IDENTITY=True, **tiles)),
+                ]
+                for kernel, constexprs in per_kernel:
+                    v = Variant(kernel, _DTYPES[dtype], layout, tuple(sorted(constexprs.items())))
+                    if v not in seen:
+                        seen.add(v)
+                        yield v, plan.num_warps
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
