@@ -32,7 +32,8 @@ SE_CLASSES = (SEModule, SqueezeExcite, LegacySEModule, SqueezeExcitation, Effect
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights and BatchNorm statistics everywhere: timm zero-initialises the last
-    norm of each residual block, which would hide the SE blocks from the output."""
+    norm (or NFNet's conv gain) of each residual block, which would hide the SE blocks
+    from the output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -40,8 +41,9 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
             for name, p in m.named_parameters(recurse=False):
-                if p.dim() == 1:  # norm scales (around 1) and shifts, biases (around 0)
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (name == "weight"))
+                if p.numel() == (p.shape[0] if p.dim() else 1):  # per-channel or scalar:
+                    # norm scales and conv gains around 1, shifts and biases around 0
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (name in ("weight", "gain")))
     return model
 
 
@@ -190,9 +192,10 @@ def test_not_a_module():
 
 
 MODELS = {
+    # nf_regnet_b0: NFNet's attn_gain multiplies the SE output outside the block
     "timm": ["seresnet50", "seresnext26d_32x4d", "efficientnet_b0", "mobilenetv3_large_100",
              "regnety_016", "rexnet_100", "ese_vovnet19b_dw", "ghostnet_100",
-             "legacy_seresnet18"],
+             "legacy_seresnet18", "nf_regnet_b0"],
     "torchvision": ["mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf"],
 }
 
