@@ -11,6 +11,7 @@ the single-FC form (see ``options.check_operands``).
 import torch
 from torch import Tensor
 
+from . import flops
 from .kernels import sae_triton
 from .layout import output_like
 from .options import accumulation_dtype
@@ -103,3 +104,4 @@ def _backward(ctx, grad_y, _grad_z, _grad_p, _grad_u):
 
 
 sae_forward.register_autograd(_backward, setup_context=_setup_context)
+flops.register("triton")

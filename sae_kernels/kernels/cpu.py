@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .. import flops
+
 #: Sources, found beside the package in a checkout or an editable install.
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("sae_cpu.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_generic.cpp")
@@ -54,6 +56,7 @@ def build(verbose: bool = False) -> None:
     finally:
         if stale:
             print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    flops.register("cpu")
 
 
 _available: bool | None = None
