@@ -98,6 +98,12 @@ int64_t chunk_bytes() {
   return bytes;
 }
 
+// Samples of x (N >= 1) per chunk: as many as fit in chunk_bytes(), at least one.
+int64_t samples_per_chunk(const Tensor& x) {
+  int64_t sample_bytes = x.size(1) * x.size(2) * x.size(3) * x.element_size();
+  return std::clamp<int64_t>(chunk_bytes() / std::max<int64_t>(1, sample_bytes), 1, x.size(0));
+}
+
 // How one 4-D tensor is walked: as channel rows (NCHW) or pixel rows (channels_last).
 struct View {
   bool pixels;      // rows are pixels with C contiguous channels
@@ -168,7 +174,9 @@ Tensor activation_backward(const Tensor& grad, const Tensor& p, const Tensor& h,
   }
 }
 
-Tensor gate(const Tensor& u, int64_t g) { return g == kSigmoid ? at::sigmoid(u) : at::hardsigmoid(u); }
+Tensor gate(const Tensor& u, int64_t g) {
+  return g == kSigmoid ? at::sigmoid(u) : at::hardsigmoid(u);
+}
 
 Tensor gate_backward(const Tensor& grad, const Tensor& u, const Tensor& s, int64_t g) {
   return g == kSigmoid ? at::sigmoid_backward(grad, s) : at::hardsigmoid_backward(grad, u);
@@ -180,9 +188,9 @@ Tensor gate_backward(const Tensor& grad, const Tensor& u, const Tensor& s, int64
 // another parallel region.
 template <typename F>
 void parallel(int64_t n, int64_t grain, const F& f) {
+  grain = std::max<int64_t>(1, grain);
   int64_t threads = at::get_num_threads();
-  int64_t pieces = std::min((n + std::max<int64_t>(1, grain) - 1) / std::max<int64_t>(1, grain),
-                            threads * kPiecesPerThread);
+  int64_t pieces = std::min((n + grain - 1) / grain, threads * kPiecesPerThread);
   if (pieces <= 1 || threads <= 1 || at::in_parallel_region() || omp_in_parallel()) {
     if (n > 0) f(0, n);
     return;
@@ -378,8 +386,7 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
                    const View& iv, const Tensor& y, const View& yv, const Weights<A>& w,
                    const Tensor& z, const Tensor& p, const Tensor& u, const Options& o) {
   int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.k;
-  int64_t chunk = std::clamp<int64_t>(chunk_bytes() / std::max<int64_t>(1, c * hw * x.element_size()),
-                                      1, n);
+  int64_t chunk = samples_per_chunk(x);
   const auto& kern = pass_kernels<T, A>();
   Epilogue e{o.residual, identity.has_value(), o.relu_out};
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
@@ -426,9 +433,9 @@ bool is_float(const Tensor& t) {
 
 // The rules of sae_kernels.options.check_operands, with the same messages: this op is
 // reached without the Python checks.
-void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
-                    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
-                    int64_t gate_code) {
+void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                    const optional<Tensor>& w2, const optional<Tensor>& b2,
+                    const optional<Tensor>& identity, int64_t act, int64_t gate_code) {
   TORCH_CHECK_VALUE(act >= kRelu && act <= kGelu, "unknown act code ", act);
   TORCH_CHECK_VALUE(gate_code == kSigmoid || gate_code == kHardsigmoid, "unknown gate code ",
                     gate_code);
@@ -530,8 +537,7 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
                     const Tensor& p, const Tensor& u, const Tensor& du, const Tensor& dp,
                     const Options& o) {
   int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.k;
-  int64_t chunk = std::clamp<int64_t>(chunk_bytes() / std::max<int64_t>(1, c * hw * x.element_size()),
-                                      1, n);
+  int64_t chunk = samples_per_chunk(x);
   const auto& kern = pass_kernels<T, A>();
   bool write_id = d_identity.has_value();
   Tensor ds = at::empty({chunk, c}, u.options());
@@ -624,7 +630,8 @@ std::vector<Tensor> per_branch(const Tensor& stacked, at::TensorList w1s, bool c
 }
 
 BackwardResult cpu_backward(const Tensor& grad_in, const Tensor& x_in,
-                            const optional<Tensor>& y_in, at::TensorList w1s, const optional<Tensor>& w2,
+                            const optional<Tensor>& y_in, at::TensorList w1s,
+                            const optional<Tensor>& w2,
                             const Tensor& z, const Tensor& p, const Tensor& u, int64_t act,
                             int64_t gate_code, bool residual, bool relu_out, bool has_identity) {
   check_dtype(x_in);
@@ -764,14 +771,16 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
   }
 };
 
-bool any_requires_grad(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
+bool any_requires_grad(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                       const optional<Tensor>& w2,
                        const optional<Tensor>& b2, const optional<Tensor>& identity) {
   auto needs = [](const Tensor& t) { return t.requires_grad(); };
   return needs(x) || (w2 && needs(*w2)) || (b2 && needs(*b2)) || (identity && needs(*identity)) ||
          std::any_of(w1s.begin(), w1s.end(), needs) || std::any_of(b1s.begin(), b1s.end(), needs);
 }
 
-Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
+Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                    const optional<Tensor>& w2,
                     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
                     int64_t gate_code, bool residual, bool relu_out) {
   if (!at::GradMode::is_enabled() || !any_requires_grad(x, w1s, b1s, w2, b2, identity)) {

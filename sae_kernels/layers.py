@@ -10,6 +10,14 @@ from .options import ACTIVATIONS, GATES
 from .reference import EffectiveSE, SaE
 
 
+def _straight_to_cpu_op(backend: str, x: torch.Tensor) -> bool:
+    """Whether a fused module may call the C++ op directly: the op checks its operands
+    itself, so on small maps the Python checks (and even nn.Module's attribute lookups,
+    ~0.7 us each) are kept off the path."""
+    return (backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
+            and cpu_kernels.available())
+
+
 class FusedSaE(SaE):
     """Drop-in for :class:`~sae_kernels.reference.SaE`: same arguments, parameters and
     state_dict, forward through the fused operator.
@@ -69,11 +77,8 @@ class FusedSaE(SaE):
         return self._fc1_cache[1], self._fc1_cache[2]
 
     def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
-                and cpu_kernels.available()):
-            # straight to the C++ op, which checks the operands itself and reads the branch
-            # matrices in place: on small maps the Python checks, and even nn.Module's
-            # attribute lookups (~0.7 us each), would cost as much as the operator
+        if _straight_to_cpu_op(self.backend, x):
+            # the branch matrices are read in place, through the parameter dicts
             branches = [m._parameters for m in self._modules["branches"]._modules.values()]
             excite = self._modules["excite"]._parameters
             biases = [b["bias"] for b in branches] if excite["bias"] is not None else []
@@ -108,8 +113,6 @@ class FusedSE(FusedSaE):
                          backend, strategy)
 
 
-
-
 class FusedEffectiveSE(EffectiveSE):
     """Drop-in for :class:`~sae_kernels.reference.EffectiveSE` (one C -> C FC and a gate):
     the operator's single-FC form. ``backend`` and ``strategy`` as in :class:`FusedSaE`."""
@@ -138,8 +141,7 @@ class FusedEffectiveSE(EffectiveSE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc = self._modules["fc"]._parameters
-        if (self.backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
-                and cpu_kernels.available()):
+        if _straight_to_cpu_op(self.backend, x):
             biases = [] if fc["bias"] is None else [fc["bias"]]
             return torch.ops.sae_kernels.cpu_sae(x, [fc["weight"]], biases, None, None, None, 0,
                                                  self._gate_code, False, False)
