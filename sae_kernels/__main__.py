@@ -1,4 +1,4 @@
-"""Command line: ``sae-kernels build | plan | verify | compile-report``
+"""Command line: ``sae-kernels bench | profile | build | plan | verify | compile-report``
 (or ``python -m sae_kernels ...``)."""
 
 import argparse
@@ -45,6 +45,93 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
+def _bench(args) -> int:
+    import torch
+
+    from .tools import bench, bench_report
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and args.fused_backend == "triton":
+        print("sae-kernels bench: the Triton kernels run on CPU only through Triton's "
+              "interpreter, which is for correctness, not timing", file=sys.stderr)
+        return 2
+    if args.full:
+        args.layouts, args.modes, args.rounds = list(bench.LAYOUTS), list(bench.MODES), 15
+    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    try:
+        sites = ([bench.custom_site(s, args.reduction, args.cardinality) for s in args.shapes]
+                 if args.shapes else bench.default_sites())
+    except ValueError as e:
+        print(f"sae-kernels bench: {e}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    todo = bench.cases(sites, args.batch_sizes, args.layouts, args.modes)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads ({bench_report.cpu_name()})")
+    environment = {"device": where, "torch": torch.__version__, "dtype": dtype_name,
+                   "fused_backend": args.fused_backend, "rounds": args.rounds}
+    print(f"{where}, torch {torch.__version__}, {dtype_name}, {args.rounds} interleaved "
+          f"rounds; latency: median over rounds")
+    progress = bench_report.Progress(len(todo))
+    results, mode = [], None
+    progress.show(0, "warming up")
+    for done, result in enumerate(bench.run_cases(todo, bench.DTYPES[dtype_name], device,
+                                                  args.variants, args.fused_backend,
+                                                  args.rounds), start=1):
+        progress.clear()
+        if result.case.mode != mode:
+            mode = result.case.mode
+            print(f"\n{mode}\n{bench_report.HEADER}\n{bench_report.SUBHEADER}")
+        print(bench_report.format_row(result), flush=True)
+        results.append(result)
+        if done < len(todo):
+            progress.show(done, todo[done].label)
+    progress.clear()
+    summary = bench.summarize(results)
+    print("\n" + bench_report.format_summary(summary))
+    if args.json:
+        bench_report.write_json(args.json, environment, results, summary)
+    if args.csv:
+        bench_report.write_csv(args.csv, results)
+    if args.plot:
+        bench_report.plot(args.plot, results, where, dtype_name)
+    for path in filter(None, (args.json, args.csv, args.plot)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .tools.bench import DTYPES, LAYOUTS, MODES, VARIANTS
+
+    parser.add_argument("--shapes", nargs="+", metavar="CxHxW",
+                        help="measure these shapes (default: the SE sites of SE-ResNet-50 and "
+                             "SENetV2-ResNet-50)")
+    parser.add_argument("--reduction", type=int, default=16, help="of --shapes (default 16)")
+    parser.add_argument("--cardinality", type=int, default=1,
+                        help="branches of --shapes (default 1: SE)")
+    parser.add_argument("-n", "--batch-sizes", type=int, nargs="+", default=[1, 32],
+                        metavar="N", help="default: 1 32")
+    parser.add_argument("--dtype", choices=list(DTYPES),
+                        help="default: float32 on CPU, float16 on CUDA")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["nchw"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["forward"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="what to time (default: all)")
+    parser.add_argument("--fused-backend", default="auto", choices=["auto", "cpu", "triton",
+                                                                   "reference"])
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds per case (default 5)")
+    parser.add_argument("--full", action="store_true",
+                        help="both layouts, both modes, 15 rounds (the README's table)")
+    parser.add_argument("--device", help="default: cuda if present, else cpu")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--csv", metavar="FILE", help="write the results as CSV")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot speedups and floor ratios")
+
+
 def _build(args) -> int:
     from .kernels import cpu
 
@@ -73,6 +160,10 @@ def _compile_report(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sae-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="fused vs eager, torch.compile and the memory floor "
+                                         "per SE site")
+    _add_bench_arguments(bench)
+    bench.set_defaults(run=_bench)
     build = sub.add_parser("build", help="build the C++ CPU kernels now (else on first use)")
     build.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
     build.set_defaults(run=_build)

@@ -8,11 +8,7 @@ fused blocks reports what its reference counterpart reports rather than 0.
 import torch
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-
-def fc_flops(n: int, c: int, k: int, single_fc: bool = False) -> int:
-    """The matrix-product FLOPs of one forward over N samples: FC1 (K x C) and FC2
-    (C x K), or the one C x C FC of the single-FC form. A backward costs twice this."""
-    return 2 * n * k * c * (1 if single_fc else 2)
+from .cost import fc_flops
 
 
 def _sae_forward(x, fc1_weight, fc1_bias, fc2_weight, *args, out_shape=None, **kwargs) -> int:

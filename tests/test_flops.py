@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import DEVICE
 from sae_kernels import EffectiveSE, FusedEffectiveSE, FusedSaE, SaE
-from sae_kernels.flops import fc_flops
+from sae_kernels.cost import fc_flops
 from sae_kernels.kernels import cpu as cpu_kernels
 
 

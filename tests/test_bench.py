@@ -1,0 +1,128 @@
+"""``sae-kernels bench`` on a tiny quick run, and the pieces it is built from: the cost
+model, the launch counter and the statistics."""
+
+import csv
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sae_kernels import FusedSaE, SaE
+from sae_kernels.__main__ import main
+from sae_kernels.cost import fc_flops, sae_cost
+from sae_kernels.kernels import cpu as cpu_kernels
+from sae_kernels.tools.bench import VARIANTS, Case, case_operands, custom_site, variant_call
+from sae_kernels.tools.launches import count_launches
+from sae_kernels.tools.timing import Stats
+
+CPU = torch.device("cpu")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick bench over a 19-channel site (reduction 4, 2 branches), both modes."""
+    out = tmp_path_factory.mktemp("bench")
+    paths = {kind: out / f"bench.{kind}" for kind in ("json", "csv", "png")}
+    code = main(["bench", "--shapes", "19x5x5", "--reduction", "4", "--cardinality", "2",
+                 "-n", "3", "--modes", "forward", "forward+backward", "--rounds", "3",
+                 "--json", str(paths["json"]), "--csv", str(paths["csv"]),
+                 "--plot", str(paths["png"])])
+    return code, paths
+
+
+def test_quick_run_writes_json_csv_and_png(quick_run):
+    code, paths = quick_run
+    assert code == 0
+    data = json.loads(paths["json"].read_text())
+    assert [r["mode"] for r in data["results"]] == ["forward", "forward+backward"]
+    assert set(data["summary"]) == {"forward", "forward+backward"}
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["mode"] for r in rows] == ["forward", "forward+backward"]
+    assert float(rows[0]["fused_median_us"]) == data["results"][0]["latency_us"]["fused"]["median"]
+    assert paths["png"].read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_json_fields_are_consistent(quick_run):
+    _, paths = quick_run
+    for r in json.loads(paths["json"].read_text())["results"]:
+        latency = r["latency_us"]
+        assert set(latency) == set(VARIANTS)
+        for stats in latency.values():
+            assert 0 < stats["p20"] <= stats["median"] <= stats["p80"]
+        median = {v: latency[v]["median"] for v in VARIANTS}
+        assert r["speedup_over_eager"] == pytest.approx(median["eager"] / median["fused"])
+        assert r["speedup_over_compile"] == pytest.approx(median["compile"] / median["fused"])
+        assert r["floor_ratio"] == pytest.approx(median["fused"] / median["floor"])
+        for v in VARIANTS:
+            assert r["gbps"][v] == pytest.approx(r["bytes"] / (median[v] * 1e3))
+        backward = r["mode"] == "forward+backward"
+        cost = sae_cost(3, 19, 25, 2 * (19 // 4), 4, backward=backward)
+        assert r["bytes"] == cost.compulsory_bytes
+        assert r["flops"]["matmul"] == cost.matmul_flops
+        assert r["flops"]["total"] == cost.flops
+        # FlopCounterMode, run on the eager and fused variants, agrees with the model
+        assert r["flops"]["counted_matmul"] == {"eager": cost.matmul_flops,
+                                                "fused": cost.matmul_flops}
+        assert r["errors"] == {}
+
+
+def test_launch_counts_in_json(quick_run):
+    _, paths = quick_run
+    forward, training = json.loads(paths["json"].read_text())["results"]
+    if cpu_kernels.available():
+        assert forward["launches"]["fused"] == 1  # the one C++ op
+        assert training["launches"]["fused"] == 2  # its forward and its backward
+    # mean, 2 x (linear, relu), cat, linear, sigmoid, mul
+    assert forward["launches"]["eager"] == 9
+    assert 1 <= forward["launches"]["compile"] < forward["launches"]["eager"]
+    assert training["launches"]["eager"] > forward["launches"]["eager"]
+
+
+def test_bad_shape_is_a_clear_error(capsys):
+    assert main(["bench", "--shapes", "19x5x6"]) == 2
+    assert "shape '19x5x6'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="C / reduction"):
+        custom_site("3x5x5", reduction=16, cardinality=1)
+
+
+def test_cost_model_by_hand():
+    # N=2, C=8, HW=9, K=4 (2 branches of 2), fp32
+    forward = sae_cost(2, 8, 9, 4, 4)
+    assert forward.matmul_flops == 2 * (2 * 2 * 4 * 8)
+    assert forward.elementwise_flops == 2 * 144 + 2 * (4 + 8)
+    assert forward.compulsory_bytes == 4 * (2 * 144 + 2 * 4 * 8 + 4 + 8)
+    both = sae_cost(2, 8, 9, 4, 4, backward=True)
+    assert both.matmul_flops == 3 * forward.matmul_flops
+    assert both.compulsory_bytes == 4 * (5 * 144 + 3 * (2 * 4 * 8 + 4 + 8))
+    single = sae_cost(2, 8, 9, 8, 2, single_fc=True)
+    assert single.matmul_flops == fc_flops(2, 8, 8, single_fc=True) == 2 * 2 * 8 * 8
+    assert single.compulsory_bytes == 2 * (2 * 144 + 8 * 8 + 8)
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+def test_floor_does_the_operator_matmuls(mode):
+    case = Case(custom_site("12x3x3", reduction=3, cardinality=2), 2, "nchw", mode)
+    reference, x, grad = case_operands(case, torch.float32, CPU)
+    with FlopCounterMode(display=False) as counter:
+        variant_call("floor", reference, x, grad, fused_backend="auto")()
+    assert counter.get_total_flops() == case.cost(torch.float32).matmul_flops
+
+
+def test_launch_counter():
+    ref = SaE(16, reduction=4, cardinality=4)
+    x = torch.randn(2, 16, 3, 3)
+    with torch.no_grad():
+        # mean, 4 x (linear, relu), cat, linear, sigmoid, mul; the unsqueezes are views
+        assert count_launches(lambda: ref(x), CPU) == 13
+        assert count_launches(lambda: x.view(2, -1).t().unsqueeze(0), CPU) == 0
+        if cpu_kernels.available():
+            fused = FusedSaE.from_module(ref, backend="cpu")
+            assert count_launches(lambda: fused(x), CPU) == 1
+
+
+def test_stats_percentiles():
+    stats = Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (stats.median, stats.p20, stats.p80) == (3.0, pytest.approx(1.8), pytest.approx(4.2))
