@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from .tools import profile as profile_tool
+
 
 def _ensure_triton_can_run() -> None:
     """Without a GPU the Triton kernels run through the interpreter, which must be switched
@@ -22,7 +24,8 @@ def _plan(args) -> int:
     from .tools.plan import format_table, plan_rows
 
     where, rows = plan_rows()
-    print(f"Launch plan per SE site, fp16 ({where})\n")
+    print(f"Launch plan per SE site, fp16 ({where})")
+    print("MB: DRAM megabytes per call, modelled (sae_kernels.cost) / compulsory\n")
     print(format_table(rows))
     return 0
 
@@ -48,6 +51,7 @@ def _verify(args) -> int:
 def _bench(args) -> int:
     import torch
 
+    from .sites import resnet50_sites
     from .tools import bench, bench_report
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -60,7 +64,7 @@ def _bench(args) -> int:
     dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
     try:
         sites = ([bench.custom_site(s, args.reduction, args.cardinality) for s in args.shapes]
-                 if args.shapes else bench.default_sites())
+                 if args.shapes else resnet50_sites())
     except ValueError as e:
         print(f"sae-kernels bench: {e}", file=sys.stderr)
         return 2
@@ -117,8 +121,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: float32 on CPU, float16 on CUDA")
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["nchw"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["forward"])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="what to time (default: all)")
+    parser.add_argument("--variants", "--backends", nargs="+", choices=VARIANTS,
+                        default=list(VARIANTS), help="what to time (default: all)")
     parser.add_argument("--fused-backend", default="auto", choices=["auto", "cpu", "triton",
                                                                    "reference"])
     parser.add_argument("--rounds", type=int, default=5,
@@ -164,6 +168,10 @@ def main(argv=None) -> int:
                                          "per SE site")
     _add_bench_arguments(bench)
     bench.set_defaults(run=_bench)
+    profile = sub.add_parser("profile", help="share of a model's time in its SE blocks, before "
+                                             "and after conversion")
+    profile_tool.add_arguments(profile)
+    profile.set_defaults(run=profile_tool.run)
     build = sub.add_parser("build", help="build the C++ CPU kernels now (else on first use)")
     build.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
     build.set_defaults(run=_build)

@@ -52,6 +52,8 @@ class DeviceProfile:
     tile_elements: int
     #: Largest tile side along the contiguous axis (HW for NCHW, C for channels_last).
     max_contiguous_block: int
+    #: L2 cache size, for the bytes-moved model (``cost.gpu_dram_bytes``).
+    l2_bytes: int = 0
 
 
 #: 4096-element tiles are 32 fp32 values per thread at 4 warps, the size that kept the
@@ -65,13 +67,14 @@ INTERPRETER_PROFILE = DeviceProfile(sms=2, tile_elements=32768, max_contiguous_b
 
 
 #: The GPU planned for where none is present (reports, ahead-of-time compilation): an H100 SXM.
-H100 = DeviceProfile(132, GPU_TILE_ELEMENTS, GPU_MAX_CONTIGUOUS_BLOCK)
+H100 = DeviceProfile(132, GPU_TILE_ELEMENTS, GPU_MAX_CONTIGUOUS_BLOCK, l2_bytes=50 << 20)
 
 
 def device_profile(device: torch.device) -> DeviceProfile:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return DeviceProfile(sms, GPU_TILE_ELEMENTS, GPU_MAX_CONTIGUOUS_BLOCK)
+        props = torch.cuda.get_device_properties(device)
+        return DeviceProfile(props.multi_processor_count, GPU_TILE_ELEMENTS,
+                             GPU_MAX_CONTIGUOUS_BLOCK, props.L2_cache_size)
     return INTERPRETER_PROFILE
 
 

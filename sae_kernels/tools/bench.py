@@ -31,7 +31,7 @@ from ..cost import Cost, sae_cost
 from ..dispatch import resolve_backend
 from ..layers import FusedSaE
 from ..reference import SaE
-from ..sites import Site, resnet50_sites
+from ..sites import Site
 from .launches import count_launches
 from .timing import Stats, measure_interleaved
 
@@ -138,10 +138,6 @@ class Result:
             "launches": self.launches,
             "errors": self.errors,
         }
-
-
-def default_sites() -> list[Site]:
-    return resnet50_sites()
 
 
 def run_case(case: Case, dtype: torch.dtype, device: torch.device, variants: list[str],

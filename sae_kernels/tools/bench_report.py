@@ -47,11 +47,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-HEADER = (f"{'site':<27} {'N':>3} {'layout':<13}"
+HEADER = (f"{'site':<31} {'N':>3} {'layout':<13}"
           f"{'eager':>9}{'compile':>9}{'floor':>9}{'fused':>9} {'fused p20-p80':>15}"
           f"{'x eager':>8}{'x comp':>7}{'/floor':>7}{'GB/s':>7}  {'launches':>8}"
           f"{'MFLOP':>9}{'MB':>8}")
-SUBHEADER = f"{'':<43}{'median us per call':^36}{'':>16}{'(fused)':>29}  {'e/c/f':>8}"
+SUBHEADER = f"{'':<47}{'median us per call':^36}{'':>16}{'(fused)':>29}  {'e/c/f':>8}"
 
 
 def format_row(result: Result) -> str:
@@ -61,12 +61,16 @@ def format_row(result: Result) -> str:
     band = f"{fused.p20:.1f}-{fused.p80:.1f}" if fused else "-"
     launches = "/".join(str(result.launches.get(v, "-")) for v in ("eager", "compile", "fused"))
     flops = f"{result.cost.flops / 1e6:.2f}" + ("" if result.flops_match else "!")
-    line = (f"{case.site.name:<27} {case.n:>3} {case.layout:<13}"
+    line = (f"{case.site.name:<31} {case.n:>3} {case.layout:<13}"
             f"{us['eager']:>9}{us['compile']:>9}{us['floor']:>9}{us['fused']:>9} {band:>15}"
             f"{_fmt(result.speedup('eager')):>8}{_fmt(result.speedup('compile')):>7}"
             f"{_fmt(result.floor_ratio):>7}{_fmt(result.gbps('fused'), '.1f'):>7}  "
             f"{launches:>8}{flops:>9}{result.cost.compulsory_bytes / 1e6:>8.2f}")
-    return line + "".join(f"\n    {name} failed: {err}" for name, err in result.errors.items())
+    notes = [f"{name} failed: {err}" for name, err in result.errors.items()]
+    if result.fused_backend == "reference":
+        notes.append(f"fused ran the PyTorch reference: no fused kernel for "
+                     f"{str(result.dtype).removeprefix('torch.')} on this device")
+    return line + "".join(f"\n    {note}" for note in notes)
 
 
 def format_summary(summary: dict[str, dict]) -> str:
@@ -114,40 +118,45 @@ def write_csv(path: str | Path, results: list[Result]) -> None:
 
 def plot(path: str | Path, results: list[Result], device: str, dtype: str) -> None:
     """Per mode, the fused layer's speedup per case (over eager and torch.compile) and its
-    ratio to the floor, on log axes (a ratio and its inverse are as far from 1)."""
+    ratio to the floor, on log-2 axes (a ratio and its inverse are as far from 1)."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     modes = list(dict.fromkeys(r.case.mode for r in results))
-    width = max(8.0, 4 + 0.45 * len(results) / len(modes))
-    fig, axes = plt.subplots(len(modes), 2, squeeze=False, figsize=(2 * width, 4.5 * len(modes)))
-    for (speed_ax, floor_ax), mode in zip(axes, modes, strict=True):
+    cases_per_mode = len(results) // len(modes)
+    fig, axes = plt.subplots(2 * len(modes), 1, squeeze=False, layout="constrained",
+                             figsize=(max(8.0, 3 + 0.32 * cases_per_mode), 6.5 * len(modes)),
+                             height_ratios=[1, 1.6] * len(modes))
+    for row, mode in enumerate(modes):
+        speed_ax, floor_ax = axes[2 * row, 0], axes[2 * row + 1, 0]
         rows = [r for r in results if r.case.mode == mode]
-        labels = [_short_label(r) for r in rows]
         positions = range(len(rows))
-        for offset, over in ((-0.2, "eager"), (0.2, "compile")):
-            speed_ax.bar([p + offset for p in positions],
-                         [r.speedup(over) or 0 for r in rows], width=0.4,
-                         label=f"over {'torch.compile' if over == 'compile' else 'eager'}")
-        speed_ax.axhline(1, color="black", linewidth=0.8)
-        speed_ax.set_ylabel("speedup of the fused layer (x)")
-        speed_ax.set_title(f"speedup: {device}, {dtype}, {mode}")
+        for offset, over, label in ((-0.2, "eager", "over eager"),
+                                    (0.2, "compile", "over torch.compile")):
+            speed_ax.bar([p + offset for p in positions], [r.speedup(over) or 0 for r in rows],
+                         width=0.4, label=label)
+        speed_ax.set_ylabel("fused speedup (x)")
+        speed_ax.set_title(f"{device}, {dtype}, {mode}: speedup of the fused layer")
         floor_ax.bar(positions, [r.floor_ratio or 0 for r in rows], color="tab:green",
                      label="fused / floor")
-        floor_ax.axhline(1, color="black", linewidth=0.8, label="the floor")
-        floor_ax.set_ylabel("fused latency / floor latency")
-        floor_ax.set_title(f"ratio to the memory floor: {device}, {dtype}, {mode}")
+        floor_ax.set_ylabel("fused / floor latency")
+        floor_ax.set_title(f"{device}, {dtype}, {mode}: fused latency over the memory floor's")
         for ax in (speed_ax, floor_ax):
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.set_xticks(list(positions), labels, rotation=60, ha="right", fontsize=7)
-            ax.set_xlabel("SE site, batch size, layout")
+            ax.axhline(1, color="black", linewidth=0.8)
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_locator(LogLocator(base=2))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            ax.set_xlim(-0.6, len(rows) - 0.4)
+        speed_ax.set_xticks(list(positions), [])
+        floor_ax.set_xticks(list(positions), [_short_label(r) for r in rows], rotation=60,
+                            ha="right", fontsize=7)
+        floor_ax.set_xlabel("SE site, batch size, layout")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
