@@ -41,7 +41,9 @@ def count_launches(call: Callable[[], object], device: torch.device) -> int:
             torch.cuda.synchronize()
     events = prof.events()
     if device.type == "cuda":
-        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+        # the device copies of profiler ranges (user annotations) are not launches
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+                   for e in events)
     return sum(_cpu_launches(e) for e in events if e.cpu_parent is None)
 
 
