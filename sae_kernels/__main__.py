@@ -55,6 +55,9 @@ def _bench(args) -> int:
     from .tools import bench, bench_report
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("sae-kernels bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
     if device.type == "cpu" and args.fused_backend == "triton":
         print("sae-kernels bench: the Triton kernels run on CPU only through Triton's "
               "interpreter, which is for correctness, not timing", file=sys.stderr)

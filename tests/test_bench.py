@@ -92,6 +92,12 @@ def test_a_subset_of_variants(tmp_path):
     assert result["speedup_over_compile"] is None and result["floor_ratio"] is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_device_is_a_clear_error(capsys):
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
 def test_bad_shape_is_a_clear_error(capsys):
     assert main(["bench", "--shapes", "19x5x6"]) == 2
     assert "shape '19x5x6'" in capsys.readouterr().err
