@@ -18,9 +18,7 @@ import difflib
 import functools
 import importlib
 import json
-import statistics
 import sys
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..convert import Converted, Skipped, convert
 from ..models import DEPTHS, se_resnet, senetv2_resnet
+from .timing import measure_interleaved
 
 #: This package's models by name (the reference blocks; the profiler converts them).
 OWN_MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -43,7 +42,6 @@ OWN_MODELS: dict[str, Callable[[], nn.Module]] = {
 MODES = ("inference", "training")
 STAGES = ("reference", "fused")
 DEFAULT_IMAGE_SIZE = 224
-WARMUP_STEPS = 2
 SITE_RANGE = "se:"
 STEP_RANGE = "step"
 BACKWARD_RANGE = "autograd::engine::evaluate_function: "
@@ -171,10 +169,9 @@ def profile_model(name: str, batch_size: int = 2, image_size: int | None = None,
     for mode in modes:
         models = {"reference": model.train(mode == "training"), "fused": conversions[mode][0]}
         steps_by_stage = {stage: _step(m, x, mode) for stage, m in models.items()}
-        for step in steps_by_stage.values():
-            for _ in range(WARMUP_STEPS):
-                step()
-        seconds = _median_seconds(steps_by_stage, timed_steps, device)
+        # warms both models up, then times them interleaved
+        timed = measure_interleaved(steps_by_stage, timed_steps, device)
+        seconds = {stage: stats.median / 1e6 for stage, stats in timed.items()}
         stages = {}
         for stage, stage_model in models.items():
             trace = None if trace_dir is None else Path(trace_dir) / f"{stage}-{mode}.json"
@@ -330,20 +327,6 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return train
-
-
-def _median_seconds(steps: dict[str, Callable[[], None]], repeats: int,
-                    device: torch.device) -> dict[str, float]:
-    """Median wall time of each step, the steps interleaved so that drift hits all alike."""
-    samples = defaultdict(list)
-    for _ in range(repeats):
-        for stage, step in steps.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            step()
-            _synchronize(device)
-            samples[stage].append(time.perf_counter() - start)
-    return {stage: statistics.median(times) for stage, times in samples.items()}
 
 
 def _synchronize(device: torch.device) -> None:
