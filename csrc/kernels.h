@@ -15,6 +15,7 @@
 
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -307,6 +308,257 @@ void grad_input(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
   }
 }
 
+// ---------------------------------------------------------------- the prologue
+
+// e^v, vectorizable: 2^n * e^r with n = round(v / ln 2), |r| <= ln 2 / 2, e^r by Cephes'
+// degree-6 polynomial (within 2 ulp of expf). Saturates at e^-87.3 and e^88.7; NaN stays NaN.
+inline float exp_acc(float v) {
+  v = v < -87.3f ? -87.3f : v;
+  v = v > 88.7f ? 88.7f : v;
+  float n = __builtin_floorf(v * 1.44269504088896341f + 0.5f);
+  float r = v - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+// float64 is the checking dtype: libm's exp, exact to the ulp.
+inline double exp_acc(double v) { return std::exp(v); }
+
+// act(v) for a prologue activation, as PyTorch defines it
+template <int64_t ACT, typename A>
+inline A prologue_act(A v) {
+  if constexpr (ACT == kPrologueRelu) {
+    return v < A(0) ? A(0) : v;  // keeps NaN
+  } else if constexpr (ACT == kPrologueSilu) {
+    return v / (A(1) + exp_acc(-v));
+  } else if constexpr (ACT == kPrologueHardswish) {
+    A t = v + A(3);
+    t = t < A(0) ? A(0) : t;
+    t = t > A(6) ? A(6) : t;
+    return v * t / A(6);
+  } else {
+    return v;
+  }
+}
+
+// d act / dv, with PyTorch's choices at the kinks (threshold_backward, hardswish_backward)
+template <int64_t ACT, typename A>
+inline A prologue_act_grad(A v) {
+  if constexpr (ACT == kPrologueRelu) {
+    return v > A(0) ? A(1) : A(0);
+  } else if constexpr (ACT == kPrologueSilu) {
+    A sig = A(1) / (A(1) + exp_acc(-v));
+    return sig * (A(1) + v * (A(1) - sig));
+  } else if constexpr (ACT == kPrologueHardswish) {
+    return v < A(-3) ? A(0) : v <= A(3) ? v / A(3) + A(0.5) : A(1);
+  } else {
+    return A(1);
+  }
+}
+
+// Calls f with the prologue activation as a template argument (outside the loops).
+template <typename F>
+inline void with_prologue_act(int64_t act, const F& f) {
+  switch (act) {
+    case kPrologueRelu: return f(std::integral_constant<int64_t, kPrologueRelu>{});
+    case kPrologueSilu: return f(std::integral_constant<int64_t, kPrologueSilu>{});
+    case kPrologueHardswish: return f(std::integral_constant<int64_t, kPrologueHardswish>{});
+    default: return f(std::integral_constant<int64_t, kPrologueNone>{});
+  }
+}
+
+// The epilogue of `rescaled` with its flags as values: uniform per call, so the branches
+// are predictable, and the pass stays bound by memory.
+template <typename A>
+inline A rescaled_with(A x, A s, A identity, Epilogue e) {
+  A v = x * s;
+  if (e.residual) v += x;
+  if (e.identity) v += identity;
+  if (e.relu) v = v < A(0) ? A(0) : v;
+  return v;
+}
+
+template <int64_t ACT, typename T, typename A>
+void prologue_sum_rows_impl(const T* x, int64_t rows, int64_t row_stride, int64_t len,
+                            const Prologue<A>& p, A* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * row_stride;
+    const A a = p.scale[r], b = p.shift[r];
+    A acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < len; ++i) acc += prologue_act<ACT>(to_acc(row[i]) * a + b);
+    out[r] = acc;
+  }
+}
+
+template <int64_t ACT, typename T, typename A>
+void prologue_sum_pixels_impl(const T* x, int64_t pixels, int64_t pixel_stride, int64_t width,
+                              const Prologue<A>& p, A* out) {
+  for (int64_t c = 0; c < width; ++c) out[c] = 0;
+  for (int64_t q = 0; q < pixels; ++q) {
+    const T* row = x + q * pixel_stride;
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c)
+      out[c] += prologue_act<ACT>(to_acc(row[c]) * p.scale[c] + p.shift[c]);
+  }
+}
+
+template <bool PIXELS, typename T, typename A>
+void prologue_sum(const T* x, int64_t rows, int64_t row_stride, int64_t len, const Prologue<A>& p,
+                  A* out) {
+  with_prologue_act(p.act, [&](auto act) {
+    if (PIXELS) prologue_sum_pixels_impl<act.value, T, A>(x, rows, row_stride, len, p, out);
+    else prologue_sum_rows_impl<act.value, T, A>(x, rows, row_stride, len, p, out);
+  });
+}
+
+// y = act_out(x' * s [+ x'] [+ identity]), x' = act(x * scale + shift)
+template <bool PIXELS, int64_t ACT, typename T, typename A>
+void prologue_rescale_impl(const Rows<T>& t, const A* s, Epilogue e, const Prologue<A>& p) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const T* x = t.x + r * t.x_stride;
+    const T* id = e.identity ? t.identity + r * t.identity_stride : nullptr;
+    T* y = t.y + r * t.y_stride;
+    const A row_s = PIXELS ? A(0) : s[r];
+    const A row_a = PIXELS ? A(0) : p.scale[r], row_b = PIXELS ? A(0) : p.shift[r];
+#pragma omp simd
+    for (int64_t i = 0; i < t.len; ++i) {
+      A a = PIXELS ? p.scale[i] : row_a, b = PIXELS ? p.shift[i] : row_b;
+      A xp = prologue_act<ACT>(to_acc(x[i]) * a + b);
+      A identity = e.identity ? to_acc(id[i]) : A(0);
+      y[i] = from_acc<T, A>(rescaled_with(xp, PIXELS ? s[i] : row_s, identity, e));
+    }
+  }
+}
+
+template <bool PIXELS, typename T, typename A>
+void prologue_rescale(const Rows<T>& t, const A* s, Epilogue e, const Prologue<A>& p) {
+  with_prologue_act(p.act, [&](auto act) {
+    prologue_rescale_impl<PIXELS, act.value, T, A>(t, s, e, p);
+  });
+}
+
+// out[r] = sum g' * x'; with SUMS the PrologueSum sums too (see sae_cpu.h)
+template <int64_t ACT, bool SUMS, typename T, typename A>
+void prologue_dot_rows_impl(const GradRows<T>& t, A* out, int64_t sum_stride, bool relu,
+                            const Prologue<A>& p) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const T* x = t.x + r * t.x_stride;
+    const T* g = t.grad + r * t.grad_stride;
+    const T* y = relu ? t.y + r * t.y_stride : nullptr;
+    const A a = p.scale[r], b = p.shift[r];
+    A dot = 0, grad_act_x = 0, act_x = 0, grad_act = 0, act = 0;
+#pragma omp simd reduction(+ : dot, grad_act_x, act_x, grad_act, act)
+    for (int64_t i = 0; i < t.len; ++i) {
+      A grad = to_acc(g[i]);
+      if (relu) grad = to_acc(y[i]) <= A(0) ? A(0) : grad;
+      A xi = to_acc(x[i]), v = xi * a + b;
+      dot += grad * prologue_act<ACT>(v);
+      if (SUMS) {
+        A d = prologue_act_grad<ACT>(v);
+        grad_act_x += grad * d * xi;
+        act_x += d * xi;
+        grad_act += grad * d;
+        act += d;
+      }
+    }
+    out[r] = dot;
+    if (SUMS) {
+      out[(1 + kGradActX) * sum_stride + r] = grad_act_x;
+      out[(1 + kActX) * sum_stride + r] = act_x;
+      out[(1 + kGradAct) * sum_stride + r] = grad_act;
+      out[(1 + kAct) * sum_stride + r] = act;
+    }
+  }
+}
+
+template <int64_t ACT, bool SUMS, typename T, typename A>
+void prologue_dot_pixels_impl(const GradRows<T>& t, A* out, int64_t sum_stride, bool relu,
+                              const Prologue<A>& p) {
+  const int64_t values = SUMS ? 1 + kPrologueSums : 1;
+  for (int64_t k = 0; k < values; ++k)
+    for (int64_t c = 0; c < t.len; ++c) out[k * sum_stride + c] = 0;
+  A* grad_act_x = out + (1 + kGradActX) * sum_stride;
+  A* act_x = out + (1 + kActX) * sum_stride;
+  A* grad_act = out + (1 + kGradAct) * sum_stride;
+  A* act = out + (1 + kAct) * sum_stride;
+  for (int64_t q = 0; q < t.rows; ++q) {
+    const T* x = t.x + q * t.x_stride;
+    const T* g = t.grad + q * t.grad_stride;
+    const T* y = relu ? t.y + q * t.y_stride : nullptr;
+#pragma omp simd
+    for (int64_t c = 0; c < t.len; ++c) {
+      A grad = to_acc(g[c]);
+      if (relu) grad = to_acc(y[c]) <= A(0) ? A(0) : grad;
+      A xc = to_acc(x[c]), v = xc * p.scale[c] + p.shift[c];
+      out[c] += grad * prologue_act<ACT>(v);
+      if (SUMS) {
+        A d = prologue_act_grad<ACT>(v);
+        grad_act_x[c] += grad * d * xc;
+        act_x[c] += d * xc;
+        grad_act[c] += grad * d;
+        act[c] += d;
+      }
+    }
+  }
+}
+
+template <bool PIXELS, typename T, typename A>
+void prologue_grad_dot(const GradRows<T>& t, A* out, int64_t sum_stride, bool relu,
+                       const Prologue<A>& p, bool sums) {
+  with_prologue_act(p.act, [&](auto act) {
+    constexpr int64_t ACT = act.value;
+    if (PIXELS) {
+      sums ? prologue_dot_pixels_impl<ACT, true, T, A>(t, out, sum_stride, relu, p)
+           : prologue_dot_pixels_impl<ACT, false, T, A>(t, out, sum_stride, relu, p);
+    } else {
+      sums ? prologue_dot_rows_impl<ACT, true, T, A>(t, out, sum_stride, relu, p)
+           : prologue_dot_rows_impl<ACT, false, T, A>(t, out, sum_stride, relu, p);
+    }
+  });
+}
+
+// dx = (g' * scale + shift) * act'(v) * prologue scale, v = x * prologue scale + shift;
+// d_identity = g' when written
+template <bool PIXELS, int64_t ACT, typename T, typename A>
+void prologue_dx_impl(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
+                      bool write_id, const Prologue<A>& p) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const T* x = t.x + r * t.x_stride;
+    const T* g = t.grad + r * t.grad_stride;
+    const T* y = relu ? t.y + r * t.y_stride : nullptr;
+    T* dx = t.dx + r * t.dx_stride;
+    T* did = write_id ? t.d_identity + r * t.d_identity_stride : nullptr;
+    const A row_scale = PIXELS ? A(0) : scale[r], row_shift = PIXELS ? A(0) : shift[r];
+    const A row_a = PIXELS ? A(0) : p.scale[r], row_b = PIXELS ? A(0) : p.shift[r];
+#pragma omp simd
+    for (int64_t i = 0; i < t.len; ++i) {
+      A grad = to_acc(g[i]);
+      if (relu) grad = to_acc(y[i]) <= A(0) ? A(0) : grad;
+      A a = PIXELS ? p.scale[i] : row_a, b = PIXELS ? p.shift[i] : row_b;
+      A d_xp = grad * (PIXELS ? scale[i] : row_scale) + (PIXELS ? shift[i] : row_shift);
+      dx[i] = from_acc<T, A>(d_xp * prologue_act_grad<ACT>(to_acc(x[i]) * a + b) * a);
+      if (write_id) did[i] = from_acc<T, A>(grad);
+    }
+  }
+}
+
+template <bool PIXELS, typename T, typename A>
+void prologue_grad_input(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
+                         bool write_id, const Prologue<A>& p) {
+  with_prologue_act(p.act, [&](auto act) {
+    prologue_dx_impl<PIXELS, act.value, T, A>(t, scale, shift, relu, write_id, p);
+  });
+}
+
 // ---------------------------------------------------------------- the small FCs
 
 // Samples per tile of `linear`: 4 outputs x this many samples of vector accumulators,
@@ -452,9 +704,22 @@ void linear_backward_input(const A* d_out, int64_t batch, int64_t outs, const A*
 
 template <typename T, typename A>
 PassKernels<T, A> pass_kernels() {
-  return {sum_rows<T, A>,           sum_pixels<T, A>,          rescale<false, T, A>,
-          rescale<true, T, A>,      grad_dot<false, T, A>,     grad_dot<true, T, A>,
-          grad_input<false, T, A>,  grad_input<true, T, A>};
+  return {sum_rows<T, A>,
+          sum_pixels<T, A>,
+          rescale<false, T, A>,
+          rescale<true, T, A>,
+          grad_dot<false, T, A>,
+          grad_dot<true, T, A>,
+          grad_input<false, T, A>,
+          grad_input<true, T, A>,
+          prologue_sum<false, T, A>,
+          prologue_sum<true, T, A>,
+          prologue_rescale<false, T, A>,
+          prologue_rescale<true, T, A>,
+          prologue_grad_dot<false, T, A>,
+          prologue_grad_dot<true, T, A>,
+          prologue_grad_input<false, T, A>,
+          prologue_grad_input<true, T, A>};
 }
 
 template <typename A>

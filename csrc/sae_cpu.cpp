@@ -256,14 +256,16 @@ T* data(const Tensor& t) {
 // a task per channel slice would stride a whole pixel per step), and the blocks' partial
 // sums are then added in block order. Blocks are fixed by the shape, so the result does
 // not depend on the thread count.
+// With `values` > 1 the sum writes that many sums per channel, the k-th at dst[k * c + ...]:
+// sample i's sums are out[i * values * c, (i + 1) * values * c).
 template <typename A, typename F>
 void channel_sums(const View& v, int64_t count, int64_t c, int64_t hw, int64_t element_bytes,
-                  A* out, const F& sum) {
+                  A* out, const F& sum, int64_t values = 1) {
   if (!v.pixels) {
     parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e;) {
         int64_t c0 = i % c, width = std::min(e - i, c - c0);
-        sum(i / c, 0, hw, c0, width, out + i);
+        sum(i / c, 0, hw, c0, width, out + (i / c) * values * c + c0);
         i += width;
       }
     });
@@ -271,39 +273,78 @@ void channel_sums(const View& v, int64_t count, int64_t c, int64_t hw, int64_t e
   }
   int64_t per_block = std::max<int64_t>(1, kPixelBlockBytes / (c * element_bytes));
   int64_t blocks = (hw + per_block - 1) / per_block;
+  int64_t stride = values * c;
   auto block_sums = [&](A* dst) {
     parallel(count * blocks, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         int64_t p0 = (t % blocks) * per_block;
-        sum(t / blocks, p0, std::min(per_block, hw - p0), 0, c, dst + t * c);
+        sum(t / blocks, p0, std::min(per_block, hw - p0), 0, c, dst + t * stride);
       }
     });
   };
   if (blocks == 1) return block_sums(out);
-  std::vector<A> partial(count * blocks * c);
+  std::vector<A> partial(count * blocks * stride);
   block_sums(partial.data());
   parallel(count, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const A* first = partial.data() + i * blocks * c;
-      A* row = out + i * c;
-      std::copy(first, first + c, row);
+      const A* first = partial.data() + i * blocks * stride;
+      A* row = out + i * stride;
+      std::copy(first, first + stride, row);
       for (int64_t j = 1; j < blocks; ++j)
-        for (int64_t ch = 0; ch < c; ++ch) row[ch] += first[j * c + ch];
+        for (int64_t ch = 0; ch < stride; ++ch) row[ch] += first[j * stride + ch];
     }
   });
 }
 
-// Pool samples [n0, n0 + count) of x into z (sums, not yet divided by HW).
+// The prologue's per-channel values in the accumulation type; absent: no prologue.
+template <typename A>
+struct PrologueValues {
+  bool present = false;
+  int64_t act = kPrologueNone;
+  std::vector<A> scale, shift;  // C values each (1 and 0 where a tensor was not given)
+
+  // The prologue from channel c0 on.
+  Prologue<A> from(int64_t c0) const { return {scale.data() + c0, shift.data() + c0, act}; }
+};
+
+template <typename A>
+PrologueValues<A> prologue_values(int64_t c, const optional<Tensor>& scale,
+                                  const optional<Tensor>& shift, int64_t act) {
+  constexpr auto acc = c10::CppTypeToScalarType<A>::value;
+  PrologueValues<A> p;
+  p.present = scale || shift || act != kPrologueNone;
+  p.act = act;
+  auto values = [&](const optional<Tensor>& t, A fill) {
+    if (!t) return std::vector<A>(c, fill);
+    Tensor v = t->to(acc).contiguous();
+    return std::vector<A>(data<A>(v), data<A>(v) + c);
+  };
+  p.scale = values(scale, A(1));
+  p.shift = values(shift, A(0));
+  return p;
+}
+
+// Pool samples [n0, n0 + count) of x (or of the prologue's x') into z (sums, not yet
+// divided by HW).
 template <typename T, typename A>
-void pool(const Tensor& x, const View& v, int64_t n0, int64_t count, A* z) {
+void pool(const Tensor& x, const View& v, int64_t n0, int64_t count, const PrologueValues<A>& pro,
+          A* z) {
   const auto& k = pass_kernels<T, A>();
   const T* base = data<T>(x) + n0 * v.sample;
   int64_t c = x.size(1), hw = x.size(2) * x.size(3);
   channel_sums(v, count, c, hw, sizeof(T), z,
                [&](int64_t i, int64_t p0, int64_t pixels, int64_t c0, int64_t width, A* dst) {
                  const T* sample = base + i * v.sample;
-                 if (v.pixels) k.sum_pixels(sample + p0 * v.row + c0, pixels, v.row, width, dst);
-                 else k.sum_rows(sample + c0 * v.row, width, v.row, hw, dst);
+                 if (v.pixels) {
+                   const T* first = sample + p0 * v.row + c0;
+                   if (pro.present) k.prologue_sum_pixels(first, pixels, v.row, width,
+                                                          pro.from(c0), dst);
+                   else k.sum_pixels(first, pixels, v.row, width, dst);
+                 } else if (pro.present) {
+                   k.prologue_sum_rows(sample + c0 * v.row, width, v.row, hw, pro.from(c0), dst);
+                 } else {
+                   k.sum_rows(sample + c0 * v.row, width, v.row, hw, dst);
+                 }
                });
 }
 
@@ -333,6 +374,7 @@ void for_rows(const View& v, int64_t count, int64_t c, int64_t hw, const F& f) {
 struct Options {
   int64_t act, gate;
   bool residual, relu_out;
+  int64_t prologue_act;
 };
 
 // The FC weights in the accumulation dtype, by rows: fc1 is its branch matrices in order
@@ -384,7 +426,8 @@ Weights<A> weights_by_rows(at::TensorList w1s, at::TensorList b1s, const optiona
 template <typename T, typename A>
 void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& identity,
                    const View& iv, const Tensor& y, const View& yv, const Weights<A>& w,
-                   const Tensor& z, const Tensor& p, const Tensor& u, const Options& o) {
+                   const PrologueValues<A>& pro, const Tensor& z, const Tensor& p,
+                   const Tensor& u, const Options& o) {
   int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.k;
   int64_t chunk = samples_per_chunk(x);
   const auto& kern = pass_kernels<T, A>();
@@ -392,7 +435,7 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     int64_t count = std::min(chunk, n - n0);
     A* zc = data<A>(z) + n0 * c;
-    pool<T, A>(x, xv, n0, count, zc);
+    pool<T, A>(x, xv, n0, count, pro, zc);
     for (int64_t i = 0; i < count * c; ++i) zc[i] /= static_cast<A>(hw);
     linear<A>(zc, count, c, w.w1_rows.data(), w.b1_data(), data<A>(p) + n0 * k, k);
     if (w.has_fc2()) {
@@ -410,8 +453,14 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
                 iv.row,
                 data<T>(y) + sample * yv.sample + r0 * yv.row, yv.row,
                 rows, xv.pixels ? c : hw};
-      if (xv.pixels) kern.rescale_pixels(t, sp + i * c, e);
-      else kern.rescale_rows(t, sp + i * c + r0, e);
+      if (pro.present) {
+        if (xv.pixels) kern.prologue_rescale_pixels(t, sp + i * c, e, pro.from(0));
+        else kern.prologue_rescale_rows(t, sp + i * c + r0, e, pro.from(r0));
+      } else if (xv.pixels) {
+        kern.rescale_pixels(t, sp + i * c, e);
+      } else {
+        kern.rescale_rows(t, sp + i * c + r0, e);
+      }
     });
   }
 }
@@ -435,8 +484,12 @@ bool is_float(const Tensor& t) {
 // reached without the Python checks.
 void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
                     const optional<Tensor>& w2, const optional<Tensor>& b2,
-                    const optional<Tensor>& identity, int64_t act, int64_t gate_code) {
+                    const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+                    const optional<Tensor>& prologue_scale,
+                    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
   TORCH_CHECK_VALUE(act >= kRelu && act <= kGelu, "unknown act code ", act);
+  TORCH_CHECK_VALUE(prologue_act >= kPrologueNone && prologue_act <= kPrologueHardswish,
+                    "unknown prologue_act code ", prologue_act);
   TORCH_CHECK_VALUE(gate_code == kSigmoid || gate_code == kHardsigmoid, "unknown gate code ",
                     gate_code);
   TORCH_CHECK_TYPE(is_float(x), "x must be float16, bfloat16, float32 or float64, got ",
@@ -489,13 +542,22 @@ void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
     TORCH_CHECK_TYPE(identity->scalar_type() == x.scalar_type(), "identity must have x's dtype ",
                      x.scalar_type(), ", got ", identity->scalar_type());
   }
+  for (auto [t, name] : {std::pair{&prologue_scale, "prologue_scale"},
+                         std::pair{&prologue_shift, "prologue_shift"}}) {
+    if (!*t) continue;
+    check(**t, name);
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == c, name, " must have shape (C=", c,
+                      ",), got ", (*t)->sizes());
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
     const Tensor& x_in, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
     const optional<Tensor>& b2, const optional<Tensor>& identity_in, int64_t act,
-    int64_t gate_code, bool residual, bool relu_out) {
-  check_operands(x_in, w1s, b1s, w2, b2, identity_in, act, gate_code);
+    int64_t gate_code, bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
+    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  check_operands(x_in, w1s, b1s, w2, b2, identity_in, act, gate_code, prologue_scale,
+                 prologue_shift, prologue_act);
   check_dtype(x_in);
   auto acc = acc_type(x_in);
   int64_t n = x_in.size(0), c = x_in.size(1), k = fc1_rows(w1s);
@@ -513,19 +575,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
     identity = same_walk(*identity_in, xv);
     iv = *view_of(*identity);
   }
-  Options o{act, gate_code, residual, relu_out};
+  Options o{act, gate_code, residual, relu_out, prologue_act};
+  auto run = [&](auto storage, auto accumulation) {
+    using T = decltype(storage);
+    using A = decltype(accumulation);
+    forward_typed<T, A>(x, xv, identity, iv, y, yv, weights_by_rows<A>(w1s, b1s, w2, b2),
+                        prologue_values<A>(c, prologue_scale, prologue_shift, prologue_act), z,
+                        p, u, o);
+  };
   switch (x.scalar_type()) {
-    case at::kDouble:
-      forward_typed<double, double>(x, xv, identity, iv, y, yv,
-                                    weights_by_rows<double>(w1s, b1s, w2, b2), z, p, u, o);
-      break;
-    case at::kBFloat16:
-      forward_typed<Bf16, float>(x, xv, identity, iv, y, yv,
-                                 weights_by_rows<float>(w1s, b1s, w2, b2), z, p, u, o);
-      break;
-    default:
-      forward_typed<float, float>(x, xv, identity, iv, y, yv,
-                                  weights_by_rows<float>(w1s, b1s, w2, b2), z, p, u, o);
+    case at::kDouble: run(double{}, double{}); break;
+    case at::kBFloat16: run(Bf16{}, float{}); break;
+    default: run(float{}, float{});
   }
   return {y, z, p, u};
 }
@@ -534,13 +595,17 @@ template <typename T, typename A>
 void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const View& xv,
                     const optional<Tensor>& y, const View& yv, const Tensor& dx, const View& dxv,
                     const optional<Tensor>& d_identity, const View& div, const Weights<A>& w,
+                    const PrologueValues<A>& pro, A* d_pro_scale, A* d_pro_shift,
                     const Tensor& p, const Tensor& u, const Tensor& du, const Tensor& dp,
                     const Options& o) {
   int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.k;
   int64_t chunk = samples_per_chunk(x);
   const auto& kern = pass_kernels<T, A>();
   bool write_id = d_identity.has_value();
-  Tensor ds = at::empty({chunk, c}, u.options());
+  // per sample: sum g' * x', then (with prologue gradients) the PrologueSum sums
+  bool pro_sums = d_pro_scale != nullptr;
+  int64_t values = pro_sums ? 1 + kPrologueSums : 1;
+  Tensor sums = at::empty({chunk, values, c}, u.options());
   Tensor dh = at::empty({chunk, k}, u.options());
   Tensor dz = at::empty({chunk, c}, u.options());
   auto rows_at = [&](int64_t sample, int64_t r0, int64_t rows) {
@@ -554,20 +619,25 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
   };
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     int64_t count = std::min(chunk, n - n0);
-    A* dsp = data<A>(ds);
-    // ds = sum g' * x, per channel
-    channel_sums(xv, count, c, hw, sizeof(T), dsp,
+    // ds = sum g' * x', per channel
+    channel_sums(xv, count, c, hw, sizeof(T), data<A>(sums),
                  [&](int64_t i, int64_t p0, int64_t pixels, int64_t c0, int64_t width, A* dst) {
                    if (xv.pixels) {
                      GradRows<T> t = rows_at(n0 + i, p0, pixels);
-                     kern.grad_dot_pixels(t, dst, o.relu_out);
+                     if (pro.present) kern.prologue_grad_dot_pixels(t, dst, c, o.relu_out,
+                                                                    pro.from(0), pro_sums);
+                     else kern.grad_dot_pixels(t, dst, o.relu_out);
                    } else {
-                     kern.grad_dot_rows(rows_at(n0 + i, c0, width), dst, o.relu_out);
+                     GradRows<T> t = rows_at(n0 + i, c0, width);
+                     if (pro.present) kern.prologue_grad_dot_rows(t, dst, c, o.relu_out,
+                                                                  pro.from(c0), pro_sums);
+                     else kern.grad_dot_rows(t, dst, o.relu_out);
                    }
-                 });
+                 }, values);
+    Tensor ds = sums.narrow(0, 0, count).select(1, 0);
     Tensor u_c = u.narrow(0, n0, count), p_c = p.narrow(0, n0, count);
     Tensor s = gate(u_c, o.gate);
-    du.narrow(0, n0, count).copy_(gate_backward(ds.narrow(0, 0, count), u_c, s, o.gate));
+    du.narrow(0, n0, count).copy_(gate_backward(ds, u_c, s, o.gate));
     if (w.has_fc2()) {
       linear_backward_input<A>(data<A>(du) + n0 * c, count, c, w.w2_rows.data(), k,
                                data<A>(dh));
@@ -581,9 +651,27 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
     A* shift = data<A>(dz);
     for (int64_t i = 0; i < count * c; ++i) shift[i] /= static_cast<A>(hw);
     const A* scale_p = data<A>(scale);
+    if (pro_sums) {
+      // dx' = g' * scale + shift, and the prologue's gradients are sums of dx' * act'(v) * x
+      // and of dx' * act'(v): each a combination of the sums taken with ds
+      for (int64_t i = 0; i < count; ++i) {
+        const A* sum = data<A>(sums) + i * values * c;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          A a = scale_p[i * c + ch], b = shift[i * c + ch];
+          auto at = [&](int64_t kind) { return sum[(1 + kind) * c + ch]; };
+          d_pro_scale[ch] += a * at(kGradActX) + b * at(kActX);
+          d_pro_shift[ch] += a * at(kGradAct) + b * at(kAct);
+        }
+      }
+    }
     for_rows(xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
       GradRows<T> t = rows_at(n0 + i, r0, rows);
-      if (xv.pixels) {
+      if (pro.present) {
+        if (xv.pixels) kern.prologue_grad_input_pixels(t, scale_p + i * c, shift + i * c,
+                                                       o.relu_out, write_id, pro.from(0));
+        else kern.prologue_grad_input_rows(t, scale_p + i * c + r0, shift + i * c + r0,
+                                           o.relu_out, write_id, pro.from(r0));
+      } else if (xv.pixels) {
         kern.grad_input_pixels(t, scale_p + i * c, shift + i * c, o.relu_out, write_id);
       } else {
         kern.grad_input_rows(t, scale_p + i * c + r0, shift + i * c + r0, o.relu_out, write_id);
@@ -615,8 +703,10 @@ Tensor bias_grad(const Tensor& d) {
   return out;
 }
 
-using BackwardResult =
-    std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, Tensor, Tensor>;
+// dx, d_identity, d fc1 weights, d fc1 biases, d fc2 weight, d fc2 bias, d prologue scale,
+// d prologue shift (an unused gradient is an empty tensor)
+using BackwardResult = std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>,
+                                  Tensor, Tensor, Tensor, Tensor>;
 
 // Splits the rows of a stacked fc1 gradient (K, ...) back into one per branch matrix.
 std::vector<Tensor> per_branch(const Tensor& stacked, at::TensorList w1s, bool cast) {
@@ -633,12 +723,18 @@ BackwardResult cpu_backward(const Tensor& grad_in, const Tensor& x_in,
                             const optional<Tensor>& y_in, at::TensorList w1s,
                             const optional<Tensor>& w2,
                             const Tensor& z, const Tensor& p, const Tensor& u, int64_t act,
-                            int64_t gate_code, bool residual, bool relu_out, bool has_identity) {
+                            int64_t gate_code, bool residual, bool relu_out, bool has_identity,
+                            const optional<Tensor>& prologue_scale,
+                            const optional<Tensor>& prologue_shift, int64_t prologue_act,
+                            bool prologue_grads) {
   check_dtype(x_in);
   auto acc = acc_type(x_in);
   int64_t n = x_in.size(0), c = x_in.size(1), k = fc1_rows(w1s);
   bool write_id = has_identity && relu_out;
   Tensor du = at::empty({n, c}, u.options()), dp = at::empty({n, k}, p.options());
+  bool pro_grads = prologue_grads && (prologue_scale || prologue_shift);
+  Tensor d_pro_scale = at::zeros({pro_grads ? c : 0}, u.options());
+  Tensor d_pro_shift = at::zeros({pro_grads ? c : 0}, u.options());
   Tensor dx = output_like(x_in);
   optional<Tensor> d_identity = write_id ? optional<Tensor>(output_like(x_in)) : std::nullopt;
   if (n > 0) {
@@ -649,22 +745,20 @@ BackwardResult cpu_backward(const Tensor& grad_in, const Tensor& x_in,
     optional<Tensor> y = relu_out ? optional<Tensor>(same_walk(*y_in, xv)) : std::nullopt;
     View gv = *view_of(grad), yv = y ? *view_of(*y) : xv;
     View div = d_identity ? *view_of(*d_identity) : xv;
-    Options o{act, gate_code, residual, relu_out};
+    Options o{act, gate_code, residual, relu_out, prologue_act};
+    auto run = [&](auto storage, auto accumulation) {
+      using T = decltype(storage);
+      using A = decltype(accumulation);
+      backward_typed<T, A>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div,
+                           weights_by_rows<A>(w1s, {}, w2, std::nullopt),
+                           prologue_values<A>(c, prologue_scale, prologue_shift, prologue_act),
+                           pro_grads ? data<A>(d_pro_scale) : nullptr,
+                           pro_grads ? data<A>(d_pro_shift) : nullptr, p, u, du, dp, o);
+    };
     switch (x.scalar_type()) {
-      case at::kDouble:
-        backward_typed<double, double>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div,
-                                       weights_by_rows<double>(w1s, {}, w2, std::nullopt), p, u,
-                                       du, dp, o);
-        break;
-      case at::kBFloat16:
-        backward_typed<Bf16, float>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div,
-                                    weights_by_rows<float>(w1s, {}, w2, std::nullopt), p, u, du,
-                                    dp, o);
-        break;
-      default:
-        backward_typed<float, float>(grad, gv, x, xv, y, yv, dx, dxv, d_identity, div,
-                                     weights_by_rows<float>(w1s, {}, w2, std::nullopt), p, u, du,
-                                     dp, o);
+      case at::kDouble: run(double{}, double{}); break;
+      case at::kBFloat16: run(Bf16{}, float{}); break;
+      default: run(float{}, float{});
     }
   }
   bool wide = acc == at::kDouble;
@@ -677,7 +771,7 @@ BackwardResult cpu_backward(const Tensor& grad_in, const Tensor& x_in,
     db2 = wide ? bias_grad<double>(du) : bias_grad<float>(du);
   }
   return {dx, d_identity ? *d_identity : Tensor(), per_branch(dw1, w1s, true),
-          per_branch(db1, w1s, false), dw2, db2};
+          per_branch(db1, w1s, false), dw2, db2, d_pro_scale, d_pro_shift};
 }
 
 // ------------------------------------------------------------------ autograd and ops
@@ -685,8 +779,10 @@ BackwardResult cpu_backward(const Tensor& grad_in, const Tensor& x_in,
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward_meta(
     const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-    bool, bool) {
-  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code);
+    bool, bool, const optional<Tensor>& prologue_scale, const optional<Tensor>& prologue_shift,
+    int64_t prologue_act) {
+  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code, prologue_scale, prologue_shift,
+                 prologue_act);
   auto acc = acc_type(x);
   int64_t n = x.size(0), c = x.size(1), k = fc1_rows(w1s);
   return {output_like(x), at::empty({n, c}, x.options().dtype(acc)),
@@ -696,27 +792,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward_meta(
 BackwardResult cpu_backward_meta(const Tensor&, const Tensor& x, const optional<Tensor>&,
                                  at::TensorList w1s, const optional<Tensor>& w2, const Tensor&,
                                  const Tensor& p, const Tensor& u, int64_t, int64_t, bool,
-                                 bool relu_out, bool has_identity) {
+                                 bool relu_out, bool has_identity,
+                                 const optional<Tensor>& prologue_scale,
+                                 const optional<Tensor>& prologue_shift, int64_t,
+                                 bool prologue_grads) {
   Tensor d_identity = has_identity && relu_out ? output_like(x) : Tensor();
   std::vector<Tensor> dw1, db1;
   for (const Tensor& w : w1s) {
     dw1.push_back(at::empty_like(w));
     db1.push_back(at::empty({w.size(0)}, p.options()));
   }
+  bool pro_grads = prologue_grads && (prologue_scale || prologue_shift);
+  Tensor d_pro = at::empty({pro_grads ? x.size(1) : 0}, u.options());
   if (!w2) return {output_like(x), d_identity, dw1, db1, at::empty({0}, u.options()),
-                   at::empty({0}, u.options())};
+                   at::empty({0}, u.options()), d_pro, at::empty_like(d_pro)};
   return {output_like(x), d_identity, dw1, db1, at::empty_like(*w2),
-          at::empty({w2->size(0)}, u.options())};
+          at::empty({w2->size(0)}, u.options()), d_pro, at::empty_like(d_pro)};
 }
+
+// The arguments of cpu_sae after the weights, as the autograd function passes them on.
+struct Config {
+  const optional<Tensor>& identity;
+  int64_t act, gate;
+  bool residual, relu_out;
+  const optional<Tensor>& prologue_scale;
+  const optional<Tensor>& prologue_shift;
+  int64_t prologue_act;
+};
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
     const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
-    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-    bool residual, bool relu_out) {
+    const optional<Tensor>& b2, const Config& f) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sae_kernels::cpu_forward", "")
                        .typed<decltype(cpu_forward)>();
-  return op.call(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out);
+  return op.call(x, w1s, b1s, w2, b2, f.identity, f.act, f.gate, f.residual, f.relu_out,
+                 f.prologue_scale, f.prologue_shift, f.prologue_act);
 }
 
 class SaeFunction : public torch::autograd::Function<SaeFunction> {
@@ -725,38 +836,53 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
                         at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
                         const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
-                        int64_t gate_code, bool residual, bool relu_out) {
+                        int64_t gate_code, bool residual, bool relu_out,
+                        const optional<Tensor>& prologue_scale,
+                        const optional<Tensor>& prologue_shift, int64_t prologue_act) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, z, p, u] = call_forward(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
-                                     relu_out);
-    std::vector<Tensor> saved{x, w2 ? *w2 : Tensor(), z, p, u, relu_out ? y : Tensor()};
+    Config f{identity, act, gate_code, residual, relu_out, prologue_scale, prologue_shift,
+             prologue_act};
+    auto [y, z, p, u] = call_forward(x, w1s, b1s, w2, b2, f);
+    auto given = [](const optional<Tensor>& t) { return t ? *t : Tensor(); };
+    std::vector<Tensor> saved{x,          given(w2), z, p, u, relu_out ? y : Tensor(),
+                              given(prologue_scale), given(prologue_shift)};
     saved.insert(saved.end(), w1s.begin(), w1s.end());
     ctx->save_for_backward(saved);
+    auto dtype = [](const optional<Tensor>& t) {
+      return t ? c10::IValue(t->scalar_type()) : c10::IValue();
+    };
+    auto needs_grad = [](const optional<Tensor>& t) { return t && t->requires_grad(); };
     ctx->saved_data["act"] = act;
     ctx->saved_data["gate"] = gate_code;
     ctx->saved_data["residual"] = residual;
     ctx->saved_data["relu_out"] = relu_out;
     ctx->saved_data["has_identity"] = identity.has_value();
     ctx->saved_data["b1_dtype"] = b1s.empty() ? c10::IValue() : c10::IValue(b1s[0].scalar_type());
-    ctx->saved_data["b2_dtype"] = b2 ? c10::IValue(b2->scalar_type()) : c10::IValue();
+    ctx->saved_data["b2_dtype"] = dtype(b2);
+    ctx->saved_data["prologue_act"] = prologue_act;
+    ctx->saved_data["prologue_grads"] = needs_grad(prologue_scale) || needs_grad(prologue_shift);
     return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    std::vector<Tensor> w1s(saved.begin() + 6, saved.end());
+    constexpr size_t kFirstBranch = 8;
+    std::vector<Tensor> w1s(saved.begin() + kFirstBranch, saved.end());
+    auto maybe = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
     bool relu_out = ctx->saved_data["relu_out"].toBool();
     bool has_identity = ctx->saved_data["has_identity"].toBool();
+    bool prologue_grads = ctx->saved_data["prologue_grads"].toBool();
+    const Tensor &pro_scale = saved[6], &pro_shift = saved[7];
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("sae_kernels::cpu_backward", "")
                          .typed<decltype(cpu_backward)>();
-    auto [dx, d_identity, dw1, db1, dw2, db2] =
-        op.call(grads[0], saved[0], relu_out ? optional<Tensor>(saved[5]) : std::nullopt, w1s,
-                saved[1].defined() ? optional<Tensor>(saved[1]) : std::nullopt, saved[2], saved[3],
-                saved[4], ctx->saved_data["act"].toInt(),
+    auto [dx, d_identity, dw1, db1, dw2, db2, d_pro_scale, d_pro_shift] =
+        op.call(grads[0], saved[0], relu_out ? maybe(saved[5]) : std::nullopt, w1s,
+                maybe(saved[1]), saved[2], saved[3], saved[4], ctx->saved_data["act"].toInt(),
                 ctx->saved_data["gate"].toInt(), ctx->saved_data["residual"].toBool(), relu_out,
-                has_identity);
+                has_identity, maybe(pro_scale), maybe(pro_shift),
+                ctx->saved_data["prologue_act"].toInt(), prologue_grads);
     torch::autograd::variable_list out{dx};
     out.insert(out.end(), dw1.begin(), dw1.end());
     auto b1_dtype = ctx->saved_data["b1_dtype"];
@@ -767,36 +893,49 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
     out.push_back(b2_dtype.isNone() ? Tensor() : db2.to(b2_dtype.toScalarType()));
     out.push_back(!has_identity ? Tensor() : relu_out ? d_identity : grads[0]);
     out.insert(out.end(), 4, Tensor());  // act, gate, residual, relu_out
+    auto prologue_grad = [&](const Tensor& given, const Tensor& grad) {
+      return given.defined() && prologue_grads ? grad.to(given.scalar_type()) : Tensor();
+    };
+    out.push_back(prologue_grad(pro_scale, d_pro_scale));
+    out.push_back(prologue_grad(pro_shift, d_pro_shift));
+    out.push_back(Tensor());  // prologue_act
     return out;
   }
 };
 
 bool any_requires_grad(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
-                       const optional<Tensor>& w2,
-                       const optional<Tensor>& b2, const optional<Tensor>& identity) {
+                       std::initializer_list<const optional<Tensor>*> optionals) {
   auto needs = [](const Tensor& t) { return t.requires_grad(); };
-  return needs(x) || (w2 && needs(*w2)) || (b2 && needs(*b2)) || (identity && needs(*identity)) ||
-         std::any_of(w1s.begin(), w1s.end(), needs) || std::any_of(b1s.begin(), b1s.end(), needs);
+  return needs(x) || std::any_of(w1s.begin(), w1s.end(), needs) ||
+         std::any_of(b1s.begin(), b1s.end(), needs) ||
+         std::any_of(optionals.begin(), optionals.end(),
+                     [&](const optional<Tensor>* t) { return *t && needs(**t); });
 }
 
 Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
-                    const optional<Tensor>& w2,
-                    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
-                    int64_t gate_code, bool residual, bool relu_out) {
-  if (!at::GradMode::is_enabled() || !any_requires_grad(x, w1s, b1s, w2, b2, identity)) {
+                    const optional<Tensor>& w2, const optional<Tensor>& b2,
+                    const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+                    bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
+                    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  if (!at::GradMode::is_enabled() ||
+      !any_requires_grad(x, w1s, b1s, {&w2, &b2, &identity, &prologue_scale, &prologue_shift})) {
     at::AutoDispatchBelowADInplaceOrView guard;  // inference: no graph node, nothing saved
-    return std::get<0>(call_forward(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
-                                    relu_out));
+    Config f{identity, act, gate_code, residual, relu_out, prologue_scale, prologue_shift,
+             prologue_act};
+    return std::get<0>(call_forward(x, w1s, b1s, w2, b2, f));
   }
-  return SaeFunction::apply(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out);
+  return SaeFunction::apply(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out,
+                            prologue_scale, prologue_shift, prologue_act);
 }
 
 Tensor sae_no_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
                        const optional<Tensor>& w2, const optional<Tensor>& b2,
                        const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-                       bool residual, bool relu_out) {
-  return std::get<0>(call_forward(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
-                                  relu_out));
+                       bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
+                       const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  Config f{identity, act, gate_code, residual, relu_out, prologue_scale, prologue_shift,
+           prologue_act};
+  return std::get<0>(call_forward(x, w1s, b1s, w2, b2, f));
 }
 
 std::string isa() { return kernels().isa; }
@@ -807,16 +946,20 @@ std::string isa() { return kernels().isa; }
 TORCH_LIBRARY_FRAGMENT(sae_kernels, m) {
   // fc1_weights: the branch matrices (rows of the stacked W1); fc1_biases: empty or one each;
   // fc2_weight None: the single-FC form (fc1 is C x C, u = p)
+  // prologue_*: x' = prologue_act(x * prologue_scale + prologue_shift) replaces x
   m.def("cpu_sae(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor? fc2_weight, "
-        "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out) "
+        "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out, "
+        "Tensor? prologue_scale=None, Tensor? prologue_shift=None, int prologue_act=0) "
         "-> Tensor");
   m.def("cpu_forward(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor? fc2_weight, "
-        "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out) "
+        "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out, "
+        "Tensor? prologue_scale=None, Tensor? prologue_shift=None, int prologue_act=0) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_backward(Tensor grad, Tensor x, Tensor? y, Tensor[] fc1_weights, "
         "Tensor? fc2_weight, Tensor z, Tensor p, Tensor u, int act, int gate, bool residual, "
-        "bool relu_out, bool has_identity) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor, "
-        "Tensor)");
+        "bool relu_out, bool has_identity, Tensor? prologue_scale=None, "
+        "Tensor? prologue_shift=None, int prologue_act=0, bool prologue_grads=False) "
+        "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &sae_cpu::isa);
 }
 

@@ -18,6 +18,24 @@ struct Epilogue {
   bool relu;
 };
 
+// The prologue x' = act(x * scale + shift), per channel, applied to x on the fly in every
+// pass (x' is never stored). Codes: indices into sae_kernels.options.PROLOGUE_ACTIVATIONS.
+enum PrologueAct : int64_t { kPrologueNone = 0, kPrologueRelu = 1, kPrologueSilu = 2,
+                             kPrologueHardswish = 3 };
+
+// scale and shift point at the values of the call's first row (NCHW: one value per row)
+// or first channel (channels_last: one value per element of a row).
+template <typename A>
+struct Prologue {
+  const A* scale;
+  const A* shift;
+  int64_t act;
+};
+
+// Per-channel sums the prologue's own gradients are made of (the gradient pass writes
+// them after the sum of g' * x'), with v = x * scale + shift and act' its derivative:
+enum PrologueSum : int64_t { kGradActX = 0, kActX = 1, kGradAct = 2, kAct = 3, kPrologueSums = 4 };
+
 // `rows` rows of `len` contiguous elements; row r of each tensor at ptr + r * stride.
 // NCHW: a row is one channel's H*W values. channels_last: a row is one pixel's C values.
 template <typename T>
@@ -61,6 +79,24 @@ struct PassKernels {
                           bool write_id);
   void (*grad_input_pixels)(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
                             bool write_id);
+
+  // The same passes with a prologue. The gradient sums write out[r] = sum g' * x' and,
+  // with `sums`, out[(1 + k) * sum_stride + r] for each PrologueSum k.
+  void (*prologue_sum_rows)(const T* x, int64_t rows, int64_t row_stride, int64_t len,
+                            const Prologue<A>& p, A* out);
+  void (*prologue_sum_pixels)(const T* x, int64_t pixels, int64_t pixel_stride, int64_t width,
+                              const Prologue<A>& p, A* out);
+  void (*prologue_rescale_rows)(const Rows<T>& t, const A* s, Epilogue e, const Prologue<A>& p);
+  void (*prologue_rescale_pixels)(const Rows<T>& t, const A* s, Epilogue e,
+                                  const Prologue<A>& p);
+  void (*prologue_grad_dot_rows)(const GradRows<T>& t, A* out, int64_t sum_stride, bool relu,
+                                 const Prologue<A>& p, bool sums);
+  void (*prologue_grad_dot_pixels)(const GradRows<T>& t, A* out, int64_t sum_stride, bool relu,
+                                   const Prologue<A>& p, bool sums);
+  void (*prologue_grad_input_rows)(const GradRows<T>& t, const A* scale, const A* shift,
+                                   bool relu, bool write_id, const Prologue<A>& p);
+  void (*prologue_grad_input_pixels)(const GradRows<T>& t, const A* scale, const A* shift,
+                                     bool relu, bool write_id, const Prologue<A>& p);
 };
 
 // The small FCs over a chunk of samples, in the accumulation type. A weight matrix

@@ -19,6 +19,7 @@ Triton strategies (kernels in ``kernels/sae_triton.py``):
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -182,3 +183,28 @@ def plan_launch(
         hw_chunk=hw_chunk,
         num_warps=8 if block_c * block_hw >= min(tile_elements, GPU_TILE_ELEMENTS) else 4,
     )
+
+
+#: Under torch.compile: ``"auto"`` (the rule of :func:`inductor_runs_composite`), ``"op"``
+#: (always the fused op) or ``"composite"`` (always the ATen composite).
+UNDER_COMPILE = ("auto", "op", "composite")
+
+
+def under_compile_setting() -> str:
+    setting = os.environ.get("SAE_KERNELS_UNDER_COMPILE", "auto")
+    if setting not in UNDER_COMPILE:
+        raise ValueError(f"SAE_KERNELS_UNDER_COMPILE must be one of {', '.join(UNDER_COMPILE)}, "
+                         f"got {setting!r}")
+    return setting
+
+
+def inductor_runs_composite(x: torch.Tensor, k: int) -> bool:
+    """Whether a call being traced by torch.compile is traced as the operator's ATen
+    composite (``reference.composite``) instead of the opaque fused op, so that inductor
+    fuses the pool and the rescale with the ops around them."""
+    if not torch.compiler.is_compiling():
+        return False
+    setting = under_compile_setting()
+    if setting != "auto":
+        return setting == "composite"
+    return True

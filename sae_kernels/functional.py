@@ -4,8 +4,8 @@
 import torch
 
 from . import ops
-from .dispatch import check_strategy, resolve_backend
-from .options import ACTIVATIONS, GATES, check_operands
+from .dispatch import check_strategy, inductor_runs_composite, resolve_backend
+from .options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS, check_operands
 from .reference import composite
 
 
@@ -23,24 +23,32 @@ def sae(
     act_out: str = "none",
     backend: str = "auto",
     strategy: str = "auto",
+    prologue_scale: torch.Tensor | None = None,
+    prologue_shift: torch.Tensor | None = None,
+    prologue_act: str = "none",
 ) -> torch.Tensor:
     """``act_out(x * s [+ x] [+ identity])`` with ``s = gate(W2 act(W1 mean_hw(x) + b1) + b2)``.
 
     ``fc1_weight`` stacks the branch matrices row-wise (K, C); ``fc2_weight`` is (C, K),
     or None for the single-FC form ``s = gate(W1 mean_hw(x) + b1)`` with W1 (C, C); the
-    rules on shapes and dtypes are those of ``options.check_operands``. ``backend``
+    rules on shapes and dtypes are those of ``options.check_operands``. The prologue,
+    ``x = prologue_act(x * prologue_scale + prologue_shift)`` per channel, is applied on
+    the fly (a normalisation and activation absorbed into the operator). ``backend``
     and ``strategy`` are described in ``dispatch``. Differentiable in every tensor.
     """
-    check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out)
+    check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out,
+                   prologue_scale, prologue_shift, prologue_act)
     check_strategy(strategy)
     backend = resolve_backend(backend, x.device, x.dtype)
-    if backend == "reference":
+    if backend == "reference" or inductor_runs_composite(x, fc1_weight.shape[0]):
         return composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
-                         residual, act_out)
+                         residual, act_out, prologue_scale, prologue_shift, prologue_act)
     if backend == "cpu":
         fc1_biases = [] if fc1_bias is None else [fc1_bias]
         return torch.ops.sae_kernels.cpu_sae(x, [fc1_weight], fc1_biases, fc2_weight, fc2_bias,
                                              identity, ACTIVATIONS.index(act), GATES.index(gate),
-                                             residual, act_out == "relu")
+                                             residual, act_out == "relu", prologue_scale,
+                                             prologue_shift,
+                                             PROLOGUE_ACTIVATIONS.index(prologue_act))
     return ops.sae_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
                            residual, act_out, strategy)[0]

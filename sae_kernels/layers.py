@@ -6,7 +6,8 @@ import torch
 from .dispatch import CPU_DTYPES, check_backend, check_strategy
 from .functional import sae
 from .kernels import cpu as cpu_kernels
-from .options import ACTIVATIONS, GATES
+from .options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS
+from .prologue import AbsorbedNorm
 from .reference import EffectiveSE, SaE
 
 
@@ -15,10 +16,31 @@ def _straight_to_cpu_op(backend: str, x: torch.Tensor) -> bool:
     itself, so on small maps the Python checks (and even nn.Module's attribute lookups,
     ~0.7 us each) are kept off the path."""
     return (backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
-            and cpu_kernels.available())
+            and not torch.compiler.is_compiling() and cpu_kernels.available())
 
 
-class FusedSaE(SaE):
+class _Prologue:
+    """What a fused block needs to apply an absorbed normalisation as its prologue."""
+
+    #: the AbsorbedNorm whose output this block consumes; None: no prologue
+    prologue_norm: AbsorbedNorm | None = None
+
+    def absorb_prologue(self, norm: AbsorbedNorm) -> None:
+        """Apply ``norm`` (and its activation) to x in this block's own passes whenever
+        ``norm`` passes x through. ``norm`` stays where it is in the model (and in the
+        state_dict); this block only reads it."""
+        if not isinstance(norm, AbsorbedNorm):
+            raise TypeError(f"expected an AbsorbedNorm, got {type(norm).__name__}")
+        self.__dict__["prologue_norm"] = norm  # not a submodule: no second state_dict entry
+
+    def _prologue_args(self) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+        norm = self.prologue_norm
+        if norm is None or not norm.absorbed:
+            return None, None, "none"
+        return (*norm.scale_shift(), norm.act)
+
+
+class FusedSaE(_Prologue, SaE):
     """Drop-in for :class:`~sae_kernels.reference.SaE`: same arguments, parameters and
     state_dict, forward through the fused operator.
 
@@ -77,6 +99,7 @@ class FusedSaE(SaE):
         return self._fc1_cache[1], self._fc1_cache[2]
 
     def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        scale, shift, prologue_act = self._prologue_args()
         if _straight_to_cpu_op(self.backend, x):
             # the branch matrices are read in place, through the parameter dicts
             branches = [m._parameters for m in self._modules["branches"]._modules.values()]
@@ -84,13 +107,15 @@ class FusedSaE(SaE):
             biases = [b["bias"] for b in branches] if excite["bias"] is not None else []
             return torch.ops.sae_kernels.cpu_sae(
                 x, [b["weight"] for b in branches], biases, excite["weight"], excite["bias"],
-                identity, *self._cpu_options)
+                identity, *self._cpu_options, scale, shift,
+                PROLOGUE_ACTIVATIONS.index(prologue_act))
         cached = (self.cardinality > 1 and not torch.is_grad_enabled()
                   and not torch.compiler.is_compiling())
         fc1_weight, fc1_bias = self._inference_fc1() if cached else self.stacked_fc1()
         return sae(x, fc1_weight, fc1_bias, self.excite.weight, self.excite.bias, identity,
                    act=self.act, gate=self.gate, residual=self.residual, act_out=self.act_out,
-                   backend=self.backend, strategy=self.strategy)
+                   backend=self.backend, strategy=self.strategy, prologue_scale=scale,
+                   prologue_shift=shift, prologue_act=prologue_act)
 
 
 class FusedSE(FusedSaE):
@@ -113,7 +138,7 @@ class FusedSE(FusedSaE):
                          backend, strategy)
 
 
-class FusedEffectiveSE(EffectiveSE):
+class FusedEffectiveSE(_Prologue, EffectiveSE):
     """Drop-in for :class:`~sae_kernels.reference.EffectiveSE` (one C -> C FC and a gate):
     the operator's single-FC form. ``backend`` and ``strategy`` as in :class:`FusedSaE`."""
 
@@ -141,9 +166,12 @@ class FusedEffectiveSE(EffectiveSE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc = self._modules["fc"]._parameters
+        scale, shift, prologue_act = self._prologue_args()
         if _straight_to_cpu_op(self.backend, x):
             biases = [] if fc["bias"] is None else [fc["bias"]]
             return torch.ops.sae_kernels.cpu_sae(x, [fc["weight"]], biases, None, None, None, 0,
-                                                 self._gate_code, False, False)
+                                                 self._gate_code, False, False, scale, shift,
+                                                 PROLOGUE_ACTIVATIONS.index(prologue_act))
         return sae(x, fc["weight"], fc["bias"], None, None, gate=self.gate,
-                   backend=self.backend, strategy=self.strategy)
+                   backend=self.backend, strategy=self.strategy, prologue_scale=scale,
+                   prologue_shift=shift, prologue_act=prologue_act)

@@ -15,6 +15,9 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "silu", "hardswish", "gelu")
 GATES: tuple[str, ...] = ("sigmoid", "hardsigmoid")
 #: Activation applied to the whole output (the SE-ResNet block tail).
 OUTPUT_ACTIVATIONS: tuple[str, ...] = ("none", "relu")
+#: Activation of the prologue ``x' = act(x * prologue_scale + prologue_shift)`` (a
+#: normalisation and activation absorbed before the SE); the index is the kernels' code.
+PROLOGUE_ACTIVATIONS: tuple[str, ...] = ("none", "relu", "silu", "hardswish")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -72,18 +75,23 @@ def check_operands(
     act: str,
     gate: str,
     act_out: str,
+    prologue_scale: torch.Tensor | None = None,
+    prologue_shift: torch.Tensor | None = None,
+    prologue_act: str = "none",
 ) -> None:
     """Raise TypeError/ValueError naming the first problem with the operands.
 
     Shapes: ``x`` (N, C, H, W) with H*W >= 1; ``fc1_weight`` (K, C) — the branch
     matrices stacked row-wise; ``fc1_bias`` (K,); ``fc2_weight`` (C, K);
-    ``fc2_bias`` (C,); ``identity`` like ``x``. ``fc2_weight=None`` is the single-FC
-    form ``s = gate(fc1(z))`` (effective SE): fc1 is then (C, C), there is no fc2 bias,
-    and ``act`` is not used.
+    ``fc2_bias`` (C,); ``identity`` like ``x``; ``prologue_scale`` and
+    ``prologue_shift`` (C,). ``fc2_weight=None`` is the single-FC form
+    ``s = gate(fc1(z))`` (effective SE): fc1 is then (C, C), there is no fc2 bias, and
+    ``act`` is not used.
     """
     check_name("act", act, ACTIVATIONS)
     check_name("gate", gate, GATES)
     check_name("act_out", act_out, OUTPUT_ACTIVATIONS)
+    check_name("prologue_act", prologue_act, PROLOGUE_ACTIVATIONS)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _check_float("x", x)
@@ -103,12 +111,19 @@ def check_operands(
         named["fc2_bias"] = fc2_bias
     if identity is not None:
         named["identity"] = identity
+    if prologue_scale is not None:
+        named["prologue_scale"] = prologue_scale
+    if prologue_shift is not None:
+        named["prologue_shift"] = prologue_shift
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         _check_float(name, t)
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for name in ("prologue_scale", "prologue_shift"):
+        if name in named and tuple(named[name].shape) != (c,):
+            raise ValueError(f"{name} must have shape (C={c},), got {tuple(named[name].shape)}")
     if fc1_weight.dim() != 2 or fc1_weight.shape[1] != c:
         raise ValueError(
             f"x has {c} channels but fc1_weight has shape {tuple(fc1_weight.shape)}; "

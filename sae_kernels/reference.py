@@ -17,6 +17,7 @@ from .options import (
     ACTIVATIONS,
     GATES,
     OUTPUT_ACTIVATIONS,
+    PROLOGUE_ACTIVATIONS,
     check_cardinality,
     check_name,
     check_operands,
@@ -47,20 +48,38 @@ def sae_reference(
     gate: str = "sigmoid",
     residual: bool = False,
     act_out: str = "none",
+    prologue_scale: torch.Tensor | None = None,
+    prologue_shift: torch.Tensor | None = None,
+    prologue_act: str = "none",
 ) -> torch.Tensor:
     """The operator as a composite of PyTorch ops, on stacked branch weights.
 
     ``concat_i(act(W1_i z + b1_i)) == act(W1_stack z + b1_stack)``, so the branches
     are one Linear over the row-stacked matrices (see ``check_operands`` for shapes).
+    With a prologue, ``x' = prologue_act(x * prologue_scale + prologue_shift)`` (per
+    channel) takes the place of x everywhere.
     """
-    check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out)
+    check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out,
+                   prologue_scale, prologue_shift, prologue_act)
     return composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
-                     residual, act_out)
+                     residual, act_out, prologue_scale, prologue_shift, prologue_act)
+
+
+def prologue(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+             act: str) -> torch.Tensor:
+    """``act(x * scale + shift)`` with per-channel scale and shift, in x's dtype."""
+    if scale is not None:
+        x = x * scale.to(x.dtype)[:, None, None]
+    if shift is not None:
+        x = x + shift.to(x.dtype)[:, None, None]
+    return x if act == "none" else TORCH_ACTIVATIONS[act](x)
 
 
 def composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, residual,
-              act_out) -> torch.Tensor:
+              act_out, prologue_scale=None, prologue_shift=None,
+              prologue_act="none") -> torch.Tensor:
     """:func:`sae_reference` on operands already validated."""
+    x = prologue(x, prologue_scale, prologue_shift, prologue_act)
     p = F.linear(x.mean(dim=(2, 3)), fc1_weight, fc1_bias)
     u = p if fc2_weight is None else F.linear(TORCH_ACTIVATIONS[act](p), fc2_weight, fc2_bias)
     s = TORCH_GATES[gate](u)[:, :, None, None]
