@@ -702,6 +702,43 @@ void linear_backward_input(const A* d_out, int64_t batch, int64_t outs, const A*
       i_end);
 }
 
+// ---------------------------------------------------------------- act and gate
+
+// The branch activation over n values (codes: sae_kernels.options.ACTIVATIONS), as
+// PyTorch defines each: relu, silu, hardswish, and gelu(x) = x / 2 * (1 + erf(x / sqrt 2)).
+template <typename A>
+void activate(const A* in, int64_t n, int64_t act, A* out) {
+  auto each = [&](auto f) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = f(in[i]);
+  };
+  switch (act) {
+    case 0: return each([](A v) { return prologue_act<kPrologueRelu>(v); });
+    case 1: return each([](A v) { return prologue_act<kPrologueSilu>(v); });
+    case 2: return each([](A v) { return prologue_act<kPrologueHardswish>(v); });
+    default:
+      for (int64_t i = 0; i < n; ++i)
+        out[i] = in[i] * A(0.5) * (A(1) + std::erf(in[i] * A(0.70710678118654752440)));
+  }
+}
+
+// The excitation gate over n values (codes: sae_kernels.options.GATES): sigmoid, or
+// hardsigmoid(x) = clamp(x + 3, 0, 6) / 6.
+template <typename A>
+void gate(const A* in, int64_t n, int64_t g, A* out) {
+  if (g == 0) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = A(1) / (A(1) + exp_acc(-in[i]));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      A t = in[i] + A(3);
+      t = t < A(0) ? A(0) : t;
+      out[i] = (t > A(6) ? A(6) : t) / A(6);
+    }
+  }
+}
+
 template <typename T, typename A>
 PassKernels<T, A> pass_kernels() {
   return {sum_rows<T, A>,
@@ -724,7 +761,7 @@ PassKernels<T, A> pass_kernels() {
 
 template <typename A>
 FcKernels<A> fc_kernels() {
-  return {linear<A>, linear_backward_input<A>, outer_sum<A>};
+  return {linear<A>, linear_backward_input<A>, outer_sum<A>, activate<A>, gate<A>};
 }
 
 const KernelTable& table() {

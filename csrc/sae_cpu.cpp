@@ -26,6 +26,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -156,15 +157,6 @@ Tensor output_like(const Tensor& x) {
   return out;
 }
 
-Tensor activation(const Tensor& p, int64_t act) {
-  switch (act) {
-    case kRelu: return at::relu(p);
-    case kSilu: return at::silu(p);
-    case kHardswish: return at::hardswish(p);
-    default: return at::gelu(p);
-  }
-}
-
 Tensor activation_backward(const Tensor& grad, const Tensor& p, const Tensor& h, int64_t act) {
   switch (act) {
     case kRelu: return at::threshold_backward(grad, h, 0);
@@ -172,10 +164,6 @@ Tensor activation_backward(const Tensor& grad, const Tensor& p, const Tensor& h,
     case kHardswish: return at::hardswish_backward(grad, p);
     default: return at::gelu_backward(grad, p);
   }
-}
-
-Tensor gate(const Tensor& u, int64_t g) {
-  return g == kSigmoid ? at::sigmoid(u) : at::hardsigmoid(u);
 }
 
 Tensor gate_backward(const Tensor& grad, const Tensor& u, const Tensor& s, int64_t g) {
@@ -248,6 +236,34 @@ T* data(const Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+// `t` as a contiguous tensor of the accumulation type (itself where it already is one).
+template <typename A>
+Tensor as_acc(const Tensor& t) {
+  constexpr auto acc = c10::CppTypeToScalarType<A>::value;
+  return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
+}
+
+// act(p) and gate(u) of the small (rows, width) tensors of the accumulation type, by the
+// forward's own loops (kernels.h), so the backward sees the values the forward used.
+template <typename F>
+Tensor elementwise(const Tensor& in, const F& f) {
+  Tensor out = at::empty(in.sizes(), in.options());
+  Tensor src = in.contiguous();
+  if (in.scalar_type() == at::kDouble) f(fc_kernels<double>(), data<double>(src), data<double>(out));
+  else f(fc_kernels<float>(), data<float>(src), data<float>(out));
+  return out;
+}
+
+Tensor activation(const Tensor& p, int64_t act) {
+  return elementwise(p, [&](const auto& fc, auto in, auto out) {
+    fc.activate(in, p.numel(), act, out);
+  });
+}
+
+Tensor gate(const Tensor& u, int64_t g) {
+  return elementwise(u, [&](const auto& fc, auto in, auto out) { fc.gate(in, u.numel(), g, out); });
+}
+
 // Per-channel sums over the pixels of `count` samples: out[i * c + channel] for sample i.
 // sum(i, p0, pixels, c0, width, dst) writes the sums over pixels [p0, p0 + pixels) of
 // channels [c0, c0 + width) of sample i to dst[0, width).
@@ -310,13 +326,12 @@ struct PrologueValues {
 template <typename A>
 PrologueValues<A> prologue_values(int64_t c, const optional<Tensor>& scale,
                                   const optional<Tensor>& shift, int64_t act) {
-  constexpr auto acc = c10::CppTypeToScalarType<A>::value;
   PrologueValues<A> p;
   p.present = scale || shift || act != kPrologueNone;
   p.act = act;
   auto values = [&](const optional<Tensor>& t, A fill) {
-    if (!t) return std::vector<A>(c, fill);
-    Tensor v = t->to(acc).contiguous();
+    if (!t) return std::vector<A>(p.present ? c : 0, fill);
+    Tensor v = as_acc<A>(*t);
     return std::vector<A>(data<A>(v), data<A>(v) + c);
   };
   p.scale = values(scale, A(1));
@@ -402,7 +417,7 @@ int64_t fc1_rows(at::TensorList w1s) {
 
 template <typename A>
 void add_rows(const Tensor& w, std::vector<const A*>& rows, std::vector<Tensor>& keep) {
-  Tensor t = w.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  Tensor t = as_acc<A>(w);
   for (int64_t r = 0; r < t.size(0); ++r) rows.push_back(data<A>(t) + r * t.size(1));
   keep.push_back(std::move(t));
 }
@@ -410,42 +425,44 @@ void add_rows(const Tensor& w, std::vector<const A*>& rows, std::vector<Tensor>&
 template <typename A>
 Weights<A> weights_by_rows(at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
                            const optional<Tensor>& b2) {
-  constexpr auto acc = c10::CppTypeToScalarType<A>::value;
   Weights<A> w;
   for (const Tensor& t : w1s) add_rows<A>(t, w.w1_rows, w.keep);
   if (w2) add_rows<A>(*w2, w.w2_rows, w.keep);
   w.k = static_cast<int64_t>(w.w1_rows.size());
   for (const Tensor& b : b1s) {
-    Tensor t = b.to(acc).contiguous();
+    Tensor t = as_acc<A>(b);
     w.b1.insert(w.b1.end(), data<A>(t), data<A>(t) + t.numel());
   }
-  if (b2) w.b2 = b2->to(acc).contiguous();
+  if (b2) w.b2 = as_acc<A>(*b2);
   return w;
 }
 
+// The forward over x into y; z (N, C), p (N, K) and u (N, C) receive the pooled means,
+// the fc1 outputs and the gate inputs (the backward's saved values).
 template <typename T, typename A>
 void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& identity,
                    const View& iv, const Tensor& y, const View& yv, const Weights<A>& w,
-                   const PrologueValues<A>& pro, const Tensor& z, const Tensor& p,
-                   const Tensor& u, const Options& o) {
+                   const PrologueValues<A>& pro, A* z, A* p, A* u, const Options& o) {
   int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.k;
   int64_t chunk = samples_per_chunk(x);
   const auto& kern = pass_kernels<T, A>();
+  const auto& fc = fc_kernels<A>();
   Epilogue e{o.residual, identity.has_value(), o.relu_out};
+  std::vector<A> h(w.has_fc2() ? chunk * k : 0), s(chunk * c);
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     int64_t count = std::min(chunk, n - n0);
-    A* zc = data<A>(z) + n0 * c;
+    A* zc = z + n0 * c;
     pool<T, A>(x, xv, n0, count, pro, zc);
     for (int64_t i = 0; i < count * c; ++i) zc[i] /= static_cast<A>(hw);
-    linear<A>(zc, count, c, w.w1_rows.data(), w.b1_data(), data<A>(p) + n0 * k, k);
+    linear<A>(zc, count, c, w.w1_rows.data(), w.b1_data(), p + n0 * k, k);
     if (w.has_fc2()) {
-      Tensor h = activation(p.narrow(0, n0, count), o.act);
-      linear<A>(data<A>(h), count, k, w.w2_rows.data(), w.b2_data(), data<A>(u) + n0 * c, c);
+      fc.activate(p + n0 * k, count * k, o.act, h.data());
+      linear<A>(h.data(), count, k, w.w2_rows.data(), w.b2_data(), u + n0 * c, c);
     } else {
-      u.narrow(0, n0, count).copy_(p.narrow(0, n0, count));
+      std::copy(p + n0 * k, p + (n0 + count) * k, u + n0 * c);
     }
-    Tensor s = gate(u.narrow(0, n0, count), o.gate);
-    const A* sp = data<A>(s);
+    fc.gate(u + n0 * c, count * c, o.gate, s.data());
+    const A* sp = s.data();
     for_rows(xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
       int64_t sample = n0 + i;
       Rows<T> t{data<T>(x) + sample * xv.sample + r0 * xv.row, xv.row,
@@ -551,21 +568,16 @@ void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
-    const Tensor& x_in, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
-    const optional<Tensor>& b2, const optional<Tensor>& identity_in, int64_t act,
-    int64_t gate_code, bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
-    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
-  check_operands(x_in, w1s, b1s, w2, b2, identity_in, act, gate_code, prologue_scale,
-                 prologue_shift, prologue_act);
-  check_dtype(x_in);
-  auto acc = acc_type(x_in);
-  int64_t n = x_in.size(0), c = x_in.size(1), k = fc1_rows(w1s);
+// y for checked operands; the saved values (z, p, u: see forward_typed) go to `saved`
+// when given, else to scratch memory.
+Tensor run_forward(const Tensor& x_in, at::TensorList w1s, at::TensorList b1s,
+                   const optional<Tensor>& w2, const optional<Tensor>& b2,
+                   const optional<Tensor>& identity_in, const optional<Tensor>& prologue_scale,
+                   const optional<Tensor>& prologue_shift, const Options& o,
+                   const std::array<Tensor, 3>* saved) {
   Tensor y = output_like(x_in);
-  Tensor z = at::empty({n, c}, x_in.options().dtype(acc));
-  Tensor p = at::empty({n, k}, x_in.options().dtype(acc));
-  Tensor u = at::empty({n, c}, x_in.options().dtype(acc));
-  if (n == 0) return {y, z, p, u};
+  int64_t n = x_in.size(0), c = x_in.size(1), k = fc1_rows(w1s);
+  if (n == 0) return y;
   View yv = *view_of(y);
   Tensor x = same_walk(x_in, yv);
   View xv = *view_of(x);
@@ -575,12 +587,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
     identity = same_walk(*identity_in, xv);
     iv = *view_of(*identity);
   }
-  Options o{act, gate_code, residual, relu_out, prologue_act};
   auto run = [&](auto storage, auto accumulation) {
     using T = decltype(storage);
     using A = decltype(accumulation);
+    std::vector<A> scratch(saved ? 0 : n * (2 * c + k));
+    A* z = saved ? data<A>((*saved)[0]) : scratch.data();
+    A* p = saved ? data<A>((*saved)[1]) : z + n * c;
+    A* u = saved ? data<A>((*saved)[2]) : p + n * k;
     forward_typed<T, A>(x, xv, identity, iv, y, yv, weights_by_rows<A>(w1s, b1s, w2, b2),
-                        prologue_values<A>(c, prologue_scale, prologue_shift, prologue_act), z,
+                        prologue_values<A>(c, prologue_scale, prologue_shift, o.prologue_act), z,
                         p, u, o);
   };
   switch (x.scalar_type()) {
@@ -588,7 +603,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
     case at::kBFloat16: run(Bf16{}, float{}); break;
     default: run(float{}, float{});
   }
-  return {y, z, p, u};
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
+    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
+    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
+    int64_t gate_code, bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
+    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code, prologue_scale, prologue_shift,
+                 prologue_act);
+  check_dtype(x);
+  auto acc = x.options().dtype(acc_type(x));
+  int64_t n = x.size(0), c = x.size(1), k = fc1_rows(w1s);
+  std::array<Tensor, 3> saved{at::empty({n, c}, acc), at::empty({n, k}, acc),
+                              at::empty({n, c}, acc)};
+  Options o{act, gate_code, residual, relu_out, prologue_act};
+  Tensor y = run_forward(x, w1s, b1s, w2, b2, identity, prologue_scale, prologue_shift, o, &saved);
+  return {y, saved[0], saved[1], saved[2]};
+}
+
+// cpu_sae below autograd: the forward alone, nothing saved.
+Tensor cpu_infer(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                 const optional<Tensor>& w2, const optional<Tensor>& b2,
+                 const optional<Tensor>& identity, int64_t act, int64_t gate_code, bool residual,
+                 bool relu_out, const optional<Tensor>& prologue_scale,
+                 const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code, prologue_scale, prologue_shift,
+                 prologue_act);
+  check_dtype(x);
+  Options o{act, gate_code, residual, relu_out, prologue_act};
+  return run_forward(x, w1s, b1s, w2, b2, identity, prologue_scale, prologue_shift, o, nullptr);
 }
 
 template <typename T, typename A>
@@ -920,22 +965,23 @@ Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
   if (!at::GradMode::is_enabled() ||
       !any_requires_grad(x, w1s, b1s, {&w2, &b2, &identity, &prologue_scale, &prologue_shift})) {
     at::AutoDispatchBelowADInplaceOrView guard;  // inference: no graph node, nothing saved
-    Config f{identity, act, gate_code, residual, relu_out, prologue_scale, prologue_shift,
-             prologue_act};
-    return std::get<0>(call_forward(x, w1s, b1s, w2, b2, f));
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sae_kernels::cpu_sae", "")
+                         .typed<decltype(cpu_infer)>();
+    return op.call(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out,
+                   prologue_scale, prologue_shift, prologue_act);
   }
   return SaeFunction::apply(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out,
                             prologue_scale, prologue_shift, prologue_act);
 }
 
-Tensor sae_no_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
-                       const optional<Tensor>& w2, const optional<Tensor>& b2,
-                       const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-                       bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
-                       const optional<Tensor>& prologue_shift, int64_t prologue_act) {
-  Config f{identity, act, gate_code, residual, relu_out, prologue_scale, prologue_shift,
-           prologue_act};
-  return std::get<0>(call_forward(x, w1s, b1s, w2, b2, f));
+Tensor cpu_sae_meta(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                    const optional<Tensor>& w2, const optional<Tensor>& b2,
+                    const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+                    bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
+                    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  return std::get<0>(cpu_forward_meta(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
+                                      relu_out, prologue_scale, prologue_shift, prologue_act));
 }
 
 std::string isa() { return kernels().isa; }
@@ -964,13 +1010,13 @@ TORCH_LIBRARY_FRAGMENT(sae_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(sae_kernels, CPU, m) {
-  m.impl("cpu_sae", &sae_cpu::sae_no_autograd);
+  m.impl("cpu_sae", &sae_cpu::cpu_infer);
   m.impl("cpu_forward", &sae_cpu::cpu_forward);
   m.impl("cpu_backward", &sae_cpu::cpu_backward);
 }
 
 TORCH_LIBRARY_IMPL(sae_kernels, Meta, m) {
-  m.impl("cpu_sae", &sae_cpu::sae_no_autograd);
+  m.impl("cpu_sae", &sae_cpu::cpu_sae_meta);
   m.impl("cpu_forward", &sae_cpu::cpu_forward_meta);
   m.impl("cpu_backward", &sae_cpu::cpu_backward_meta);
 }

@@ -110,6 +110,9 @@ struct FcKernels {
                                 int64_t i_end);
   void (*outer_sum)(const A* a, int64_t batch, int64_t a_cols, const A* v, int64_t width, A* out,
                     int64_t m_begin, int64_t m_end);
+  // out[i] = act(in[i]) / gate(in[i]) for i < n (codes: options.ACTIVATIONS / GATES)
+  void (*activate)(const A* in, int64_t n, int64_t act, A* out);
+  void (*gate)(const A* in, int64_t n, int64_t gate, A* out);
 };
 
 struct KernelTable {

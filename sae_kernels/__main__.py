@@ -58,25 +58,29 @@ def _bench(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("sae-kernels bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads ({bench_report.cpu_name()})")
+    if args.models:
+        return _bench_models(args, device, where)
     if device.type == "cpu" and args.fused_backend == "triton":
         print("sae-kernels bench: the Triton kernels run on CPU only through Triton's "
               "interpreter, which is for correctness, not timing", file=sys.stderr)
         return 2
-    if args.full:
-        args.layouts, args.modes, args.rounds = list(bench.LAYOUTS), list(bench.MODES), 15
-    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
     try:
+        modes = _options("--modes", args.modes, bench.MODES, ["forward"])
+        variants = _options("--variants", args.variants, bench.VARIANTS, bench.VARIANTS)
+        if args.full:
+            args.layouts, modes, args.rounds = list(bench.LAYOUTS), list(bench.MODES), 15
         sites = ([bench.custom_site(s, args.reduction, args.cardinality) for s in args.shapes]
                  if args.shapes else resnet50_sites())
     except ValueError as e:
         print(f"sae-kernels bench: {e}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
     torch.manual_seed(0)
-    todo = bench.cases(sites, args.batch_sizes, args.layouts, args.modes)
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads ({bench_report.cpu_name()})")
+    todo = bench.cases(sites, args.batch_sizes or [1, 32], args.layouts, modes)
     environment = {"device": where, "torch": torch.__version__, "dtype": dtype_name,
                    "fused_backend": args.fused_backend, "rounds": args.rounds}
     print(f"{where}, torch {torch.__version__}, {dtype_name}, {args.rounds} interleaved "
@@ -85,7 +89,7 @@ def _bench(args) -> int:
     results, mode = [], None
     progress.show(0, "warming up")
     for done, result in enumerate(bench.run_cases(todo, bench.DTYPES[dtype_name], device,
-                                                  args.variants, args.fused_backend,
+                                                  variants, args.fused_backend,
                                                   args.rounds), start=1):
         progress.clear()
         if result.case.mode != mode:
@@ -109,34 +113,115 @@ def _bench(args) -> int:
     return 0
 
 
-def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from .tools.bench import DTYPES, LAYOUTS, MODES, VARIANTS
+def _bench_models(args, device, where: str) -> int:
+    """``bench --models``: whole networks end to end (``tools.model_bench``)."""
+    import torch
 
-    parser.add_argument("--shapes", nargs="+", metavar="CxHxW",
-                        help="measure these shapes (default: the SE sites of SE-ResNet-50 and "
-                             "SENetV2-ResNet-50)")
-    parser.add_argument("--reduction", type=int, default=16, help="of --shapes (default 16)")
-    parser.add_argument("--cardinality", type=int, default=1,
-                        help="branches of --shapes (default 1: SE)")
-    parser.add_argument("-n", "--batch-sizes", type=int, nargs="+", default=[1, 32],
-                        metavar="N", help="default: 1 32")
-    parser.add_argument("--dtype", choices=list(DTYPES),
-                        help="default: float32 on CPU, float16 on CUDA")
-    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["nchw"])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["forward"])
-    parser.add_argument("--variants", "--backends", nargs="+", choices=VARIANTS,
-                        default=list(VARIANTS), help="what to time (default: all)")
-    parser.add_argument("--fused-backend", default="auto", choices=["auto", "cpu", "triton",
-                                                                   "reference"])
+    from .tools import model_bench
+
+    try:
+        modes = _options("--modes", args.modes, model_bench.MODES, ["inference"])
+        variants = _options("--variants", args.variants, model_bench.VARIANTS,
+                            model_bench.VARIANTS)
+        models = [model_bench.build(name, args.image_size) for name in dict.fromkeys(args.models)]
+    except ValueError as e:  # profile.ProfileError included: an unknown model name
+        print(f"sae-kernels bench: {e}", file=sys.stderr)
+        return 2
+    notes = []
+    if "onnxruntime" in variants and (why := model_bench.onnxruntime_unavailable(device)):
+        variants.remove("onnxruntime")
+        notes.append(why)
+        print(why)
+    todo = [(model, n, mode) for mode in modes for model in models
+            for n in args.batch_sizes or model_bench.BATCH_SIZES]
+    environment = {"device": where, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "dtype": "float32", "image_size": args.image_size, "rounds": args.rounds,
+                   "variants": variants}
+    print(f"{where}, torch {torch.__version__}, float32, {args.rounds} interleaved rounds; "
+          f"median ms per step; speedups: the baseline's time over the variant's (above 1: "
+          f"faster)\n")
+    width = max(len("model"), *(len(model.name) for model in models))
+    print(model_bench.table_header(width), flush=True)
+    results = []
+    for done, (model, n, mode) in enumerate(todo, start=1):
+        print(f"[{done}/{len(todo)}] {model.name} N={n} {mode}: building, compiling, timing",
+              file=sys.stderr, flush=True)
+        try:
+            results.append(model_bench.run_case(model, n, mode, variants, args.rounds, device))
+        except ValueError as e:  # e.g. BatchNorm in training on one value per channel
+            print(f"sae-kernels bench: {model.name} N={n} {mode}: {e}", file=sys.stderr)
+            return 2
+        print(model_bench.format_row(results[-1], width), flush=True)
+    notes += [note for result in results for note in model_bench.format_notes(result)]
+    summary = model_bench.summarize(results)
+    if notes:
+        print("\n" + "\n".join(notes))
+    print("\n" + model_bench.format_summary(summary))
+    if args.json:
+        model_bench.write_json(args.json, environment, results, summary, notes)
+    if args.plot:
+        model_bench.plot(args.plot, results, where)
+    for path in filter(None, (args.json, args.plot)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _options(option: str, given: list[str] | None, allowed, default) -> list[str]:
+    """``given`` (``default`` if None), each checked against the mode's ``allowed`` values:
+    ``--modes`` and ``--variants`` take different values with and without ``--models``."""
+    if given is None:
+        return list(default)
+    if wrong := [value for value in given if value not in allowed]:
+        raise ValueError(f"{option} {' '.join(wrong)}: not a choice here "
+                         f"(choose from {', '.join(allowed)})")
+    return list(given)
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .tools import model_bench
+    from .tools.bench import DTYPES, LAYOUTS, MODES, VARIANTS
+    from .tools.profile import DEFAULT_IMAGE_SIZE
+
+    parser.add_argument("-n", "--batch-sizes", type=int, nargs="+", metavar="N",
+                        help="default: 1 32; with --models 1 8")
+    parser.add_argument("--modes", nargs="+", metavar="MODE",
+                        choices=[*MODES, *model_bench.MODES],
+                        help=f"{', '.join(MODES)} (default forward); with --models "
+                             f"{', '.join(model_bench.MODES)} (default inference)")
+    parser.add_argument("--variants", "--backends", nargs="+", metavar="VARIANT",
+                        choices=list(dict.fromkeys([*VARIANTS, *model_bench.VARIANTS])),
+                        help=f"what to time (default: all): {', '.join(VARIANTS)}; with "
+                             f"--models {', '.join(model_bench.VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=5,
                         help="interleaved rounds per case (default 5)")
-    parser.add_argument("--full", action="store_true",
-                        help="both layouts, both modes, 15 rounds (the README's table)")
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--csv", metavar="FILE", help="write the results as CSV")
-    parser.add_argument("--plot", metavar="FILE.png", help="plot speedups and floor ratios")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="plot the speedups (SE sites: and the floor ratios)")
+    sites = parser.add_argument_group("SE sites (without --models)")
+    sites.add_argument("--shapes", nargs="+", metavar="CxHxW",
+                       help="measure these shapes (default: the SE sites of SE-ResNet-50 and "
+                            "SENetV2-ResNet-50)")
+    sites.add_argument("--reduction", type=int, default=16, help="of --shapes (default 16)")
+    sites.add_argument("--cardinality", type=int, default=1,
+                       help="branches of --shapes (default 1: SE)")
+    sites.add_argument("--dtype", choices=list(DTYPES),
+                       help="default: float32 on CPU, float16 on CUDA")
+    sites.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["nchw"])
+    sites.add_argument("--fused-backend", default="auto", choices=["auto", "cpu", "triton",
+                                                                  "reference"])
+    sites.add_argument("--full", action="store_true",
+                       help="both layouts, both modes, 15 rounds (the README's table)")
+    sites.add_argument("--csv", metavar="FILE", help="write the results as CSV")
+    networks = parser.add_argument_group(
+        "whole networks", "eager, convert, torch.compile of each and onnxruntime, end to end, "
+                          "in fp32; the options above for SE sites do not apply")
+    networks.add_argument("--models", nargs="+", metavar="NAME",
+                          help="sae_kernels' se_resnet<depth> / senetv2_resnet<depth>, "
+                               "torchvision or timm names")
+    networks.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+                          help=f"input height and width (default {DEFAULT_IMAGE_SIZE})")
 
 
 def _build(args) -> int:

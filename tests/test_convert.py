@@ -1,6 +1,7 @@
 """convert(): every SE variant it knows, what it must leave alone, and real models."""
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -8,11 +9,15 @@ from torch import nn
 
 from helpers import assert_close_to_truth
 from sae_kernels import SE, FusedEffectiveSE, FusedSaE, FusedSE, SaE
+from sae_kernels.blocks import FusedResidualBlock
 from sae_kernels.convert import convert
+from sae_kernels.prologue import AbsorbedAct, AbsorbedNorm
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 from timm.layers import (  # noqa: E402
+    BlurPool2d,
+    DropBlock2d,
     EcaModule,
     EffectiveSEModule,
     GatherExcite,
@@ -20,6 +25,7 @@ from timm.layers import (  # noqa: E402
     SEModule,
 )
 from timm.layers.cbam import CbamModule  # noqa: E402
+from timm.models import resnet, senet  # noqa: E402
 from timm.models._efficientnet_blocks import SqueezeExcite  # noqa: E402
 from timm.models.hgnet import EseModule  # noqa: E402
 from timm.models.senet import SEModule as LegacySEModule  # noqa: E402
@@ -239,8 +245,12 @@ def test_real_models_in_fp32(source, name):
     """In fp32 (eval) the converted model is as accurate as the original: against the
     float64 original, at most twice the original's own fp32 error (measured: 0.95-1.26x)
     plus a few ulps of the output's scale."""
-    model = randomize(build(source, name)).eval()
-    x = torch.randn(2, 3, 64, 64)
+    assert_as_accurate_as_original(randomize(build(source, name)).eval(), torch.randn(2, 3, 64, 64))
+
+
+def assert_as_accurate_as_original(model: nn.Module, x: torch.Tensor) -> None:
+    """The converted fp32 ``model`` against the float64 original: at most twice the
+    original's own fp32 error plus a few ulps of the output's scale."""
     with torch.no_grad():
         truth = copy.deepcopy(model).double()(x.double())
         original = model(x)
@@ -248,3 +258,264 @@ def test_real_models_in_fp32(source, name):
     scale = truth.abs().max()
     own_error = (original.double() - truth).abs().max()
     assert (converted.double() - truth).abs().max() <= 2 * own_error + 2.0**-20 * scale
+
+
+# Residual tails: relu(se(y) + shortcut) in the fused SE's pass
+
+TAIL = ("shortcut add", "relu")
+
+
+def absorbs_tail(entry) -> bool:
+    """The block's tail is absorbed (after the normalisation before the SE, if that was)."""
+    return entry.absorbed[-len(TAIL):] == TAIL
+
+
+def downsample(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                         nn.BatchNorm2d(out_channels))
+
+
+def with_se(block: nn.Module, se: nn.Module) -> nn.Module:
+    block.se = se
+    return block
+
+
+#: One block of every class in BLOCK_REWRITES, with the optional parts their forward has.
+RESIDUAL_BLOCKS = {
+    "resnet_basic_aa_downsample": lambda: resnet.BasicBlock(
+        16, 32, stride=2, downsample=downsample(16, 32, 2), attn_layer="se", aa_layer=BlurPool2d),
+    "resnet_bottleneck_drop_block": lambda: resnet.Bottleneck(
+        32, 8, attn_layer="se", drop_block=partial(DropBlock2d, 0.2, 3)),
+    "resnet_basic_own_se": lambda: with_se(resnet.BasicBlock(16, 16), SE(16, reduction=4)),
+    "resnet_bottleneck_own_sae": lambda: with_se(
+        resnet.Bottleneck(32, 8), SaE(32, reduction=8, cardinality=2, residual=True)),
+    "senet_block": lambda: senet.SEResNetBlock(16, 16, groups=1, reduction=4),
+    "senet_bottleneck_downsample": lambda: senet.SEBottleneck(
+        32, 8, groups=4, reduction=4, stride=2, downsample=downsample(32, 32, 2)),
+    "senet_resnet_bottleneck": lambda: senet.SEResNetBottleneck(32, 8, groups=1, reduction=4),
+    "senet_resnext_bottleneck": lambda: senet.SEResNeXtBottleneck(
+        32, 8, groups=4, reduction=4, base_width=8),
+}
+
+
+def outputs_and_gradients(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Output, dx and every parameter's gradient (the same dropout and drop-path masks)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype))
+    return [y.detach(), x.grad, *(p.grad for p in model.parameters())]
+
+
+def assert_same_function(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> None:
+    """float64: output, dx and gradients equal up to summation order (the fused SE's
+    parameters are its block's, in the same order, as (K, C) matrices)."""
+    expected = outputs_and_gradients(original, x)
+    got = outputs_and_gradients(converted, x)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        # absolute error relative to the tensor's largest element: deep backward passes
+        # carry gradients of any scale
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(g.reshape(e.shape), e, rtol=1e-9, atol=1e-9 * scale)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("make", RESIDUAL_BLOCKS.values(), ids=RESIDUAL_BLOCKS.keys())
+def test_residual_block_tail_absorbed(make, train):
+    block = randomize(make()).double().train(train)
+    fused, report = convert(block)
+    assert type(fused) is FusedResidualBlock and fused.training == train
+    assert [c.path for c in report.converted] == [fused.layout.se]
+    assert absorbs_tail(report.converted[0])
+    assert fused.get_submodule(fused.layout.se).act_out == "relu"
+    assert_same_function(block, fused, torch.randn(2, block.conv1.in_channels, 8, 8,
+                                                   dtype=torch.float64))
+
+
+def state_dict_shapes_outside(model: nn.Module, se_paths: list[str]) -> list:
+    inside = tuple(f"{path}." for path in se_paths)
+    return [(key, value.shape) for key, value in model.state_dict().items()
+            if not key.startswith(inside)]
+
+
+@pytest.mark.parametrize("name", ["seresnet18", "seresnet50", "legacy_seresnet18"])
+def test_real_models_absorb_the_tails(name):
+    """Every block's tail in its SE; the same function (fp64), as accurate (fp32), the same
+    state_dict outside the SE blocks."""
+    model = randomize(build("timm", name)).double()
+    converted, report = convert(model)
+    assert len(report.converted) == sum(isinstance(m, SE_CLASSES) for m in model.modules())
+    assert all(absorbs_tail(c) and all(r.startswith("prologue: ") for r in c.not_absorbed)
+               for c in report.converted), str(report)
+    assert "(BatchNorm), shortcut add, relu" in str(report)
+    blocks = [m for m in converted.modules() if isinstance(m, FusedResidualBlock)]
+    assert len(blocks) == len(report.converted)
+    se_paths = [c.path for c in report.converted]
+    assert (state_dict_shapes_outside(converted, se_paths)
+            == state_dict_shapes_outside(model, se_paths))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for m in (model, converted):
+        m.eval()
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x_in = x.contiguous(memory_format=layout)
+            torch.testing.assert_close(converted(x_in), model(x_in), rtol=1e-9, atol=1e-9)
+    for m in (model, converted):
+        m.train()
+    assert_same_function(model, converted, x)
+    assert_as_accurate_as_original(randomize(build("timm", name)).eval(),
+                                   torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("block_args,reason", [
+    (dict(block_args=dict(attn_layer="se"), act_layer="silu"), "act2 is SiLU, not ReLU"),
+    (dict(block_args=dict(attn_layer="ese")), "the single-FC fused block takes no shortcut"),
+], ids=["silu", "effective_se"])
+def test_tail_left_outside_with_a_reason(block_args, reason):
+    model = randomize(timm.create_model("resnet18", **block_args)).double().eval()
+    converted, report = convert(model)
+    assert len(report.converted) == 8 and not report.skipped
+    assert all(c.absorbed == ("bn2 (BatchNorm)",) and c.not_absorbed == (f"block tail: {reason}",)
+               for c in report.converted), str(report)
+    assert f"not absorbed: block tail: {reason}" in str(report)
+    assert not any(isinstance(m, FusedResidualBlock) for m in converted.modules())
+    assert_same_function(model, converted, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+
+
+def test_drop_path_absorbed_when_converted_in_eval():
+    """Active in train mode, DropPath keeps the tail outside; converted in eval, the block
+    still applies it when trained later (then unfused)."""
+    model = randomize(timm.create_model("seresnet18", drop_path_rate=0.2)).double().train()
+    _, report = convert(model)
+    assert absorbs_tail(report.converted[0])  # the first block has no DropPath
+    assert all(c.not_absorbed == ("block tail: drop_path is active in train mode (it scales "
+                                  "the SE output per sample before the add)",)
+               for c in report.converted[1:]), str(report)
+    converted, report = convert(model.eval())
+    assert all(absorbs_tail(c) for c in report.converted)
+    # 64x64: at 32x32 the last stage's train-mode BatchNorm sees two values per channel
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_same_function(model, converted, x)
+    assert_same_function(model.train(), converted.train(), x)
+
+
+def test_residual_block_shared_frozen_modes_and_copy():
+    block = resnet.BasicBlock(16, 16, attn_layer="se")
+    model = nn.Sequential(block, block).train()
+    block.requires_grad_(False)
+    block.bn1.eval()  # a child in another mode than its block
+    converted, report = convert(model)
+    assert type(model[0]) is resnet.BasicBlock and type(model[0].se) is SEModule
+    assert converted[0] is converted[1] and type(converted[0]) is FusedResidualBlock
+    assert len(report.converted) == 1
+    fused = converted[0]
+    assert fused.training and fused.se.training and not fused.bn1.training
+    assert not any(p.requires_grad for p in converted.parameters())
+    same, _ = convert(model, inplace=True)
+    assert same is model and type(model[0]) is FusedResidualBlock
+
+
+def test_se_block_used_outside_its_block_keeps_the_tail():
+    block = resnet.BasicBlock(16, 16, attn_layer="se")
+    model = nn.Sequential(block, block.se)
+    converted, report = convert(model)
+    assert type(converted[0]) is resnet.BasicBlock and converted[0].se is converted[1]
+    assert [c.not_absorbed for c in report.converted] == [
+        ("block tail: the SE block is also used outside this block",)]
+
+
+def test_block_unlike_its_layout_keeps_the_tail():
+    block = resnet.BasicBlock(16, 16, attn_layer="se")
+    del block.aa  # as if from a timm version without anti-aliasing
+    converted, report = convert(block)
+    assert type(converted) is resnet.BasicBlock and type(converted.se) is FusedSE
+    assert report.converted[0].not_absorbed == (
+        "block tail: no attribute aa (a version of BasicBlock this layout does not describe)",
+        "prologue: BasicBlock could not be traced with torch.fx (AttributeError)")
+
+
+# Prologues: the BatchNorm (+ activation) feeding an SE, applied in the SE's passes
+
+PROLOGUE_MODELS = [("timm", "efficientnet_b0"), ("timm", "mobilenetv3_large_100"),
+                   ("timm", "regnety_016"), ("torchvision", "mobilenet_v3_large"),
+                   ("torchvision", "efficientnet_b0")]
+
+
+@pytest.mark.parametrize("source,name", PROLOGUE_MODELS, ids=lambda v: v)
+def test_real_models_absorb_the_normalisation(source, name):
+    """Every SE takes over the norm (+ act) before it; the state_dict keeps the original's
+    keys and shapes (checkpoints load strictly both ways); float64 eval, and training with
+    the norms frozen in eval (gradients through the prologue), give the same function."""
+    model = randomize(build(source, name)).double().eval()
+    converted, report = convert(model)
+    assert all(c.absorbed and "BatchNorm" in c.absorbed[0] for c in report.converted), str(report)
+    assert {k: v.shape for k, v in converted.state_dict().items()
+            if not k.startswith(tuple(f"{c.path}." for c in report.converted))} == {
+        k: v.shape for k, v in model.state_dict().items()
+        if not k.startswith(tuple(f"{c.path}." for c in report.converted))}
+    norms = [m for m in converted.modules() if isinstance(m, AbsorbedNorm)]
+    assert len(norms) == len(report.converted)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-9, atol=1e-9)
+    for m in (model, converted):  # fine-tuning with frozen statistics
+        m.train()
+        for norm in m.modules():
+            if isinstance(norm, (nn.BatchNorm2d, AbsorbedNorm)):
+                norm.eval()
+    assert all(norm.absorbed for norm in norms)
+    assert_same_function(model, converted, x)
+
+
+def test_absorbed_normalisation_in_fp32_and_train_mode():
+    """fp32 as accurate as the original; in train mode the norms use batch statistics
+    themselves (not absorbed) and update the same running statistics."""
+    model = randomize(build("timm", "efficientnet_b0")).eval()
+    assert_as_accurate_as_original(model, torch.randn(2, 3, 64, 64))
+    model = model.double().train()
+    converted = convert(model)[0]
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_same_function(model, converted, x)
+    for (key, value), expected in zip(converted.state_dict().items(),
+                                      model.state_dict().values(), strict=True):
+        if "running" in key:
+            torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+
+
+class NormActSE(nn.Module):
+    """conv -> BatchNorm -> ReLU -> SE, where ``reuse`` names a tensor used once more."""
+
+    def __init__(self, reuse: str | None) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        self.se = SEModule(16, rd_channels=4)
+        self.reuse = reuse
+
+    def forward(self, x):
+        normed = self.bn(self.conv(x))
+        acted = self.act(normed)
+        y = self.se(acted)
+        if self.reuse == "bn":
+            return y + normed
+        if self.reuse == "act":
+            return y + acted
+        return y
+
+
+@pytest.mark.parametrize("reuse", [None, "bn", "act"])
+def test_normalisation_with_another_consumer_stays(reuse):
+    """A norm or activation whose output is used besides the SE is left in place, with the
+    reason in the report; either way the function is unchanged."""
+    model = randomize(NormActSE(reuse)).double().eval()
+    converted, report = convert(model)
+    (entry,) = report.converted
+    if reuse is None:
+        assert entry.absorbed == ("bn (BatchNorm + relu)",) and not entry.not_absorbed
+        assert isinstance(converted.bn, AbsorbedNorm) and isinstance(converted.act, AbsorbedAct)
+    else:
+        assert not entry.absorbed
+        assert entry.not_absorbed == (f"prologue: {reuse} has 2 consumers, not only the SE",)
+        assert type(converted.bn) is nn.BatchNorm2d and type(converted.act) is nn.ReLU
+    assert_same_function(model, converted, torch.randn(2, 8, 6, 5, dtype=torch.float64))
