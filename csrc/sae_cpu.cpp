@@ -14,9 +14,11 @@
 //   cpu_sae       the differentiable operator (autograd below), returns y
 //   cpu_forward   y and the saved z (N, C), p (N, K), u (N, C)
 //   cpu_backward  dx, d_identity, and the weight and bias gradients
+//   cpu_copy_like_output  x copied into an output allocated as the operator's are
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -437,6 +439,15 @@ Weights<A> weights_by_rows(at::TensorList w1s, at::TensorList b1s, const optiona
   return w;
 }
 
+// A profiler range around one stage of the operator (sae_kernels::<name> in torch.profiler
+// and its traces); close to free while no profiler runs.
+struct Stage {
+  explicit Stage(std::string_view name) : guard(at::RecordScope::FUNCTION) {
+    if (guard.isActive()) guard.before(name);
+  }
+  at::RecordFunction guard;
+};
+
 // The forward over x into y; z (N, C), p (N, K) and u (N, C) receive the pooled means,
 // the fc1 outputs and the gate inputs (the backward's saved values).
 template <typename T, typename A>
@@ -452,17 +463,24 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     int64_t count = std::min(chunk, n - n0);
     A* zc = z + n0 * c;
-    pool<T, A>(x, xv, n0, count, pro, zc);
-    for (int64_t i = 0; i < count * c; ++i) zc[i] /= static_cast<A>(hw);
-    linear<A>(zc, count, c, w.w1_rows.data(), w.b1_data(), p + n0 * k, k);
-    if (w.has_fc2()) {
-      fc.activate(p + n0 * k, count * k, o.act, h.data());
-      linear<A>(h.data(), count, k, w.w2_rows.data(), w.b2_data(), u + n0 * c, c);
-    } else {
-      std::copy(p + n0 * k, p + (n0 + count) * k, u + n0 * c);
+    {
+      Stage stage("sae_kernels::pool");
+      pool<T, A>(x, xv, n0, count, pro, zc);
+      for (int64_t i = 0; i < count * c; ++i) zc[i] /= static_cast<A>(hw);
     }
-    fc.gate(u + n0 * c, count * c, o.gate, s.data());
+    {
+      Stage stage("sae_kernels::excitation");
+      linear<A>(zc, count, c, w.w1_rows.data(), w.b1_data(), p + n0 * k, k);
+      if (w.has_fc2()) {
+        fc.activate(p + n0 * k, count * k, o.act, h.data());
+        linear<A>(h.data(), count, k, w.w2_rows.data(), w.b2_data(), u + n0 * c, c);
+      } else {
+        std::copy(p + n0 * k, p + (n0 + count) * k, u + n0 * c);
+      }
+      fc.gate(u + n0 * c, count * c, o.gate, s.data());
+    }
     const A* sp = s.data();
+    Stage stage("sae_kernels::rescale");
     for_rows(xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
       int64_t sample = n0 + i;
       Rows<T> t{data<T>(x) + sample * xv.sample + r0 * xv.row, xv.row,
@@ -986,6 +1004,13 @@ Tensor cpu_sae_meta(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
 
 std::string isa() { return kernels().isa; }
 
+// A copy of x in a tensor allocated as the operator allocates its outputs (huge pages from
+// kHugePageMinBytes on): the benchmark's memory floor with the fused op's allocation.
+Tensor copy_like_output(const Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  return output_like(x).copy_(x);
+}
+
 }  // namespace
 }  // namespace sae_cpu
 
@@ -1007,10 +1032,12 @@ TORCH_LIBRARY_FRAGMENT(sae_kernels, m) {
         "Tensor? prologue_shift=None, int prologue_act=0, bool prologue_grads=False) "
         "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &sae_cpu::isa);
+  m.def("cpu_copy_like_output(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sae_kernels, CPU, m) {
   m.impl("cpu_sae", &sae_cpu::cpu_infer);
+  m.impl("cpu_copy_like_output", &sae_cpu::copy_like_output);
   m.impl("cpu_forward", &sae_cpu::cpu_forward);
   m.impl("cpu_backward", &sae_cpu::cpu_backward);
 }

@@ -224,6 +224,30 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                           help=f"input height and width (default {DEFAULT_IMAGE_SIZE})")
 
 
+def _stages(args) -> int:
+    import torch
+
+    from .tools import stages
+    from .tools.profile import ProfileError, build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    blocks = stages.resnet50_blocks()
+    try:
+        for name in args.models:
+            model, input_shape = build_model(name, args.image_size)
+            blocks += stages.model_blocks(model, input_shape)
+    except ProfileError as e:
+        print(f"sae-kernels stages: {e}", file=sys.stderr)
+        return 2
+    rows = stages.breakdown(blocks, args.n, args.rounds,
+                            progress=lambda site: print(f"  {site}", file=sys.stderr, flush=True))
+    print(f"CPU, {torch.get_num_threads()} threads, float32, N={args.n}, inference; "
+          "microseconds per call")
+    print(stages.format_rows(rows))
+    return 0
+
+
 def _build(args) -> int:
     from .kernels import cpu
 
@@ -260,6 +284,16 @@ def main(argv=None) -> int:
                                              "and after conversion")
     profile_tool.add_arguments(profile)
     profile.set_defaults(run=profile_tool.run)
+    stages = sub.add_parser("stages", help="the fused CPU op's time per stage and its fixed "
+                                           "cost, per SE site")
+    stages.add_argument("models", nargs="*", metavar="MODEL",
+                        help="timm / torchvision models whose SE sites to add to SE-ResNet-50's "
+                             "and SENetV2-ResNet-50's")
+    stages.add_argument("-n", type=int, default=1, help="batch size (default 1)")
+    stages.add_argument("--image-size", type=int, help="input size of the models")
+    stages.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
+    stages.add_argument("--threads", type=int, help="torch.set_num_threads")
+    stages.set_defaults(run=_stages)
     build = sub.add_parser("build", help="build the C++ CPU kernels now (else on first use)")
     build.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
     build.set_defaults(run=_build)

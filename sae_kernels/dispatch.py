@@ -67,6 +67,12 @@ GPU_MAX_CONTIGUOUS_BLOCK = 256
 INTERPRETER_PROFILE = DeviceProfile(sms=2, tile_elements=32768, max_contiguous_block=1024)
 
 
+#: The register limit of the prologue's kernels: all a thread can have. Without a limit,
+#: ptxas gives some of them 64 or 80 registers and spills a few bytes (for occupancy);
+#: with one it allocates what they need, spill-free.
+PROLOGUE_MAX_REGISTERS = 255
+
+
 #: The GPU planned for where none is present (reports, ahead-of-time compilation): an H100 SXM.
 H100 = DeviceProfile(132, GPU_TILE_ELEMENTS, GPU_MAX_CONTIGUOUS_BLOCK, l2_bytes=50 << 20)
 
@@ -119,9 +125,17 @@ class LaunchPlan:
     #: HW elements per program of the split grids (pool, rescale, backward).
     hw_chunk: int
     num_warps: int
+    #: ptxas's limit on registers per thread (``maxnreg``); None leaves the choice to ptxas.
+    max_registers: int | None = None
 
     def hw_chunks(self, hw: int) -> int:
         return triton_cdiv(hw, self.hw_chunk)
+
+    def launch_options(self) -> dict:
+        """The compile options of a launch: the warps, and the register limit when set."""
+        if self.max_registers is None:
+            return dict(num_warps=self.num_warps)
+        return dict(num_warps=self.num_warps, maxnreg=self.max_registers)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -150,16 +164,20 @@ def estimate_seconds(strategy: str, n: int, sample_bytes: int, sms: int) -> floa
 def plan_launch(
     n: int, c: int, hw: int, k: int, element_size: int, channels_last: bool,
     device: torch.device, strategy: str = "auto", profile: DeviceProfile | None = None,
+    prologue: bool = False,
 ) -> LaunchPlan:
     """Tiles follow the contiguous axis; the strategy follows the cost model.
 
-    ``profile`` overrides the device's (to plan for a GPU from a machine without one).
+    ``profile`` overrides the device's (to plan for a GPU from a machine without one);
+    ``prologue``: the kernels apply the operator's prologue to x.
     """
     check_strategy(strategy)
     profile = profile or device_profile(device)
-    # fp64 accumulates in fp64: half the elements per tile keep the registers per thread
+    # fp64 accumulates in fp64, and the prologue keeps more values live per element (its
+    # backward a second input stream and two sums): each halves the elements per tile,
+    # which keeps the registers per thread
     wide = element_size == 8
-    tile_elements = profile.tile_elements // 2 if wide else profile.tile_elements
+    tile_elements = profile.tile_elements // (2 if wide else 1) // (2 if prologue else 1)
     if channels_last:
         block_c = min(_pow2(c), profile.max_contiguous_block)
         block_hw = min(_pow2(hw), max(1, tile_elements // block_c))
@@ -182,11 +200,13 @@ def plan_launch(
         block_fc=min(_pow2(c), MAX_FC_BLOCK),
         hw_chunk=hw_chunk,
         num_warps=8 if block_c * block_hw >= min(tile_elements, GPU_TILE_ELEMENTS) else 4,
+        max_registers=PROLOGUE_MAX_REGISTERS if prologue else None,
     )
 
 
-#: Under torch.compile: ``"auto"`` (the rule of :func:`inductor_runs_composite`), ``"op"``
-#: (always the fused op) or ``"composite"`` (always the ATen composite).
+#: What torch.compile traces (``SAE_KERNELS_UNDER_COMPILE``): ``"auto"`` (the rule of
+#: :func:`inductor_runs_composite`), ``"op"`` (the fused op) or ``"composite"`` (the ATen
+#: composite).
 UNDER_COMPILE = ("auto", "op", "composite")
 
 
@@ -198,13 +218,24 @@ def under_compile_setting() -> str:
     return setting
 
 
-def inductor_runs_composite(x: torch.Tensor, k: int) -> bool:
-    """Whether a call being traced by torch.compile is traced as the operator's ATen
-    composite (``reference.composite``) instead of the opaque fused op, so that inductor
-    fuses the pool and the rescale with the ops around them."""
+def inductor_runs_composite(backend: str) -> bool:
+    """Whether a call on ``backend`` that torch.compile is tracing is traced as the
+    operator's ATen composite (``reference.composite``, prologue and epilogue included)
+    rather than as the opaque fused op.
+
+    The rule: the C++ CPU op yes, the Triton op no. On a CPU inductor generates the same
+    two passes over x from the composite (the pool with the prologue folded in, the
+    rescale with the epilogue) as vectorised loops of its own, fuses them with the ops
+    around the block, and runs the FCs as addmm; an opaque op would split its fusion
+    groups and cost a dispatch per call. Measured in the README (torch.compile section).
+    On a GPU the Triton op moves the same bytes in one or two launches where the
+    composite takes five or more (a reduction, two GEMMs, the act and gate kernels, the
+    rescale) and the neighbours it absorbs (prologue, shortcut and ReLU) are in it: by
+    the bytes-and-launches model of ``cost.py`` the op is the cheaper (a model, until a
+    GPU measures it)."""
     if not torch.compiler.is_compiling():
         return False
     setting = under_compile_setting()
     if setting != "auto":
         return setting == "composite"
-    return True
+    return backend == "cpu"

@@ -61,17 +61,21 @@ class AbsorbedNorm(nn.Module):
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The eval-mode affine ``(weight / sqrt(var + eps), bias - mean * scale)``; cached
-        while nothing needs its gradient and no tensor behind it changed."""
-        tensors = (self.weight, self.bias, self.running_mean, self.running_var)
-        differentiable = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors)
-        if differentiable or torch.compiler.is_compiling():
+        while nothing needs its gradient and no tensor behind it changed (read through the
+        parameter and buffer dicts: at N = 1 this runs on every call)."""
+        params, buffers = self._parameters, self._buffers
+        tensors = (params["weight"], params["bias"], buffers["running_mean"],
+                   buffers["running_var"])
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in tensors)):
             return self._scale_shift()
-        key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
-        if self._cache is None or self._cache[0] != key:
+        # the cache holds the tensors themselves, so that their ids cannot be reused
+        key = tuple((id(t), t._version) if t is not None else None for t in tensors)
+        cache = self._cache
+        if cache is None or cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, *self._scale_shift())
-        return self._cache[1], self._cache[2]
+                cache = self._cache = (key, *self._scale_shift(), tensors)
+        return cache[1], cache[2]
 
     def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale = torch.rsqrt(self.running_var + self.eps)

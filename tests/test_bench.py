@@ -12,12 +12,24 @@ from sae_kernels import FusedSaE, SaE
 from sae_kernels.__main__ import main
 from sae_kernels.cost import fc_flops, gpu_dram_bytes, sae_cost
 from sae_kernels.kernels import cpu as cpu_kernels
-from sae_kernels.tools.bench import VARIANTS, Case, case_operands, custom_site, variant_call
+from sae_kernels.tools.bench import (
+    VARIANTS,
+    Case,
+    VariantUnavailable,
+    case_operands,
+    custom_site,
+    variant_call,
+)
 from sae_kernels.tools.launches import count_launches
 from sae_kernels.tools.timing import Stats
 
 CPU = torch.device("cpu")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def variants_that_run() -> set[str]:
+    """The fair floor needs the C++ CPU kernels."""
+    return set(VARIANTS) if cpu_kernels.available() else set(VARIANTS) - {"fair_floor"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +54,10 @@ def test_quick_run_writes_json_csv_and_png(quick_run):
         rows = list(csv.DictReader(f))
     assert [r["mode"] for r in rows] == ["forward", "forward+backward"]
     assert float(rows[0]["fused_median_us"]) == data["results"][0]["latency_us"]["fused"]["median"]
+    if cpu_kernels.available():
+        assert float(rows[0]["fair_floor_ratio"]) == data["results"][0]["fair_floor_ratio"]
+        summary = data["summary"]["forward"]
+        assert summary["max fused/fair_floor"] == data["results"][0]["fair_floor_ratio"]
     assert paths["png"].read_bytes()[:8] == PNG_SIGNATURE
 
 
@@ -49,14 +65,16 @@ def test_json_fields_are_consistent(quick_run):
     _, paths = quick_run
     for r in json.loads(paths["json"].read_text())["results"]:
         latency = r["latency_us"]
-        assert set(latency) == set(VARIANTS)
+        assert set(latency) == variants_that_run()
         for stats in latency.values():
             assert 0 < stats["p20"] <= stats["median"] <= stats["p80"]
-        median = {v: latency[v]["median"] for v in VARIANTS}
+        median = {v: stats["median"] for v, stats in latency.items()}
         assert r["speedup_over_eager"] == pytest.approx(median["eager"] / median["fused"])
         assert r["speedup_over_compile"] == pytest.approx(median["compile"] / median["fused"])
         assert r["floor_ratio"] == pytest.approx(median["fused"] / median["floor"])
-        for v in VARIANTS:
+        if "fair_floor" in median:
+            assert r["fair_floor_ratio"] == pytest.approx(median["fused"] / median["fair_floor"])
+        for v in median:
             assert r["gbps"][v] == pytest.approx(r["bytes"] / (median[v] * 1e3))
         backward = r["mode"] == "forward+backward"
         cost = sae_cost(3, 19, 25, 2 * (19 // 4), 4, backward=backward)
@@ -66,7 +84,7 @@ def test_json_fields_are_consistent(quick_run):
         # FlopCounterMode, run on the eager and fused variants, agrees with the model
         assert r["flops"]["counted_matmul"] == {"eager": cost.matmul_flops,
                                                 "fused": cost.matmul_flops}
-        assert r["errors"] == {}
+        assert set(r["errors"]) == set(VARIANTS) - variants_that_run()
         assert r["fused_backend"] == ("cpu" if cpu_kernels.available() else "reference")
 
 
@@ -90,6 +108,36 @@ def test_a_subset_of_variants(tmp_path):
     assert set(result["latency_us"]) == {"eager", "fused"}
     assert result["speedup_over_eager"] > 0
     assert result["speedup_over_compile"] is None and result["floor_ratio"] is None
+    assert result["fair_floor_ratio"] is None and result["errors"] == {}
+
+
+def test_fair_floor_without_the_cpu_kernels_is_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    path = tmp_path / "no_kernels.json"
+    assert main(["bench", "--shapes", "8x3x3", "--reduction", "2", "-n", "1", "--rounds", "1",
+                 "--variants", "floor", "fair_floor", "--json", str(path)]) == 0
+    (result,) = json.loads(path.read_text())["results"]
+    assert set(result["latency_us"]) == {"floor"} and result["fair_floor_ratio"] is None
+    assert result["errors"] == {"fair_floor": "VariantUnavailable: needs the C++ CPU kernels, "
+                                              "which are not loaded"}
+    assert "fair_floor did not run: VariantUnavailable" in capsys.readouterr().out
+
+
+def test_fair_floor_is_skipped_off_cpu():
+    # meta tensors stand in for CUDA ones: the fair floor refuses any device but the CPU
+    case = Case(custom_site("8x3x3", reduction=2, cardinality=1), 1, "nchw", "forward")
+    reference, x, grad = case_operands(case, torch.float32, torch.device("meta"))
+    with pytest.raises(VariantUnavailable, match="none on meta"):
+        variant_call("fair_floor", reference, x, grad, fused_backend="auto")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fair_floor_on_cuda_is_skipped(tmp_path):
+    path = tmp_path / "cuda.json"
+    assert main(["bench", "--device", "cuda", "--shapes", "8x3x3", "--reduction", "2", "-n", "1",
+                 "--rounds", "1", "--variants", "fused", "fair_floor", "--json", str(path)]) == 0
+    (result,) = json.loads(path.read_text())["results"]
+    assert set(result["latency_us"]) == {"fused"} and set(result["errors"]) == {"fair_floor"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -136,12 +184,15 @@ def test_gpu_bytes_model():
                           backward=True) == training
 
 
+@pytest.mark.parametrize("floor", ["floor", "fair_floor"])
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-def test_floor_does_the_operator_matmuls(mode):
+def test_floor_does_the_operator_matmuls(mode, floor):
+    if floor not in variants_that_run():
+        pytest.skip("no C++ CPU kernels")
     case = Case(custom_site("12x3x3", reduction=3, cardinality=2), 2, "nchw", mode)
     reference, x, grad = case_operands(case, torch.float32, CPU)
     with FlopCounterMode(display=False) as counter:
-        variant_call("floor", reference, x, grad, fused_backend="auto")()
+        variant_call(floor, reference, x, grad, fused_backend="auto")()
     assert counter.get_total_flops() == case.cost(torch.float32).matmul_flops
 
 

@@ -1,18 +1,28 @@
 """``sae-kernels bench``: the fused layer against eager PyTorch, torch.compile and the
-memory floor, one SE site at a time.
+memory floors, one SE site at a time.
 
 Variants, built from one reference block and timed interleaved in one process
 (``timing``):
 
-    eager    the reference ``SaE`` block
-    compile  ``torch.compile`` of it (inductor, ``dynamic=False``)
-    fused    ``FusedSaE.from_module(reference)``
-    floor    the compulsory work of ``sae_kernels.cost``, measured: ``x.clone()`` plus the
-             two FC matmuls on an (N, C) input; with the backward also ``g + x`` (reads g
-             and x, writes one tensor) and the four matmuls of the FC gradients
+    eager       the reference ``SaE`` block
+    compile     ``torch.compile`` of it (inductor, ``dynamic=False``)
+    fused       ``FusedSaE.from_module(reference)``
+    floor       the compulsory work of ``sae_kernels.cost``, measured: ``x.clone()`` plus
+                the two FC matmuls on an (N, C) input; with the backward also ``g + x``
+                (reads g and x, writes one tensor) and the four matmuls of the FC gradients
+    fair_floor  the floor with the fused output's allocation (CPU, C++ kernels loaded):
+                ``cpu_copy_like_output(x)`` in place of ``x.clone()``; with the backward
+                ``g + x`` in a tensor allocated the same way (g copied into it, then x
+                added: one read and one write more than the floor). The C++ operator
+                advises outputs of 32 MiB and more onto huge pages, whose first write is
+                much cheaper than a clone's page faults: on large tensors the plain floor is
+                unfair to it
+
+A variant that cannot run (a failed compile, the fair floor on CUDA or without the C++
+kernels) is left out of the timings and reported in ``Result.errors``.
 
 Per case: latency (median, p20, p80), the fused layer's speedup over eager and over
-torch.compile, its ratio to the floor, achieved bandwidth (compulsory bytes / median),
+torch.compile, its ratios to the floors, achieved bandwidth (compulsory bytes / median),
 FLOPs (analytic, the matmul part checked against ``FlopCounterMode`` on the eager and
 fused variants) and launches per call (``launches``).
 """
@@ -29,17 +39,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..cost import Cost, sae_cost
 from ..dispatch import resolve_backend
+from ..kernels import cpu as cpu_kernels
 from ..layers import FusedSaE
 from ..reference import SaE
 from ..sites import Site
 from .launches import count_launches
 from .timing import Stats, measure_interleaved
 
-VARIANTS = ("eager", "compile", "fused", "floor")
+VARIANTS = ("eager", "compile", "fused", "floor", "fair_floor")
 MODES = ("forward", "forward+backward")
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
+
+
+class VariantUnavailable(Exception):
+    """A variant that cannot run on this device or in this build: skipped, not a crash."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +108,7 @@ class Result:
     cost: Cost
     #: Matmul FLOPs that FlopCounterMode counted, per variant checked.
     counted_flops: dict[str, int]
+    #: Why a variant asked for is not in ``times`` (a failed compile, an unavailable one).
     errors: dict[str, str]
 
     def ratio(self, num: str, den: str) -> float | None:
@@ -108,6 +124,12 @@ class Result:
     def floor_ratio(self) -> float | None:
         """Fused latency over the floor's: 1 is the least any implementation can take."""
         return self.ratio("fused", "floor")
+
+    @property
+    def fair_floor_ratio(self) -> float | None:
+        """Fused latency over the fair floor's, which allocates its outputs as the fused
+        operator does: the ratio without the plain floor's page-fault handicap."""
+        return self.ratio("fused", "fair_floor")
 
     def gbps(self, variant: str) -> float | None:
         """Achieved bandwidth: the compulsory bytes over the median latency."""
@@ -130,6 +152,7 @@ class Result:
             "speedup_over_eager": self.speedup("eager"),
             "speedup_over_compile": self.speedup("compile"),
             "floor_ratio": self.floor_ratio,
+            "fair_floor_ratio": self.fair_floor_ratio,
             "gbps": {k: self.gbps(k) for k in self.times},
             "flops": {"matmul": self.cost.matmul_flops,
                       "elementwise": self.cost.elementwise_flops,
@@ -151,8 +174,8 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, variants: lis
             try:
                 calls[name] = variant_call(name, reference, x, grad, fused_backend)
                 calls[name]()
-            except Exception as e:  # a failed compile is a finding to report, not a crash
-                if name != "compile":
+            except Exception as e:  # a finding to report, not a crash
+                if name != "compile" and not isinstance(e, VariantUnavailable):
                     raise
                 errors[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 calls.pop(name, None)
@@ -202,6 +225,8 @@ def variant_call(name: str, reference: SaE, x: torch.Tensor, grad: torch.Tensor 
     forward and backward with the gradients reset to None)."""
     if name == "floor":
         return _floor_call(reference, x, grad)
+    if name == "fair_floor":
+        return _fair_floor_call(reference, x, grad)
     module = {"eager": lambda: reference,
               "compile": lambda: torch.compile(reference, dynamic=False),
               "fused": lambda: FusedSaE.from_module(reference, backend=fused_backend)}[name]()
@@ -224,13 +249,41 @@ def variant_call(name: str, reference: SaE, x: torch.Tensor, grad: torch.Tensor 
 def _floor_call(reference: SaE, x: torch.Tensor, grad: torch.Tensor | None
                 ) -> Callable[[], object]:
     """The compulsory traffic and the FC matmuls, with no dependency between them."""
+    return _floor_like_call(reference, x, grad, torch.clone, torch.add)
+
+
+def _fair_floor_call(reference: SaE, x: torch.Tensor, grad: torch.Tensor | None
+                     ) -> Callable[[], object]:
+    """The floor with its outputs allocated as the C++ operator allocates its own."""
+    if x.device.type != "cpu":
+        raise VariantUnavailable(f"the fused output's allocation is the C++ CPU operator's; "
+                                 f"none on {x.device.type}")
+    if not cpu_kernels.available():
+        raise VariantUnavailable("needs the C++ CPU kernels, which are not loaded")
+    copy_like_output = torch.ops.sae_kernels.cpu_copy_like_output
+
+    def add_like_output(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # The operator only copies, so g + x costs one more read and write of a tensor the
+        # size of x than the floor's torch.add (g copied, then read back and added to);
+        # the copy is the output's first write, which pays for its allocation.
+        return copy_like_output(g).add_(x)
+
+    return _floor_like_call(reference, x, grad, copy_like_output, add_like_output)
+
+
+def _floor_like_call(reference: SaE, x: torch.Tensor, grad: torch.Tensor | None,
+                     copy: Callable[[torch.Tensor], torch.Tensor],
+                     add: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                     ) -> Callable[[], object]:
+    """The FC matmuls of the floor, with ``copy(x)`` and, with the backward, ``add(g, x)``
+    making the (N, C, H, W) outputs."""
     w1, b1 = (t.detach() for t in reference.stacked_fc1())
     w2, b2 = reference.excite.weight.detach(), reference.excite.bias.detach()
     z = torch.randn(x.shape[0], x.shape[1], device=x.device, dtype=x.dtype)
     x = x.detach()
 
     def forward() -> torch.Tensor:
-        x.clone()
+        copy(x)
         h = torch.addmm(b1, z, w1.t())
         return torch.addmm(b2, h, w2.t())
 
@@ -239,7 +292,7 @@ def _floor_call(reference: SaE, x: torch.Tensor, grad: torch.Tensor | None
 
     def forward_backward() -> None:
         h = forward()  # (N, C): stands in for both the hidden vector and dp
-        torch.add(grad, x)
+        add(grad, x)
         dh = h @ w2
         torch.mm(h.t(), dh)  # dW2's shape (C, K)
         torch.mm(dh.t(), z)  # dW1
@@ -264,6 +317,7 @@ def summarize(results: list[Result]) -> dict[str, dict[str, float | int | None]]
         over_eager = _present(r.speedup("eager") for r in rows)
         over_compile = _present(r.speedup("compile") for r in rows)
         floor = _present(r.floor_ratio for r in rows)
+        fair_floor = _present(r.fair_floor_ratio for r in rows)
         summary[mode] = {
             "cases": len(rows),
             "median speedup over eager": _median(over_eager),
@@ -272,6 +326,8 @@ def summarize(results: list[Result]) -> dict[str, dict[str, float | int | None]]
             "min speedup over compile": min(over_compile, default=None),
             "median fused/floor": _median(floor),
             "max fused/floor": max(floor, default=None),
+            "median fused/fair_floor": _median(fair_floor),
+            "max fused/fair_floor": max(fair_floor, default=None),
             "cases slower than eager": sum(v < 1 for v in over_eager),
             "cases slower than compile": sum(v < 1 for v in over_compile),
             "compile failures": sum("compile" in r.errors for r in rows),
