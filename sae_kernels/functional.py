@@ -40,7 +40,7 @@ def sae(
                    prologue_scale, prologue_shift, prologue_act)
     check_strategy(strategy)
     backend = resolve_backend(backend, x.device, x.dtype)
-    if backend == "reference" or inductor_runs_composite(x, fc1_weight.shape[0]):
+    if backend == "reference" or inductor_runs_composite(backend):
         return composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
                          residual, act_out, prologue_scale, prologue_shift, prologue_act)
     if backend == "cpu":
@@ -51,4 +51,5 @@ def sae(
                                              prologue_shift,
                                              PROLOGUE_ACTIVATIONS.index(prologue_act))
     return ops.sae_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
-                           residual, act_out, strategy)[0]
+                           residual, act_out, strategy, prologue_scale, prologue_shift,
+                           prologue_act)[0]

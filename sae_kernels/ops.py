@@ -2,9 +2,11 @@
 
 ``sae_kernels::sae_forward`` returns y plus the small tensors the backward needs
 (z, p, u; non-differentiable). ``sae_kernels::sae_backward`` returns dx, d_identity
-(ReLU tail only), du and dp; the weight gradients are two (K x N)(N x C)-sized
-matmuls over the batch done here, deterministic by construction. ``fc2_weight=None`` is
-the single-FC form (see ``options.check_operands``).
+(ReLU tail only), du, dp and the gradients of the prologue's scale and shift (when
+asked for); the weight gradients are two (K x N)(N x C)-sized matmuls over the batch
+done here, deterministic by construction. ``fc2_weight=None`` is the single-FC form
+(see ``options.check_operands``); the prologue tensors are optional, ``prologue_act``
+is a name of ``options.PROLOGUE_ACTIVATIONS``.
 """
 
 
@@ -31,15 +33,20 @@ def sae_forward(
     residual: bool,
     act_out: str,
     strategy: str,
+    prologue_scale: Tensor | None = None,
+    prologue_shift: Tensor | None = None,
+    prologue_act: str = "none",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     sae_triton.check_device(x.device)
     return sae_triton.forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity,
-                              act, gate, residual, act_out, strategy)
+                              act, gate, residual, act_out, strategy, prologue_scale,
+                              prologue_shift, prologue_act)
 
 
 @sae_forward.register_fake
 def _sae_forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
-                      residual, act_out, strategy):
+                      residual, act_out, strategy, prologue_scale=None, prologue_shift=None,
+                      prologue_act="none"):
     n, c = x.shape[:2]
     acc = accumulation_dtype(x.dtype)
     return (output_like(x), x.new_empty((n, c), dtype=acc),
@@ -60,36 +67,49 @@ def sae_backward(
     residual: bool,
     act_out: str,
     has_identity: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    prologue_scale: Tensor | None = None,
+    prologue_shift: Tensor | None = None,
+    prologue_act: str = "none",
+    prologue_grads: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     sae_triton.check_device(x.device)
     return sae_triton.backward(grad, x, y, fc1_weight, fc2_weight, p, u, act, gate, residual,
-                               act_out, has_identity)
+                               act_out, has_identity, prologue_scale, prologue_shift,
+                               prologue_act, prologue_grads)
 
 
 @sae_backward.register_fake
 def _sae_backward_fake(grad, x, y, fc1_weight, fc2_weight, p, u, act, gate, residual, act_out,
-                       has_identity):
+                       has_identity, prologue_scale=None, prologue_shift=None,
+                       prologue_act="none", prologue_grads=False):
     d_identity = output_like(x) if has_identity and act_out == "relu" else x.new_empty((0,))
-    return output_like(x), d_identity, torch.empty_like(u), torch.empty_like(p)
+    d_prologue = u.new_empty((2, x.shape[1]) if prologue_grads else (0,))
+    return output_like(x), d_identity, torch.empty_like(u), torch.empty_like(p), d_prologue
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity = inputs[:6]
-    act, gate, residual, act_out = inputs[6:10]
+    act, gate, residual, act_out, _strategy, prologue_scale, prologue_shift, prologue_act = (
+        inputs[6:])
     y, z, p, u = output
     ctx.mark_non_differentiable(z, p, u)
-    ctx.save_for_backward(x, fc1_weight, fc2_weight, z, p, u, y if act_out == "relu" else None)
-    ctx.options = (act, gate, residual, act_out)
+    ctx.save_for_backward(x, fc1_weight, fc2_weight, z, p, u, y if act_out == "relu" else None,
+                          prologue_scale, prologue_shift)
+    ctx.options = (act, gate, residual, act_out, prologue_act)
     ctx.bias_dtypes = tuple(b.dtype if b is not None else None for b in (fc1_bias, fc2_bias))
     ctx.has_identity = identity is not None
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_y, _grad_z, _grad_p, _grad_u):
-    x, fc1_weight, fc2_weight, z, p, u, y = ctx.saved_tensors
-    act, gate, residual, act_out = ctx.options
-    dx, d_identity, du, dp = sae_backward(grad_y, x, y, fc1_weight, fc2_weight, p, u, act, gate,
-                                          residual, act_out, ctx.has_identity)
-    need = ctx.needs_input_grad
+    x, fc1_weight, fc2_weight, z, p, u, y, prologue_scale, prologue_shift = ctx.saved_tensors
+    act, gate, residual, act_out, prologue_act = ctx.options
+    # the dispatcher drops trailing arguments left at their defaults (the prologue's Nones)
+    # from the inputs autograd sees: they need no gradient
+    need = ctx.needs_input_grad + (False,) * (ctx.num_inputs - len(ctx.needs_input_grad))
+    dx, d_identity, du, dp, d_prologue = sae_backward(
+        grad_y, x, y, fc1_weight, fc2_weight, p, u, act, gate, residual, act_out,
+        ctx.has_identity, prologue_scale, prologue_shift, prologue_act, need[11] or need[12])
     dw1 = (dp.T @ z).to(fc1_weight.dtype) if need[1] else None
     db1 = dp.sum(0).to(ctx.bias_dtypes[0]) if need[2] else None
     single_fc = fc2_weight is None
@@ -100,7 +120,10 @@ def _backward(ctx, grad_y, _grad_z, _grad_p, _grad_u):
         d_identity = None
     elif act_out != "relu":
         d_identity = grad_y
-    return (dx if need[0] else None), dw1, db1, dw2, db2, d_identity, None, None, None, None, None
+    d_scale = d_prologue[0].to(prologue_scale.dtype) if need[11] else None
+    d_shift = d_prologue[1].to(prologue_shift.dtype) if need[12] else None
+    return ((dx if need[0] else None), dw1, db1, dw2, db2, d_identity, None, None, None, None,
+            None, d_scale, d_shift, None)
 
 
 sae_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -7,6 +7,7 @@ import torch
 
 from helpers import DEVICE
 from sae_kernels import FusedSaE, SaE, sae
+from sae_kernels.dispatch import under_compile_setting
 from sae_kernels.kernels import cpu as cpu_kernels
 from sae_kernels.ops import sae_backward, sae_forward
 
@@ -57,6 +58,23 @@ def test_opcheck_backward(act_out, has_identity):
                                          p, u, "silu", "sigmoid", True, act_out, has_identity))
 
 
+@pytest.mark.parametrize("strategy", ["single", "split"])
+@pytest.mark.parametrize("prologue_act", ["none", "silu"])
+def test_opcheck_prologue(prologue_act, strategy):
+    """The prologue's operands through both ops, its gradients included."""
+    x, w1, b1, w2, b2, identity = _operands(dtype=torch.float32, channels_last=True)
+    scale = (torch.rand(5) + 0.5).to(DEVICE).requires_grad_(True)
+    shift = torch.randn(5).to(DEVICE).requires_grad_(True)
+    args = (x, w1, b1, w2, b2, identity, "relu", "sigmoid", True, "relu", strategy, scale, shift,
+            prologue_act)
+    torch.library.opcheck(sae_forward, args)
+    y, _, p, u = sae_forward(*args)
+    torch.library.opcheck(sae_backward, (torch.randn_like(y), x.detach(), y.detach(),
+                                         w1.detach(), w2.detach(), p, u, "relu", "sigmoid", True,
+                                         "relu", True, scale.detach(), shift.detach(),
+                                         prologue_act, True))
+
+
 @pytest.mark.parametrize("act", ["relu", "silu", "hardswish", "gelu"])
 @pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
 @pytest.mark.parametrize("strategy", ["single", "split"])
@@ -82,6 +100,22 @@ def test_gradcheck_float64_full_jacobian(strategy):
     assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2, identity))
 
 
+@pytest.mark.parametrize("strategy", ["single", "split"])
+@pytest.mark.parametrize("prologue_act", ["none", "relu", "silu", "hardswish"])
+def test_gradcheck_float64_prologue(prologue_act, strategy):
+    x, w1, b1, w2, b2, identity = _operands()
+    scale = (torch.rand(5, dtype=torch.float64) + 0.5).to(DEVICE).requires_grad_(True)
+    shift = torch.randn(5, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+
+    def fn(x, w1, b1, w2, b2, identity, scale, shift):
+        return sae(x, w1, b1, w2, b2, identity, act="silu", residual=True, act_out="relu",
+                   backend="triton", strategy=strategy, prologue_scale=scale,
+                   prologue_shift=shift, prologue_act=prologue_act)
+
+    assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2, identity, scale, shift),
+                                    fast_mode=True)
+
+
 @pytest.mark.parametrize("backend, strategy", [("triton", "single"), ("triton", "split"),
                                                ("cpu", "auto")])
 def test_gradcheck_single_fc(backend, strategy):
@@ -100,9 +134,12 @@ def test_gradcheck_single_fc(backend, strategy):
 @pytest.mark.parametrize("backend, strategy, compiler", [
     ("triton", "single", "aot_eager"), ("triton", "split", "aot_eager"),
     ("triton", "split", "inductor"), ("cpu", "auto", "aot_eager")])
-def test_compile_fullgraph_forward_backward(backend, strategy, compiler):
+def test_compile_fullgraph_forward_backward(backend, strategy, compiler, monkeypatch):
+    """The fused op itself under torch.compile (traced as the op, not as its composite)."""
     if backend == "cpu" and (DEVICE.type != "cpu" or not cpu_kernels.available()):
         pytest.skip("needs the C++ CPU kernels")
+    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", "op")
+    torch._dynamo.reset()
     torch.manual_seed(0)
     ref = SaE(16, reduction=4, cardinality=4, act="silu", residual=True)
     fused = FusedSaE.from_module(ref, backend=backend, strategy=strategy).to(DEVICE)
@@ -169,3 +206,48 @@ def test_autocast_half_activations_with_fp32_weights():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())
     # the reference rounds s to the half dtype before the rescale; the fused path does not
     torch.testing.assert_close(y, y_ref, rtol=2 * torch.finfo(half).eps, atol=1e-3)
+
+
+def _traced_ops(model: torch.nn.Module, *args) -> set[str]:
+    """The call_function targets of the graph torch.compile traces of ``model``."""
+    seen = set()
+
+    def backend(gm, inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(*args)
+    return seen
+
+
+@pytest.mark.parametrize("setting, traces_op", [("auto", False), ("composite", False),
+                                                 ("op", True)])
+def test_compile_traces_the_composite_on_cpu(setting, traces_op, monkeypatch):
+    """The rule of dispatch.inductor_runs_composite: the C++ op is traced as its ATen
+    composite (prologue and epilogue included), which inductor fuses with its neighbours;
+    SAE_KERNELS_UNDER_COMPILE overrides it. The composite computes the same function."""
+    if not cpu_kernels.available():
+        pytest.skip("needs the C++ CPU kernels")
+    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", setting)
+    torch.manual_seed(0)
+    fused = FusedSaE.from_module(SaE(16, reduction=4, cardinality=2, act_out="relu"))
+    x, identity = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
+    ops = _traced_ops(fused, x, identity)
+    assert any(op.startswith("sae_kernels.cpu_sae") for op in ops) == traces_op, ops
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, identity), fused(x, identity))
+
+
+def test_compile_keeps_the_triton_op(monkeypatch):
+    monkeypatch.delenv("SAE_KERNELS_UNDER_COMPILE", raising=False)
+    fused = FusedSaE.from_module(SaE(16, reduction=4, cardinality=2), backend="triton")
+    ops = _traced_ops(fused.to(DEVICE), torch.randn(2, 16, 5, 5, device=DEVICE))
+    assert any(op.startswith("sae_kernels.sae_forward") for op in ops), ops
+
+
+def test_under_compile_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="SAE_KERNELS_UNDER_COMPILE"):
+        under_compile_setting()

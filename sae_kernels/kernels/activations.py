@@ -1,6 +1,8 @@
-"""Triton device functions for the branch activations and the excitation gates.
+"""Triton device functions for the branch activations, the excitation gates and the
+prologue's activation.
 
-Codes are indices into ``options.ACTIVATIONS`` / ``options.GATES``. Clamps and ReLU
+Codes are indices into ``options.ACTIVATIONS`` / ``options.GATES`` /
+``options.PROLOGUE_ACTIVATIONS``. Clamps and ReLU
 are written with ``tl.where`` on ``<``/``<=`` so that NaN propagates exactly as in
 PyTorch (``tl.maximum`` would turn NaN into 0), and each derivative follows the
 boundary conventions of PyTorch's own backward formulas.
@@ -16,6 +18,11 @@ GELU = tl.constexpr(3)
 
 SIGMOID = tl.constexpr(0)
 HARDSIGMOID = tl.constexpr(1)
+
+PROLOGUE_NONE = tl.constexpr(0)
+PROLOGUE_RELU = tl.constexpr(1)
+PROLOGUE_SILU = tl.constexpr(2)
+PROLOGUE_HARDSWISH = tl.constexpr(3)
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -78,3 +85,31 @@ def gate_grad(u, GATE: tl.constexpr):
     else:
         out = tl.where((u > -3.0) & (u < 3.0), 1.0 / 6.0, 0.0)
     return out.to(u.dtype)
+
+
+@triton.jit
+def prologue_activation(v, PROLOGUE_ACT: tl.constexpr):
+    """The prologue's act(v): the identity, or the branch activation of the same name."""
+    if PROLOGUE_ACT == PROLOGUE_RELU:
+        out = activation(v, RELU)
+    elif PROLOGUE_ACT == PROLOGUE_SILU:
+        out = activation(v, SILU)
+    elif PROLOGUE_ACT == PROLOGUE_HARDSWISH:
+        out = activation(v, HARDSWISH)
+    else:
+        out = v
+    return out
+
+
+@triton.jit
+def prologue_activation_grad(v, PROLOGUE_ACT: tl.constexpr):
+    """d act(v) / dv of the prologue's activation."""
+    if PROLOGUE_ACT == PROLOGUE_RELU:
+        out = activation_grad(v, RELU)
+    elif PROLOGUE_ACT == PROLOGUE_SILU:
+        out = activation_grad(v, SILU)
+    elif PROLOGUE_ACT == PROLOGUE_HARDSWISH:
+        out = activation_grad(v, HARDSWISH)
+    else:
+        out = tl.full(v.shape, 1.0, v.dtype)
+    return out

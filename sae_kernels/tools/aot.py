@@ -20,9 +20,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..dispatch import H100, plan_launch
+from ..dispatch import H100, LaunchPlan, plan_launch
 from ..kernels import sae_triton
-from ..options import ACTIVATIONS, GATES
+from ..options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS
 from ..sites import resnet50_sites
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
@@ -39,10 +39,13 @@ class Variant:
     dtype: str
     layout: str
     constexprs: tuple
+    #: ptxas's register limit (``LaunchPlan.max_registers``)
+    max_registers: int | None = None
 
     def describe(self) -> str:
         flags = " ".join(f"{k}={v}" for k, v in self.constexprs)
-        return f"{self.kernel} {self.dtype} {self.layout} {flags}"
+        limit = f" maxnreg={self.max_registers}" if self.max_registers is not None else ""
+        return f"{self.kernel} {self.dtype} {self.layout} {flags}{limit}"
 
 
 @dataclasses.dataclass
@@ -63,7 +66,8 @@ def _signature(fn, dtype: str, layout: str, constexprs: dict) -> tuple[dict, dic
     """Triton types of each argument; unit strides are specialised as Triton does at launch."""
     unit_stride = {"nchw": "_shw", "channels_last": "_sc"}[layout]
     accumulate = "fp64" if dtype == "fp64" else "fp32"
-    small = {"z_ptr", "p_ptr", "u_ptr", "du_ptr", "dp_ptr", "dz_ptr", "slots_ptr"}
+    small = {"z_ptr", "p_ptr", "u_ptr", "du_ptr", "dp_ptr", "dz_ptr", "slots_ptr", "prologue_ptr",
+             "d_prologue_ptr"}
     signature, constants = {}, dict(constexprs)
     for name in fn.arg_names:
         if name in constexprs:
@@ -81,38 +85,59 @@ def _signature(fn, dtype: str, layout: str, constexprs: dict) -> tuple[dict, dic
     return signature, constants
 
 
+#: The constexprs of a kernel without the prologue.
+NO_PROLOGUE = dict(HAS_PROLOGUE=False, PROLOGUE_ACT=0)
+
+
+def _per_kernel(plan: LaunchPlan, act: int, gate: int, has_fc2: bool,
+                prologue: dict) -> list[tuple[str, dict]]:
+    """Each kernel's constexprs for one configuration, with every epilogue flag on; with a
+    prologue, the dx kernel with and without the prologue's gradients."""
+    tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
+    flags = dict(ACT=act, HAS_FC2=has_fc2, BLOCK_K=plan.block_k, BLOCK_FC=plan.block_fc, **tiles)
+    epilogue = dict(GATE=gate, RESIDUAL=True, RELU_OUT=True)
+    dx = dict(**epilogue, WRITE_D_IDENTITY=True, **tiles)
+    per_kernel = [
+        ("sae_forward_single_kernel", dict(**flags, **epilogue, HAS_IDENTITY=True, HAS_B1=True,
+                                           HAS_B2=has_fc2)),
+        ("sae_forward_pool_kernel", dict(**flags, HAS_B1=True, HAS_B2=has_fc2)),
+        ("sae_forward_rescale_kernel", dict(**epilogue, HAS_IDENTITY=True, **tiles)),
+        ("sae_backward_reduce_kernel", dict(**flags, GATE=gate, RELU_OUT=True)),
+        ("sae_backward_dx_kernel", dict(dx, PROLOGUE_GRADS=False)),
+    ]
+    if prologue["HAS_PROLOGUE"]:
+        per_kernel.append(("sae_backward_dx_kernel", dict(dx, PROLOGUE_GRADS=True)))
+    return [(kernel, {**constexprs, **prologue}) for kernel, constexprs in per_kernel]
+
+
 def variants() -> Iterator[tuple[Variant, int]]:
     """Every (kernel, dtype, layout, tiles) the GPU dispatcher picks for SHAPES with every
-    epilogue flag on, in the two-FC and the single-FC form, plus each (act, gate) pair once
-    per kernel (fp32, NCHW)."""
+    epilogue flag on: in the two-FC and the single-FC form, and with a silu prologue; plus
+    each (act, gate) pair and each prologue act once per kernel (fp32, NCHW)."""
     every_code = list(itertools.product(range(len(ACTIVATIONS)), range(len(GATES))))
     seen = set()
     for i, ((c, hw, k), layout, dtype) in enumerate(
             itertools.product(SHAPES, ("nchw", "channels_last"), _DTYPES)):
-        codes = every_code if i == 0 and dtype == torch.float32 else [(len(ACTIVATIONS) - 1, 0)]
-        for act, gate in codes:
-            # the single-FC form (no fc2, K = C) once per shape, layout and dtype
-            for has_fc2 in (True, False) if (act, gate) == codes[-1] else (True,):
-                plan = plan_launch(1, c, hw, k if has_fc2 else c, dtype.itemsize,
-                                   layout == "channels_last", torch.device("cpu"), "single",
-                                   profile=H100)
-                tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
-                flags = dict(ACT=act, HAS_FC2=has_fc2, BLOCK_K=plan.block_k,
-                             BLOCK_FC=plan.block_fc, **tiles)
-                epilogue = dict(GATE=gate, RESIDUAL=True, RELU_OUT=True)
-                per_kernel = [
-                    ("sae_forward_single_kernel", dict(**flags, **epilogue, HAS_IDENTITY=True,
-                                                       HAS_B1=True, HAS_B2=has_fc2)),
-                    ("sae_forward_pool_kernel", dict(**flags, HAS_B1=True, HAS_B2=has_fc2)),
-                    ("sae_forward_rescale_kernel", dict(**epilogue, HAS_IDENTITY=True, **tiles)),
-                    ("sae_backward_reduce_kernel", dict(**flags, GATE=gate, RELU_OUT=True)),
-                    ("sae_backward_dx_kernel", dict(**epilogue, WRITE_D_IDENTITY=True, **tiles)),
-                ]
-                for kernel, constexprs in per_kernel:
-                    v = Variant(kernel, _DTYPES[dtype], layout, tuple(sorted(constexprs.items())))
-                    if v not in seen:
-                        seen.add(v)
-                        yield v, plan.num_warps
+        first = i == 0 and dtype == torch.float32
+        codes = every_code if first else [(len(ACTIVATIONS) - 1, 0)]
+        prologue_acts = (range(len(PROLOGUE_ACTIVATIONS)) if first
+                         else [PROLOGUE_ACTIVATIONS.index("silu")])
+        # (act, gate, has_fc2, prologue): each code; then with the last one the single-FC
+        # form (no fc2, K = C) and the prologues
+        configs = [(act, gate, True, NO_PROLOGUE) for act, gate in codes]
+        configs.append((*codes[-1], False, NO_PROLOGUE))
+        configs += [(*codes[-1], True, dict(HAS_PROLOGUE=True, PROLOGUE_ACT=p))
+                    for p in prologue_acts]
+        for act, gate, has_fc2, prologue in configs:
+            plan = plan_launch(1, c, hw, k if has_fc2 else c, dtype.itemsize,
+                               layout == "channels_last", torch.device("cpu"), "single",
+                               profile=H100, prologue=prologue["HAS_PROLOGUE"])
+            for kernel, constexprs in _per_kernel(plan, act, gate, has_fc2, prologue):
+                v = Variant(kernel, _DTYPES[dtype], layout, tuple(sorted(constexprs.items())),
+                            plan.max_registers)
+                if v not in seen:
+                    seen.add(v)
+                    yield v, plan.num_warps
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
@@ -132,8 +157,11 @@ def compile_variant(variant: Variant, target: str, num_warps: int = 4) -> Report
     fn = getattr(sae_triton, variant.kernel)
     signature, constants = _signature(fn, variant.dtype, variant.layout, dict(variant.constexprs))
     try:
+        options = {"num_warps": num_warps}
+        if variant.max_registers is not None:
+            options["maxnreg"] = variant.max_registers
         compiled = triton.compile(ASTSource(fn, signature, constants), target=TARGETS[target],
-                                  options={"num_warps": num_warps})
+                                  options=options)
         report.registers, report.stack, report.shared = _resource_usage(compiled.asm["cubin"])
     except Exception as e:  # a compile failure is a finding to report, not a crash
         while e.__cause__ is not None:
