@@ -311,11 +311,17 @@ void grad_input(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
 // ---------------------------------------------------------------- the prologue
 
 // e^v, vectorizable: 2^n * e^r with n = round(v / ln 2), |r| <= ln 2 / 2, e^r by Cephes'
-// degree-6 polynomial (within 2 ulp of expf). Saturates at e^-87.3 and e^88.7; NaN stays NaN.
+// degree-6 polynomial (within 2 ulp of expf). n is rounded by adding and subtracting
+// 1.5 * 2^23 (which leaves it in the low mantissa bits), not by floorf, which GCC leaves
+// a library call inside the vector loops. Saturates at e^-87.3 and e^88.3; NaN stays NaN.
 inline float exp_acc(float v) {
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23, bits 0x4B400000
   v = v < -87.3f ? -87.3f : v;
-  v = v > 88.7f ? 88.7f : v;
-  float n = __builtin_floorf(v * 1.44269504088896341f + 0.5f);
+  v = v > 88.3f ? 88.3f : v;
+  float t = v * 1.44269504088896341f + kShifter;
+  float n = t - kShifter;
+  int32_t n_bits;
+  std::memcpy(&n_bits, &t, sizeof(n_bits));
   float r = v - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -324,7 +330,7 @@ inline float exp_acc(float v) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (int32_t(n) + 127) << 23;
+  int32_t bits = (n_bits - 0x4B400000 + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -411,6 +417,56 @@ void prologue_sum_pixels_impl(const T* x, int64_t pixels, int64_t pixel_stride, 
   }
 }
 
+// prologue_sum that also stores x' (in T) to xp, rows xp_stride apart
+template <int64_t ACT, typename T, typename A>
+void prologue_sum_store_rows_impl(const T* x, int64_t rows, int64_t row_stride, int64_t len,
+                                  const Prologue<A>& p, A* out, T* xp, int64_t xp_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * row_stride;
+    T* dst = xp + r * xp_stride;
+    const A a = p.scale[r], b = p.shift[r];
+    A acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < len; ++i) {
+      A v = prologue_act<ACT>(to_acc(row[i]) * a + b);
+      acc += v;
+      dst[i] = from_acc<T, A>(v);
+    }
+    out[r] = acc;
+  }
+}
+
+template <int64_t ACT, typename T, typename A>
+void prologue_sum_store_pixels_impl(const T* x, int64_t pixels, int64_t pixel_stride,
+                                    int64_t width, const Prologue<A>& p, A* out, T* xp,
+                                    int64_t xp_stride) {
+  for (int64_t c = 0; c < width; ++c) out[c] = 0;
+  for (int64_t q = 0; q < pixels; ++q) {
+    const T* row = x + q * pixel_stride;
+    T* dst = xp + q * xp_stride;
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) {
+      A v = prologue_act<ACT>(to_acc(row[c]) * p.scale[c] + p.shift[c]);
+      out[c] += v;
+      dst[c] = from_acc<T, A>(v);
+    }
+  }
+}
+
+template <bool PIXELS, typename T, typename A>
+void prologue_sum_store(const T* x, int64_t rows, int64_t row_stride, int64_t len,
+                        const Prologue<A>& p, A* out, T* xp, int64_t xp_stride) {
+  with_prologue_act(p.act, [&](auto act) {
+    if (PIXELS) {
+      prologue_sum_store_pixels_impl<act.value, T, A>(x, rows, row_stride, len, p, out, xp,
+                                                      xp_stride);
+    } else {
+      prologue_sum_store_rows_impl<act.value, T, A>(x, rows, row_stride, len, p, out, xp,
+                                                    xp_stride);
+    }
+  });
+}
+
 template <bool PIXELS, typename T, typename A>
 void prologue_sum(const T* x, int64_t rows, int64_t row_stride, int64_t len, const Prologue<A>& p,
                   A* out) {
@@ -420,12 +476,13 @@ void prologue_sum(const T* x, int64_t rows, int64_t row_stride, int64_t len, con
   });
 }
 
-// y = act_out(x' * s [+ x'] [+ identity]), x' = act(x * scale + shift)
-template <bool PIXELS, int64_t ACT, typename T, typename A>
+// y = act_out(x' * s [+ x'] [+ identity]), x' = act(x * scale + shift). IDENTITY is a
+// template argument: a load under a run-time condition would keep the loop scalar.
+template <bool PIXELS, int64_t ACT, bool IDENTITY, typename T, typename A>
 void prologue_rescale_impl(const Rows<T>& t, const A* s, Epilogue e, const Prologue<A>& p) {
   for (int64_t r = 0; r < t.rows; ++r) {
     const T* x = t.x + r * t.x_stride;
-    const T* id = e.identity ? t.identity + r * t.identity_stride : nullptr;
+    const T* id = IDENTITY ? t.identity + r * t.identity_stride : nullptr;
     T* y = t.y + r * t.y_stride;
     const A row_s = PIXELS ? A(0) : s[r];
     const A row_a = PIXELS ? A(0) : p.scale[r], row_b = PIXELS ? A(0) : p.shift[r];
@@ -433,7 +490,7 @@ void prologue_rescale_impl(const Rows<T>& t, const A* s, Epilogue e, const Prolo
     for (int64_t i = 0; i < t.len; ++i) {
       A a = PIXELS ? p.scale[i] : row_a, b = PIXELS ? p.shift[i] : row_b;
       A xp = prologue_act<ACT>(to_acc(x[i]) * a + b);
-      A identity = e.identity ? to_acc(id[i]) : A(0);
+      A identity = IDENTITY ? to_acc(id[i]) : A(0);
       y[i] = from_acc<T, A>(rescaled_with(xp, PIXELS ? s[i] : row_s, identity, e));
     }
   }
@@ -442,24 +499,24 @@ void prologue_rescale_impl(const Rows<T>& t, const A* s, Epilogue e, const Prolo
 template <bool PIXELS, typename T, typename A>
 void prologue_rescale(const Rows<T>& t, const A* s, Epilogue e, const Prologue<A>& p) {
   with_prologue_act(p.act, [&](auto act) {
-    prologue_rescale_impl<PIXELS, act.value, T, A>(t, s, e, p);
+    if (e.identity) prologue_rescale_impl<PIXELS, act.value, true, T, A>(t, s, e, p);
+    else prologue_rescale_impl<PIXELS, act.value, false, T, A>(t, s, e, p);
   });
 }
 
 // out[r] = sum g' * x'; with SUMS the PrologueSum sums too (see sae_cpu.h)
-template <int64_t ACT, bool SUMS, typename T, typename A>
-void prologue_dot_rows_impl(const GradRows<T>& t, A* out, int64_t sum_stride, bool relu,
+template <int64_t ACT, bool SUMS, bool RELU, typename T, typename A>
+void prologue_dot_rows_impl(const GradRows<T>& t, A* out, int64_t sum_stride,
                             const Prologue<A>& p) {
   for (int64_t r = 0; r < t.rows; ++r) {
     const T* x = t.x + r * t.x_stride;
     const T* g = t.grad + r * t.grad_stride;
-    const T* y = relu ? t.y + r * t.y_stride : nullptr;
+    const T* y = RELU ? t.y + r * t.y_stride : nullptr;
     const A a = p.scale[r], b = p.shift[r];
     A dot = 0, grad_act_x = 0, act_x = 0, grad_act = 0, act = 0;
 #pragma omp simd reduction(+ : dot, grad_act_x, act_x, grad_act, act)
     for (int64_t i = 0; i < t.len; ++i) {
-      A grad = to_acc(g[i]);
-      if (relu) grad = to_acc(y[i]) <= A(0) ? A(0) : grad;
+      A grad = masked_grad<RELU, T, A>(g, y, i);
       A xi = to_acc(x[i]), v = xi * a + b;
       dot += grad * prologue_act<ACT>(v);
       if (SUMS) {
@@ -480,8 +537,8 @@ void prologue_dot_rows_impl(const GradRows<T>& t, A* out, int64_t sum_stride, bo
   }
 }
 
-template <int64_t ACT, bool SUMS, typename T, typename A>
-void prologue_dot_pixels_impl(const GradRows<T>& t, A* out, int64_t sum_stride, bool relu,
+template <int64_t ACT, bool SUMS, bool RELU, typename T, typename A>
+void prologue_dot_pixels_impl(const GradRows<T>& t, A* out, int64_t sum_stride,
                               const Prologue<A>& p) {
   const int64_t values = SUMS ? 1 + kPrologueSums : 1;
   for (int64_t k = 0; k < values; ++k)
@@ -493,11 +550,10 @@ void prologue_dot_pixels_impl(const GradRows<T>& t, A* out, int64_t sum_stride, 
   for (int64_t q = 0; q < t.rows; ++q) {
     const T* x = t.x + q * t.x_stride;
     const T* g = t.grad + q * t.grad_stride;
-    const T* y = relu ? t.y + q * t.y_stride : nullptr;
+    const T* y = RELU ? t.y + q * t.y_stride : nullptr;
 #pragma omp simd
     for (int64_t c = 0; c < t.len; ++c) {
-      A grad = to_acc(g[c]);
-      if (relu) grad = to_acc(y[c]) <= A(0) ? A(0) : grad;
+      A grad = masked_grad<RELU, T, A>(g, y, c);
       A xc = to_acc(x[c]), v = xc * p.scale[c] + p.shift[c];
       out[c] += grad * prologue_act<ACT>(v);
       if (SUMS) {
@@ -516,37 +572,35 @@ void prologue_grad_dot(const GradRows<T>& t, A* out, int64_t sum_stride, bool re
                        const Prologue<A>& p, bool sums) {
   with_prologue_act(p.act, [&](auto act) {
     constexpr int64_t ACT = act.value;
-    if (PIXELS) {
-      sums ? prologue_dot_pixels_impl<ACT, true, T, A>(t, out, sum_stride, relu, p)
-           : prologue_dot_pixels_impl<ACT, false, T, A>(t, out, sum_stride, relu, p);
-    } else {
-      sums ? prologue_dot_rows_impl<ACT, true, T, A>(t, out, sum_stride, relu, p)
-           : prologue_dot_rows_impl<ACT, false, T, A>(t, out, sum_stride, relu, p);
-    }
+    auto run = [&]<bool SUMS, bool RELU>() {
+      if (PIXELS) prologue_dot_pixels_impl<ACT, SUMS, RELU, T, A>(t, out, sum_stride, p);
+      else prologue_dot_rows_impl<ACT, SUMS, RELU, T, A>(t, out, sum_stride, p);
+    };
+    if (sums) relu ? run.template operator()<true, true>() : run.template operator()<true, false>();
+    else relu ? run.template operator()<false, true>() : run.template operator()<false, false>();
   });
 }
 
 // dx = (g' * scale + shift) * act'(v) * prologue scale, v = x * prologue scale + shift;
 // d_identity = g' when written
-template <bool PIXELS, int64_t ACT, typename T, typename A>
-void prologue_dx_impl(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
-                      bool write_id, const Prologue<A>& p) {
+template <bool PIXELS, int64_t ACT, bool RELU, bool WRITE_ID, typename T, typename A>
+void prologue_dx_impl(const GradRows<T>& t, const A* scale, const A* shift,
+                      const Prologue<A>& p) {
   for (int64_t r = 0; r < t.rows; ++r) {
     const T* x = t.x + r * t.x_stride;
     const T* g = t.grad + r * t.grad_stride;
-    const T* y = relu ? t.y + r * t.y_stride : nullptr;
+    const T* y = RELU ? t.y + r * t.y_stride : nullptr;
     T* dx = t.dx + r * t.dx_stride;
-    T* did = write_id ? t.d_identity + r * t.d_identity_stride : nullptr;
+    T* did = WRITE_ID ? t.d_identity + r * t.d_identity_stride : nullptr;
     const A row_scale = PIXELS ? A(0) : scale[r], row_shift = PIXELS ? A(0) : shift[r];
     const A row_a = PIXELS ? A(0) : p.scale[r], row_b = PIXELS ? A(0) : p.shift[r];
 #pragma omp simd
     for (int64_t i = 0; i < t.len; ++i) {
-      A grad = to_acc(g[i]);
-      if (relu) grad = to_acc(y[i]) <= A(0) ? A(0) : grad;
+      A grad = masked_grad<RELU, T, A>(g, y, i);
       A a = PIXELS ? p.scale[i] : row_a, b = PIXELS ? p.shift[i] : row_b;
       A d_xp = grad * (PIXELS ? scale[i] : row_scale) + (PIXELS ? shift[i] : row_shift);
       dx[i] = from_acc<T, A>(d_xp * prologue_act_grad<ACT>(to_acc(x[i]) * a + b) * a);
-      if (write_id) did[i] = from_acc<T, A>(grad);
+      if (WRITE_ID) did[i] = from_acc<T, A>(grad);
     }
   }
 }
@@ -555,7 +609,10 @@ template <bool PIXELS, typename T, typename A>
 void prologue_grad_input(const GradRows<T>& t, const A* scale, const A* shift, bool relu,
                          bool write_id, const Prologue<A>& p) {
   with_prologue_act(p.act, [&](auto act) {
-    prologue_dx_impl<PIXELS, act.value, T, A>(t, scale, shift, relu, write_id, p);
+    constexpr int64_t ACT = act.value;
+    if (!relu) prologue_dx_impl<PIXELS, ACT, false, false, T, A>(t, scale, shift, p);
+    else if (write_id) prologue_dx_impl<PIXELS, ACT, true, true, T, A>(t, scale, shift, p);
+    else prologue_dx_impl<PIXELS, ACT, true, false, T, A>(t, scale, shift, p);
   });
 }
 
@@ -751,6 +808,8 @@ PassKernels<T, A> pass_kernels() {
           grad_input<true, T, A>,
           prologue_sum<false, T, A>,
           prologue_sum<true, T, A>,
+          prologue_sum_store<false, T, A>,
+          prologue_sum_store<true, T, A>,
           prologue_rescale<false, T, A>,
           prologue_rescale<true, T, A>,
           prologue_grad_dot<false, T, A>,

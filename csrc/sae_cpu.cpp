@@ -341,22 +341,42 @@ PrologueValues<A> prologue_values(int64_t c, const optional<Tensor>& scale,
   return p;
 }
 
+// x' of a chunk of samples, kept for the pass after the pool where the prologue has an
+// activation (float32 and float64): it is computed once per element, and the chunk stays
+// in cache between the passes as x itself does.
+template <typename T>
+struct Scratch {
+  Tensor tensor;  // undefined: no scratch, x' is recomputed from x
+  View view{};
+
+  T* at(int64_t sample, int64_t row) const {
+    return data<T>(tensor) + sample * view.sample + row * view.row;
+  }
+};
+
 // Pool samples [n0, n0 + count) of x (or of the prologue's x') into z (sums, not yet
-// divided by HW).
+// divided by HW); x' also goes to `xp` when it holds a tensor.
 template <typename T, typename A>
 void pool(const Tensor& x, const View& v, int64_t n0, int64_t count, const PrologueValues<A>& pro,
-          A* z) {
+          A* z, const Scratch<T>& xp) {
   const auto& k = pass_kernels<T, A>();
   const T* base = data<T>(x) + n0 * v.sample;
   int64_t c = x.size(1), hw = x.size(2) * x.size(3);
+  bool store = xp.tensor.defined();
   channel_sums(v, count, c, hw, sizeof(T), z,
                [&](int64_t i, int64_t p0, int64_t pixels, int64_t c0, int64_t width, A* dst) {
                  const T* sample = base + i * v.sample;
                  if (v.pixels) {
                    const T* first = sample + p0 * v.row + c0;
-                   if (pro.present) k.prologue_sum_pixels(first, pixels, v.row, width,
-                                                          pro.from(c0), dst);
+                   if (store) k.prologue_sum_store_pixels(first, pixels, v.row, width,
+                                                          pro.from(c0), dst, xp.at(i, p0) + c0,
+                                                          xp.view.row);
+                   else if (pro.present) k.prologue_sum_pixels(first, pixels, v.row, width,
+                                                               pro.from(c0), dst);
                    else k.sum_pixels(first, pixels, v.row, width, dst);
+                 } else if (store) {
+                   k.prologue_sum_store_rows(sample + c0 * v.row, width, v.row, hw, pro.from(c0),
+                                             dst, xp.at(i, c0), xp.view.row);
                  } else if (pro.present) {
                    k.prologue_sum_rows(sample + c0 * v.row, width, v.row, hw, pro.from(c0), dst);
                  } else {
@@ -460,12 +480,21 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
   const auto& fc = fc_kernels<A>();
   Epilogue e{o.residual, identity.has_value(), o.relu_out};
   std::vector<A> h(w.has_fc2() ? chunk * k : 0), s(chunk * c);
+  Scratch<T> xp;
+  // bf16 keeps x' in fp32 (recomputed): rounded to bf16 for the scratch it would move the
+  // output off the reference's by more than its own rounding
+  if (std::is_same_v<T, A> && pro.act != kPrologueNone) {
+    xp.tensor = at::empty({chunk, c, x.size(2), x.size(3)},
+                          x.options().memory_format(xv.pixels ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous));
+    xp.view = *view_of(xp.tensor);
+  }
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     int64_t count = std::min(chunk, n - n0);
     A* zc = z + n0 * c;
     {
       Stage stage("sae_kernels::pool");
-      pool<T, A>(x, xv, n0, count, pro, zc);
+      pool<T, A>(x, xv, n0, count, pro, zc, xp);
       for (int64_t i = 0; i < count * c; ++i) zc[i] /= static_cast<A>(hw);
     }
     {
@@ -488,7 +517,12 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
                 iv.row,
                 data<T>(y) + sample * yv.sample + r0 * yv.row, yv.row,
                 rows, xv.pixels ? c : hw};
-      if (pro.present) {
+      if (xp.tensor.defined()) {  // x' itself, from the pool pass
+        t.x = xp.at(i, r0);
+        t.x_stride = xp.view.row;
+        if (xv.pixels) kern.rescale_pixels(t, sp + i * c, e);
+        else kern.rescale_rows(t, sp + i * c + r0, e);
+      } else if (pro.present) {
         if (xv.pixels) kern.prologue_rescale_pixels(t, sp + i * c, e, pro.from(0));
         else kern.prologue_rescale_rows(t, sp + i * c + r0, e, pro.from(r0));
       } else if (xv.pixels) {

@@ -86,6 +86,12 @@ struct PassKernels {
                             const Prologue<A>& p, A* out);
   void (*prologue_sum_pixels)(const T* x, int64_t pixels, int64_t pixel_stride, int64_t width,
                               const Prologue<A>& p, A* out);
+  // the sums, and x' stored to xp (rows xp_stride apart) for the pass after
+  void (*prologue_sum_store_rows)(const T* x, int64_t rows, int64_t row_stride, int64_t len,
+                                  const Prologue<A>& p, A* out, T* xp, int64_t xp_stride);
+  void (*prologue_sum_store_pixels)(const T* x, int64_t pixels, int64_t pixel_stride,
+                                    int64_t width, const Prologue<A>& p, A* out, T* xp,
+                                    int64_t xp_stride);
   void (*prologue_rescale_rows)(const Rows<T>& t, const A* s, Epilogue e, const Prologue<A>& p);
   void (*prologue_rescale_pixels)(const Rows<T>& t, const A* s, Epilogue e,
                                   const Prologue<A>& p);
