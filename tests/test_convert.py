@@ -349,7 +349,9 @@ def test_real_models_absorb_the_tails(name):
     assert len(report.converted) == sum(isinstance(m, SE_CLASSES) for m in model.modules())
     assert all(absorbs_tail(c) and all(r.startswith("prologue: ") for r in c.not_absorbed)
                for c in report.converted), str(report)
-    assert "(BatchNorm), shortcut add, relu" in str(report)
+    # the legacy blocks apply one ReLU module twice: it is not the SE's alone to absorb
+    assert (("not absorbed: prologue: relu is called more than once" if name.startswith("legacy")
+             else "(BatchNorm), shortcut add, relu") in str(report))
     blocks = [m for m in converted.modules() if isinstance(m, FusedResidualBlock)]
     assert len(blocks) == len(report.converted)
     se_paths = [c.path for c in report.converted]

@@ -28,7 +28,7 @@ def test_command_line(capsys):
     assert main(["stages", "se_resnet18", "--image-size", "32", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "SE-ResNet-50 C=2048 7x7" in out and "SENetV2-ResNet-50 C=256 56x56" in out
-    assert "layer4" in out and "fixed - clone" in out
+    assert "stages.3.1.excite" in out and "fixed - clone" in out
 
 
 def test_unknown_model_exits_2(capsys):
