@@ -21,7 +21,7 @@ def test_breakdown_of_a_model_with_prologues():
     assert row.prologue == "affine + silu"
     assert all(row.stages[s] > 0 for s in stages.STAGES)  # each range was recorded
     assert row.fixed == pytest.approx(row.total - sum(row.stages.values()))
-    assert row.total > 0 and row.clone > 0
+    assert row.total > 0 and row.clone > 0 and row.addmm > 0
 
 
 def test_command_line(capsys):

@@ -5,7 +5,9 @@ timm / torchvision model, read from a forward pass with their prologue), one fus
 in inference:
 
     total      the block's median latency (``timing.measure_interleaved``), beside
-    clone      a ``clone`` of its input: the least a call producing a new tensor costs;
+    clone      a ``clone`` of its input: the least a call producing a new tensor costs,
+    addmm      ATen's ``addmm`` for the same FCs on (N, C) and (N, K) inputs (what the
+               excitation stage is measured against);
     fixed      total minus the three stages: the call into the op, its checks and its
                allocations (what a small batch pays on top of the work);
     pool, excitation, rescale
@@ -43,6 +45,7 @@ class StageRow:
     prologue: str
     total: float
     clone: float
+    addmm: float
     stages: dict[str, float]
 
     @property
@@ -92,8 +95,8 @@ def breakdown(blocks: list[tuple[str, nn.Module, tuple[int, int, int]]], n: int 
             progress(name)
         x = torch.randn(n, *shape)
         with torch.inference_mode():
-            timed = measure_interleaved({"block": lambda: block(x), "clone": x.clone}, rounds,
-                                        cpu)
+            timed = measure_interleaved({"block": lambda: block(x), "clone": x.clone,
+                                         "addmm": _aten_fcs(block, n)}, rounds, cpu)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for _ in range(PROFILED_CALLS):
                     block(x)
@@ -106,8 +109,26 @@ def breakdown(blocks: list[tuple[str, nn.Module, tuple[int, int, int]]], n: int 
         prologue = "none" if norm is None else f"affine + {norm.act}"
         rows.append(StageRow(name, (n, *shape), _stacked_width(block), prologue,
                              timed["block"].median, timed["clone"].median,
+                             timed["addmm"].median,
                              {s: sum(v) / PROFILED_CALLS for s, v in spent.items()}))
     return rows
+
+
+def _aten_fcs(block: nn.Module, n: int) -> Callable[[], object]:
+    """The block's FCs as ATen addmm calls on random (N, C) and (N, K) inputs."""
+    if isinstance(block, FusedSaE):
+        w1, b1 = (t.detach() if t is not None else None for t in block.stacked_fc1())
+        fcs = [(w1, b1), (block.excite.weight.detach(), block.excite.bias)]
+    else:  # the single-FC form
+        fcs = [(block.fc.weight.detach(), block.fc.bias)]
+    inputs = [torch.randn(n, w.shape[1]) for w, _ in fcs]
+    zero = [torch.zeros(w.shape[0]) for w, _ in fcs]
+
+    def call() -> None:
+        for (w, b), v, z in zip(fcs, inputs, zero, strict=True):
+            torch.addmm(z if b is None else b.detach(), v, w.t())
+
+    return call
 
 
 def _stacked_width(block: nn.Module) -> int:
@@ -118,14 +139,17 @@ def _stacked_width(block: nn.Module) -> int:
 
 def format_rows(rows: list[StageRow]) -> str:
     """A markdown table, microseconds per call."""
-    head = ["site", "N x C x H x W", "K", "prologue", "total", "clone", "fixed", *STAGES]
+    head = ["site", "N x C x H x W", "K", "prologue", "total", "clone", "fixed", *STAGES,
+            "addmm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.site, "x".join(map(str, r.shape)), str(r.stacked_width), r.prologue,
                  f"{r.total:.1f}", f"{r.clone:.1f}", f"{r.fixed:.1f}",
-                 *(f"{r.stages[s]:.1f}" for s in STAGES)]
+                 *(f"{r.stages[s]:.1f}" for s in STAGES), f"{r.addmm:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     fixed = [r.fixed - r.clone for r in rows]
+    fcs = [r.stages["excitation"] / r.addmm for r in rows]
     lines.append(f"\nmedian over sites: fixed - clone {statistics.median(fixed):.1f} us, "
-                 f"total / clone {statistics.median(r.total / r.clone for r in rows):.2f}")
+                 f"total / clone {statistics.median(r.total / r.clone for r in rows):.2f}, "
+                 f"excitation / addmm {statistics.median(fcs):.2f} (max {max(fcs):.2f})")
     return "\n".join(lines)
