@@ -17,7 +17,6 @@ from .options import (
     ACTIVATIONS,
     GATES,
     OUTPUT_ACTIVATIONS,
-    PROLOGUE_ACTIVATIONS,
     check_cardinality,
     check_name,
     check_operands,

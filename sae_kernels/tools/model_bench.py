@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..convert import ConversionReport, convert
-from .profile import DEFAULT_IMAGE_SIZE, build_model
+from .profile import DEFAULT_IMAGE_SIZE, build_model, model_step
 from .timing import Stats, measure_interleaved
 
 VARIANTS = ("eager", "convert", "compile", "compile(convert)", "onnxruntime")
@@ -195,7 +195,7 @@ def run_case(model: Model, n: int, mode: str, variants: list[str], rounds: int,
                 else:
                     module, report = _variant_module(variant, base, training)
                     converted = converted if report is None else len(report.converted)
-                    call = _step(module, x, training)
+                    call = model_step(module, x, training)
                 call()
                 call()
             except Exception as error:
@@ -220,24 +220,6 @@ def _variant_module(variant: str, base: nn.Module, training: bool
     else:
         module = copy.deepcopy(base) if training else base
     return (torch.compile(module) if variant.startswith("compile") else module), report
-
-
-def _step(module: nn.Module, x: torch.Tensor, training: bool) -> Callable[[], object]:
-    """One inference step (inference mode), or one training step (forward, backward, SGD)."""
-    if not training:
-        def infer() -> torch.Tensor:
-            with torch.inference_mode():
-                return module(x)
-
-        return infer
-    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
-
-    def train() -> None:
-        module(x).float().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return train
 
 
 def _onnxruntime_call(model: nn.Module, x: torch.Tensor) -> tuple[Callable[[], object], OnnxCheck]:

@@ -168,7 +168,8 @@ def profile_model(name: str, batch_size: int = 2, image_size: int | None = None,
     results, traces = {}, []
     for mode in modes:
         models = {"reference": model.train(mode == "training"), "fused": conversions[mode][0]}
-        steps_by_stage = {stage: _step(m, x, mode) for stage, m in models.items()}
+        steps_by_stage = {stage: model_step(m, x, mode == "training")
+                          for stage, m in models.items()}
         # warms both models up, then times them interleaved
         timed = measure_interleaved(steps_by_stage, timed_steps, device)
         seconds = {stage: stats.median / 1e6 for stage, stats in timed.items()}
@@ -313,19 +314,22 @@ def _stage(report: ProfileReport, mode: str, stage: str) -> StageProfile:
     return getattr(report.modes[mode], stage)
 
 
-def _step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
-    """One inference step (no grad), or one training step (forward, backward, SGD update)."""
-    if mode == "inference":
-        def infer() -> None:
-            with torch.no_grad():
-                model(x)
+def model_step(model: nn.Module, x: torch.Tensor, training: bool) -> Callable[[], object]:
+    """One inference step (inference mode), or one training step (forward, backward of the
+    output's mean, SGD update)."""
+    if not training:
+        def infer() -> torch.Tensor:
+            with torch.inference_mode():
+                return model(x)
+
         return infer
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def train() -> None:
         model(x).float().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return train
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -95,7 +96,7 @@ def breakdown(blocks: list[tuple[str, nn.Module, tuple[int, int, int]]], n: int 
             progress(name)
         x = torch.randn(n, *shape)
         with torch.inference_mode():
-            timed = measure_interleaved({"block": lambda: block(x), "clone": x.clone,
+            timed = measure_interleaved({"block": partial(block, x), "clone": x.clone,
                                          "addmm": _aten_fcs(block, n)}, rounds, cpu)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for _ in range(PROFILED_CALLS):
