@@ -2,7 +2,7 @@
 //
 // This header is included by kernels_{avx512,avx2,generic}.cpp after a
 // `#pragma GCC target(...)` and with SAE_ISA naming the namespace, so every loop below
-// is vectorized for that instruction set; sae_cpu.cpp picks one table at run time.
+// is vectorized for that instruction set; op_common.h picks one table at run time.
 // Nothing here calls a function defined outside this header (GCC will not inline
 // across target options), and nothing depends on the thread count: every output
 // element is produced by one call, summing in a fixed order, so results are the same
@@ -655,7 +655,7 @@ inline void dot_tile(const A* const* w, const A* const* in, int64_t len, A (&out
 template <typename A>
 void linear(const A* in, int64_t batch, int64_t ins, const A* const* w_rows, const A* bias,
             A* out, int64_t outs, int64_t o_begin, int64_t o_end) {
-  constexpr int64_t Q = 4, S = kLinearSamples;  // Q: kLinearOutputs in sae_cpu.cpp
+  constexpr int64_t Q = 4, S = kLinearSamples;  // Q: kLinearOutputs in op_common.h
   auto store = [&](auto& tile, int64_t o, int64_t b, int64_t q_count, int64_t s_count) {
     for (int64_t q = 0; q < q_count; ++q) {
       for (int64_t s = 0; s < s_count; ++s) {

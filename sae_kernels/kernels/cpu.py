@@ -24,7 +24,8 @@ from .. import flops
 
 #: Sources, found beside the package in a checkout or an editable install.
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("sae_cpu.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_generic.cpp")
+SOURCES = ("forward.cpp", "backward.cpp", "register.cpp", "kernels_avx512.cpp",
+           "kernels_avx2.cpp", "kernels_generic.cpp")
 FLAGS = ["-O3", "-fopenmp"]
 
 

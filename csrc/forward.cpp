@@ -1,0 +1,231 @@
+// The forward: per chunk of samples small enough to stay in cache between its two passes,
+//   pool (z) -> p = W1 z + b1 -> h = act(p) -> u = W2 h + b2 -> s = gate(u) -> rescale,
+// with the prologue applied to x as it is loaded and the epilogue as y is stored.
+
+#include <ATen/record_function.h>
+
+#include <array>
+#include <string_view>
+
+#include "op_common.h"
+#include "ops.h"
+
+namespace sae_cpu {
+
+// x' of a chunk of samples, kept for the pass after the pool where the prologue has an
+// activation (float32 and float64): it is computed once per element, and the chunk stays
+// in cache between the passes as x itself does.
+template <typename T>
+struct Scratch {
+  Tensor tensor;  // undefined: no scratch, x' is recomputed from x
+  View view{};
+
+  T* at(int64_t sample, int64_t row) const {
+    return data<T>(tensor) + sample * view.sample + row * view.row;
+  }
+};
+
+// Pool samples [n0, n0 + count) of x (or of the prologue's x') into z (sums, not yet
+// divided by HW); x' also goes to `xp` when it holds a tensor.
+template <typename T, typename A>
+void pool(const Tensor& x, const View& v, int64_t n0, int64_t count, const PrologueValues<A>& pro,
+          A* z, const Scratch<T>& xp) {
+  const auto& k = pass_kernels<T, A>();
+  const T* base = data<T>(x) + n0 * v.sample;
+  int64_t c = x.size(1), hw = x.size(2) * x.size(3);
+  bool store = xp.tensor.defined();
+  channel_sums(v, count, c, hw, sizeof(T), z,
+               [&](int64_t i, int64_t p0, int64_t pixels, int64_t c0, int64_t width, A* dst) {
+                 const T* sample = base + i * v.sample;
+                 if (v.pixels) {
+                   const T* first = sample + p0 * v.row + c0;
+                   if (store) k.prologue_sum_store_pixels(first, pixels, v.row, width,
+                                                          pro.from(c0), dst, xp.at(i, p0) + c0,
+                                                          xp.view.row);
+                   else if (pro.present) k.prologue_sum_pixels(first, pixels, v.row, width,
+                                                               pro.from(c0), dst);
+                   else k.sum_pixels(first, pixels, v.row, width, dst);
+                 } else if (store) {
+                   k.prologue_sum_store_rows(sample + c0 * v.row, width, v.row, hw, pro.from(c0),
+                                             dst, xp.at(i, c0), xp.view.row);
+                 } else if (pro.present) {
+                   k.prologue_sum_rows(sample + c0 * v.row, width, v.row, hw, pro.from(c0), dst);
+                 } else {
+                   k.sum_rows(sample + c0 * v.row, width, v.row, hw, dst);
+                 }
+               });
+}
+
+// A profiler range around one stage of the operator (sae_kernels::<name> in torch.profiler
+// and its traces); close to free while no profiler runs.
+struct Stage {
+  explicit Stage(std::string_view name) : guard(at::RecordScope::FUNCTION) {
+    if (guard.isActive()) guard.before(name);
+  }
+  at::RecordFunction guard;
+};
+
+// The forward over x into y; z (N, C), p (N, K) and u (N, C) receive the pooled means,
+// the fc1 outputs and the gate inputs (the backward's saved values).
+template <typename T, typename A>
+void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& identity,
+                   const View& iv, const Tensor& y, const View& yv, const Weights<A>& w,
+                   const PrologueValues<A>& pro, A* z, A* p, A* u, const Options& o) {
+  int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.k;
+  int64_t chunk = samples_per_chunk(x);
+  const auto& kern = pass_kernels<T, A>();
+  const auto& fc = fc_kernels<A>();
+  Epilogue e{o.residual, identity.has_value(), o.relu_out};
+  std::vector<A> h(w.has_fc2() ? chunk * k : 0), s(chunk * c);
+  Scratch<T> xp;
+  // bf16 keeps x' in fp32 (recomputed): rounded to bf16 for the scratch it would move the
+  // output off the reference's by more than its own rounding
+  if (std::is_same_v<T, A> && pro.act != kPrologueNone) {
+    xp.tensor = at::empty({chunk, c, x.size(2), x.size(3)},
+                          x.options().memory_format(xv.pixels ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous));
+    xp.view = *view_of(xp.tensor);
+  }
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    int64_t count = std::min(chunk, n - n0);
+    A* zc = z + n0 * c;
+    {
+      Stage stage("sae_kernels::pool");
+      pool<T, A>(x, xv, n0, count, pro, zc, xp);
+      for (int64_t i = 0; i < count * c; ++i) zc[i] /= static_cast<A>(hw);
+    }
+    {
+      Stage stage("sae_kernels::excitation");
+      linear<A>(zc, count, c, w.w1_rows.data(), w.b1_data(), p + n0 * k, k);
+      if (w.has_fc2()) {
+        fc.activate(p + n0 * k, count * k, o.act, h.data());
+        linear<A>(h.data(), count, k, w.w2_rows.data(), w.b2_data(), u + n0 * c, c);
+      } else {
+        std::copy(p + n0 * k, p + (n0 + count) * k, u + n0 * c);
+      }
+      fc.gate(u + n0 * c, count * c, o.gate, s.data());
+    }
+    const A* sp = s.data();
+    Stage stage("sae_kernels::rescale");
+    for_rows(xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
+      int64_t sample = n0 + i;
+      Rows<T> t{data<T>(x) + sample * xv.sample + r0 * xv.row, xv.row,
+                identity ? data<T>(*identity) + sample * iv.sample + r0 * iv.row : nullptr,
+                iv.row,
+                data<T>(y) + sample * yv.sample + r0 * yv.row, yv.row,
+                rows, xv.pixels ? c : hw};
+      if (xp.tensor.defined()) {  // x' itself, from the pool pass
+        t.x = xp.at(i, r0);
+        t.x_stride = xp.view.row;
+        if (xv.pixels) kern.rescale_pixels(t, sp + i * c, e);
+        else kern.rescale_rows(t, sp + i * c + r0, e);
+      } else if (pro.present) {
+        if (xv.pixels) kern.prologue_rescale_pixels(t, sp + i * c, e, pro.from(0));
+        else kern.prologue_rescale_rows(t, sp + i * c + r0, e, pro.from(r0));
+      } else if (xv.pixels) {
+        kern.rescale_pixels(t, sp + i * c, e);
+      } else {
+        kern.rescale_rows(t, sp + i * c + r0, e);
+      }
+    });
+  }
+}
+
+// y for checked operands; the saved values (z, p, u: see forward_typed) go to `saved`
+// when given, else to scratch memory.
+Tensor run_forward(const Tensor& x_in, at::TensorList w1s, at::TensorList b1s,
+                   const optional<Tensor>& w2, const optional<Tensor>& b2,
+                   const optional<Tensor>& identity_in, const optional<Tensor>& prologue_scale,
+                   const optional<Tensor>& prologue_shift, const Options& o,
+                   const std::array<Tensor, 3>* saved) {
+  Tensor y = output_like(x_in);
+  int64_t n = x_in.size(0), c = x_in.size(1), k = fc1_rows(w1s);
+  if (n == 0) return y;
+  View yv = *view_of(y);
+  Tensor x = same_walk(x_in, yv);
+  View xv = *view_of(x);
+  optional<Tensor> identity;
+  View iv = xv;
+  if (identity_in) {
+    identity = same_walk(*identity_in, xv);
+    iv = *view_of(*identity);
+  }
+  auto run = [&](auto storage, auto accumulation) {
+    using T = decltype(storage);
+    using A = decltype(accumulation);
+    std::vector<A> scratch(saved ? 0 : n * (2 * c + k));
+    A* z = saved ? data<A>((*saved)[0]) : scratch.data();
+    A* p = saved ? data<A>((*saved)[1]) : z + n * c;
+    A* u = saved ? data<A>((*saved)[2]) : p + n * k;
+    forward_typed<T, A>(x, xv, identity, iv, y, yv, weights_by_rows<A>(w1s, b1s, w2, b2),
+                        prologue_values<A>(c, prologue_scale, prologue_shift, o.prologue_act), z,
+                        p, u, o);
+  };
+  switch (x.scalar_type()) {
+    case at::kDouble: run(double{}, double{}); break;
+    case at::kBFloat16: run(Bf16{}, float{}); break;
+    default: run(float{}, float{});
+  }
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
+    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
+    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
+    int64_t gate_code, bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
+    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code, prologue_scale, prologue_shift,
+                 prologue_act);
+  check_dtype(x);
+  auto acc = x.options().dtype(acc_type(x));
+  int64_t n = x.size(0), c = x.size(1), k = fc1_rows(w1s);
+  std::array<Tensor, 3> saved{at::empty({n, c}, acc), at::empty({n, k}, acc),
+                              at::empty({n, c}, acc)};
+  Options o{act, gate_code, residual, relu_out, prologue_act};
+  Tensor y = run_forward(x, w1s, b1s, w2, b2, identity, prologue_scale, prologue_shift, o, &saved);
+  return {y, saved[0], saved[1], saved[2]};
+}
+
+// cpu_sae below autograd: the forward alone, nothing saved.
+Tensor cpu_infer(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                 const optional<Tensor>& w2, const optional<Tensor>& b2,
+                 const optional<Tensor>& identity, int64_t act, int64_t gate_code, bool residual,
+                 bool relu_out, const optional<Tensor>& prologue_scale,
+                 const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code, prologue_scale, prologue_shift,
+                 prologue_act);
+  check_dtype(x);
+  Options o{act, gate_code, residual, relu_out, prologue_act};
+  return run_forward(x, w1s, b1s, w2, b2, identity, prologue_scale, prologue_shift, o, nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward_meta(
+    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
+    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+    bool, bool, const optional<Tensor>& prologue_scale, const optional<Tensor>& prologue_shift,
+    int64_t prologue_act) {
+  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code, prologue_scale, prologue_shift,
+                 prologue_act);
+  auto acc = acc_type(x);
+  int64_t n = x.size(0), c = x.size(1), k = fc1_rows(w1s);
+  return {output_like(x), at::empty({n, c}, x.options().dtype(acc)),
+          at::empty({n, k}, x.options().dtype(acc)), at::empty({n, c}, x.options().dtype(acc))};
+}
+
+Tensor cpu_sae_meta(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                    const optional<Tensor>& w2, const optional<Tensor>& b2,
+                    const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+                    bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
+                    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  return std::get<0>(cpu_forward_meta(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
+                                      relu_out, prologue_scale, prologue_shift, prologue_act));
+}
+
+// A copy of x in a tensor allocated as the operator allocates its outputs (huge pages from
+// kHugePageMinBytes on): the benchmark's memory floor with the fused op's allocation.
+Tensor copy_like_output(const Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  return output_like(x).copy_(x);
+}
+
+}  // namespace sae_cpu

@@ -1,0 +1,465 @@
+// What the operator's forward, backward and registration share: the kernel table, how a
+// tensor is walked, output allocation, the FC wrappers, the per-channel sums, the
+// operands read into plain arrays, and the input rules.
+
+#pragma once
+
+#include <ATen/ATen.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "parallel.h"
+#include "sae_cpu.h"
+
+namespace sae_cpu {
+
+using at::Tensor;
+using std::optional;
+
+// Act and gate codes: indices into sae_kernels.options.ACTIVATIONS / GATES.
+enum Act : int64_t { kRelu = 0, kSilu = 1, kHardswish = 2, kGelu = 3 };
+enum Gate : int64_t { kSigmoid = 0, kHardsigmoid = 1 };
+
+// Samples per chunk: as many as fit in this many bytes (at least one), so the second
+// pass over a chunk reads it from cache. SAE_KERNELS_CPU_CHUNK_BYTES overrides it.
+constexpr int64_t kDefaultChunkBytes = 4 << 20;
+// Elements of work below which a loop is not split across threads.
+constexpr int64_t kGrainElements = 1 << 14;
+// Outputs per tile of the FC kernel (kernels.h): a piece of an FC's outputs is whole tiles.
+constexpr int64_t kLinearOutputs = 4;
+// Outputs from this size on are advised onto huge pages (glibc's largest mmap threshold).
+constexpr size_t kHugePageMinBytes = size_t(32) << 20;
+// Columns per piece of the FC backward's split (a multiple of every vector width).
+constexpr int64_t kColumnBlock = 64;
+// Bytes of consecutive pixels per task in the channels_last per-channel sums.
+constexpr int64_t kPixelBlockBytes = 64 << 10;
+
+inline const KernelTable& pick_table() {
+  const char* forced = std::getenv("SAE_KERNELS_CPU_ISA");
+  std::string want = forced ? forced : "";
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (want.empty() ? has_avx512 : want == "avx512") {
+    TORCH_CHECK(has_avx512, "SAE_KERNELS_CPU_ISA=avx512 but this CPU lacks AVX-512");
+    return avx512::table();
+  }
+  if (want.empty() ? has_avx2 : want == "avx2") {
+    TORCH_CHECK(has_avx2, "SAE_KERNELS_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+    return avx2::table();
+  }
+#endif
+  TORCH_CHECK(want.empty() || want == "generic", "SAE_KERNELS_CPU_ISA must be avx512, avx2 or "
+              "generic (on this CPU), got ", want);
+  return generic::table();
+}
+
+inline const KernelTable& kernels() {
+  static const KernelTable& table = pick_table();
+  return table;
+}
+
+// A non-negative integer from the environment, or `fallback` where it is unset.
+inline int64_t env_int(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  return env ? std::max<int64_t>(0, std::atoll(env)) : fallback;
+}
+
+inline int64_t chunk_bytes() {
+  static const int64_t bytes =
+      std::max<int64_t>(1, env_int("SAE_KERNELS_CPU_CHUNK_BYTES", kDefaultChunkBytes));
+  return bytes;
+}
+
+// Samples of x (N >= 1) per chunk: as many as fit in chunk_bytes(), at least one.
+inline int64_t samples_per_chunk(const Tensor& x) {
+  int64_t sample_bytes = x.size(1) * x.size(2) * x.size(3) * x.element_size();
+  return std::clamp<int64_t>(chunk_bytes() / std::max<int64_t>(1, sample_bytes), 1, x.size(0));
+}
+
+// How one 4-D tensor is walked: as channel rows (NCHW) or pixel rows (channels_last).
+struct View {
+  bool pixels;      // rows are pixels with C contiguous channels
+  int64_t sample;   // stride between samples
+  int64_t row;      // stride between rows (channels for NCHW, pixels for channels_last)
+};
+
+inline optional<View> view_of(const Tensor& t) {
+  auto s = t.strides();
+  int64_t c = t.size(1), h = t.size(2), w = t.size(3);
+  bool hw_flat = w == 1 || h == 1 || s[2] == w * s[3];
+  int64_t hw_stride = w == 1 ? s[2] : s[3];
+  if (!hw_flat) return std::nullopt;
+  if (c > 1 && s[1] == 1) return View{true, s[0], hw_stride};
+  if (hw_stride == 1 || h * w == 1) return View{false, s[0], s[1]};
+  return std::nullopt;
+}
+
+// `t` in the same walk as `like` (copied when its layout differs).
+inline Tensor same_walk(const Tensor& t, const View& like) {
+  auto v = view_of(t);
+  if (v && v->pixels == like.pixels) return t;
+  return t.contiguous(like.pixels ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// Asks for transparent huge pages under a CPU tensor of at least kHugePageMinBytes not
+// yet written. glibc serves allocations that large with a fresh mapping every time, and
+// at one page fault per 4 KiB their first write cost more than the operator (half the
+// time at N = 32 on SE-ResNet's first stage); with 2 MiB pages it is 512 times fewer
+// faults. Smaller outputs are reused heap memory, already mapped, where the advice only
+// costs. Off with SAE_KERNELS_CPU_HUGE_PAGES=0; a no-op where the kernel's THP setting
+// is `never`.
+inline void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = env_int("SAE_KERNELS_CPU_HUGE_PAGES", 1) != 0;
+  constexpr uintptr_t kHugePage = 2 << 20;
+  if (!enabled || !t.is_cpu() || t.nbytes() < kHugePageMinBytes) return;
+  auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  uintptr_t end = (begin + t.nbytes()) & ~(kHugePage - 1);
+  begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+#endif
+}
+
+// A new output shaped like x, always walkable: x's layout when x is, else NCHW.
+inline Tensor output_like(const Tensor& x) {
+  Tensor out = at::empty_like(x);
+  if (!view_of(out)) out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  advise_huge_pages(out);
+  return out;
+}
+
+inline Tensor activation_backward(const Tensor& grad, const Tensor& p, const Tensor& h, int64_t act) {
+  switch (act) {
+    case kRelu: return at::threshold_backward(grad, h, 0);
+    case kSilu: return at::silu_backward(grad, p);
+    case kHardswish: return at::hardswish_backward(grad, p);
+    default: return at::gelu_backward(grad, p);
+  }
+}
+
+inline Tensor gate_backward(const Tensor& grad, const Tensor& u, const Tensor& s, int64_t g) {
+  return g == kSigmoid ? at::sigmoid_backward(grad, s) : at::hardsigmoid_backward(grad, u);
+}
+
+template <typename A>
+const FcKernels<A>& fc_kernels() {
+  if constexpr (std::is_same_v<A, double>) return kernels().fc_f64;
+  else return kernels().fc_f32;
+}
+
+// out (rows, outs) = in (rows, ins) @ w^T + bias, split over output columns.
+template <typename A>
+void linear(const A* in, int64_t rows, int64_t ins, const A* const* w, const A* bias, A* out,
+            int64_t outs) {
+  // whole tiles of kLinearOutputs per piece
+  int64_t tiles = (outs + kLinearOutputs - 1) / kLinearOutputs;
+  parallel(tiles, kGrainElements / std::max<int64_t>(1, rows * ins * kLinearOutputs),
+           [&](int64_t b, int64_t e) {
+             fc_kernels<A>().linear(in, rows, ins, w, bias, out, outs, b * kLinearOutputs,
+                                    std::min(outs, e * kLinearOutputs));
+           });
+}
+
+// d_in (rows, ins) = d_out (rows, outs) @ w (outs, ins), split over columns of d_in.
+template <typename A>
+void linear_backward_input(const A* d_out, int64_t rows, int64_t outs, const A* const* w,
+                           int64_t ins, A* d_in) {
+  // whole blocks of kColumnBlock columns per piece, so the kernel runs on whole vectors
+  int64_t blocks = (ins + kColumnBlock - 1) / kColumnBlock;
+  parallel(blocks, kGrainElements / std::max<int64_t>(1, rows * outs * kColumnBlock),
+           [&](int64_t b, int64_t e) {
+             fc_kernels<A>().linear_backward_input(d_out, rows, outs, w, ins, d_in,
+                                                   b * kColumnBlock,
+                                                   std::min(ins, e * kColumnBlock));
+           });
+}
+
+template <typename T, typename A>
+const PassKernels<T, A>& pass_kernels() {
+  if constexpr (std::is_same_v<T, Bf16>) return kernels().bf16;
+  else if constexpr (std::is_same_v<T, double>) return kernels().f64;
+  else return kernels().f32;
+}
+
+template <typename T>
+T* data(const Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// `t` as a contiguous tensor of the accumulation type (itself where it already is one).
+template <typename A>
+Tensor as_acc(const Tensor& t) {
+  constexpr auto acc = c10::CppTypeToScalarType<A>::value;
+  return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
+}
+
+// act(p) and gate(u) of the small (rows, width) tensors of the accumulation type, by the
+// forward's own loops (kernels.h), so the backward sees the values the forward used.
+template <typename F>
+Tensor elementwise(const Tensor& in, const F& f) {
+  Tensor out = at::empty(in.sizes(), in.options());
+  Tensor src = in.contiguous();
+  if (in.scalar_type() == at::kDouble) f(fc_kernels<double>(), data<double>(src), data<double>(out));
+  else f(fc_kernels<float>(), data<float>(src), data<float>(out));
+  return out;
+}
+
+inline Tensor activation(const Tensor& p, int64_t act) {
+  return elementwise(p, [&](const auto& fc, auto in, auto out) {
+    fc.activate(in, p.numel(), act, out);
+  });
+}
+
+inline Tensor gate(const Tensor& u, int64_t g) {
+  return elementwise(u, [&](const auto& fc, auto in, auto out) { fc.gate(in, u.numel(), g, out); });
+}
+
+// Per-channel sums over the pixels of `count` samples: out[i * c + channel] for sample i.
+// sum(i, p0, pixels, c0, width, dst) writes the sums over pixels [p0, p0 + pixels) of
+// channels [c0, c0 + width) of sample i to dst[0, width).
+// NCHW: a task sums whole channel rows. channels_last: a task sums one block of
+// kPixelBlockBytes of consecutive pixels across all channels (reading memory in order:
+// a task per channel slice would stride a whole pixel per step), and the blocks' partial
+// sums are then added in block order. Blocks are fixed by the shape, so the result does
+// not depend on the thread count.
+// With `values` > 1 the sum writes that many sums per channel, the k-th at dst[k * c + ...]:
+// sample i's sums are out[i * values * c, (i + 1) * values * c).
+template <typename A, typename F>
+void channel_sums(const View& v, int64_t count, int64_t c, int64_t hw, int64_t element_bytes,
+                  A* out, const F& sum, int64_t values = 1) {
+  if (!v.pixels) {
+    parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e;) {
+        int64_t c0 = i % c, width = std::min(e - i, c - c0);
+        sum(i / c, 0, hw, c0, width, out + (i / c) * values * c + c0);
+        i += width;
+      }
+    });
+    return;
+  }
+  int64_t per_block = std::max<int64_t>(1, kPixelBlockBytes / (c * element_bytes));
+  int64_t blocks = (hw + per_block - 1) / per_block;
+  int64_t stride = values * c;
+  auto block_sums = [&](A* dst) {
+    parallel(count * blocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        int64_t p0 = (t % blocks) * per_block;
+        sum(t / blocks, p0, std::min(per_block, hw - p0), 0, c, dst + t * stride);
+      }
+    });
+  };
+  if (blocks == 1) return block_sums(out);
+  std::vector<A> partial(count * blocks * stride);
+  block_sums(partial.data());
+  parallel(count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const A* first = partial.data() + i * blocks * stride;
+      A* row = out + i * stride;
+      std::copy(first, first + stride, row);
+      for (int64_t j = 1; j < blocks; ++j)
+        for (int64_t ch = 0; ch < stride; ++ch) row[ch] += first[j * stride + ch];
+    }
+  });
+}
+
+// The prologue's per-channel values in the accumulation type; absent: no prologue.
+template <typename A>
+struct PrologueValues {
+  bool present = false;
+  int64_t act = kPrologueNone;
+  std::vector<A> scale, shift;  // C values each (1 and 0 where a tensor was not given)
+
+  // The prologue from channel c0 on.
+  Prologue<A> from(int64_t c0) const { return {scale.data() + c0, shift.data() + c0, act}; }
+};
+
+template <typename A>
+PrologueValues<A> prologue_values(int64_t c, const optional<Tensor>& scale,
+                                  const optional<Tensor>& shift, int64_t act) {
+  PrologueValues<A> p;
+  p.present = scale || shift || act != kPrologueNone;
+  p.act = act;
+  auto values = [&](const optional<Tensor>& t, A fill) {
+    if (!t) return std::vector<A>(p.present ? c : 0, fill);
+    Tensor v = as_acc<A>(*t);
+    return std::vector<A>(data<A>(v), data<A>(v) + c);
+  };
+  p.scale = values(scale, A(1));
+  p.shift = values(shift, A(0));
+  return p;
+}
+
+// Rows of samples [n0, n0 + count) split across threads: pixel blocks or channel rows.
+template <typename F>
+void for_rows(const View& v, int64_t count, int64_t c, int64_t hw, const F& f) {
+  if (v.pixels) {
+    int64_t per_task = std::max<int64_t>(1, kGrainElements / c);
+    int64_t blocks = (hw + per_task - 1) / per_task;
+    parallel(count * blocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        int64_t n = i / blocks, r0 = (i % blocks) * per_task;
+        f(n, r0, std::min(per_task, hw - r0));
+      }
+    });
+  } else {
+    parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e;) {
+        int64_t n = i / c, r0 = i % c, len = std::min(e - i, c - r0);
+        f(n, r0, len);
+        i += len;
+      }
+    });
+  }
+}
+
+struct Options {
+  int64_t act, gate;
+  bool residual, relu_out;
+  int64_t prologue_act;
+};
+
+// The FC weights in the accumulation dtype, by rows: fc1 is its branch matrices in order
+// (together the rows of the stacked W1, (K, C)), fc2 one (C, K) matrix, or none (the
+// single-FC form, K = C, u = p).
+template <typename A>
+struct Weights {
+  std::vector<Tensor> keep;  // owners of the rows (copies only where the dtype differed)
+  std::vector<const A*> w1_rows, w2_rows;
+  std::vector<A> b1;  // the branch biases, concatenated (K values)
+  Tensor b2;
+  int64_t k = 0;
+
+  bool has_fc2() const { return !w2_rows.empty(); }
+  const A* b1_data() const { return b1.empty() ? nullptr : b1.data(); }
+  const A* b2_data() const { return b2.defined() ? data<A>(b2) : nullptr; }
+};
+
+// K: the rows of the stacked fc1.
+inline int64_t fc1_rows(at::TensorList w1s) {
+  int64_t k = 0;
+  for (const Tensor& w : w1s) k += w.size(0);
+  return k;
+}
+
+template <typename A>
+void add_rows(const Tensor& w, std::vector<const A*>& rows, std::vector<Tensor>& keep) {
+  Tensor t = as_acc<A>(w);
+  for (int64_t r = 0; r < t.size(0); ++r) rows.push_back(data<A>(t) + r * t.size(1));
+  keep.push_back(std::move(t));
+}
+
+template <typename A>
+Weights<A> weights_by_rows(at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
+                           const optional<Tensor>& b2) {
+  Weights<A> w;
+  for (const Tensor& t : w1s) add_rows<A>(t, w.w1_rows, w.keep);
+  if (w2) add_rows<A>(*w2, w.w2_rows, w.keep);
+  w.k = static_cast<int64_t>(w.w1_rows.size());
+  for (const Tensor& b : b1s) {
+    Tensor t = as_acc<A>(b);
+    w.b1.insert(w.b1.end(), data<A>(t), data<A>(t) + t.numel());
+  }
+  if (b2) w.b2 = as_acc<A>(*b2);
+  return w;
+}
+
+inline at::ScalarType acc_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_dtype(const Tensor& x) {
+  auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+                   "the CPU kernels take float32, float64 or bfloat16, got ", t);
+}
+
+inline bool is_float(const Tensor& t) {
+  auto s = t.scalar_type();
+  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
+}
+
+// The rules of sae_kernels.options.check_operands, with the same messages: this op is
+// reached without the Python checks.
+inline void check_operands(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                    const optional<Tensor>& w2, const optional<Tensor>& b2,
+                    const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+                    const optional<Tensor>& prologue_scale,
+                    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  TORCH_CHECK_VALUE(act >= kRelu && act <= kGelu, "unknown act code ", act);
+  TORCH_CHECK_VALUE(prologue_act >= kPrologueNone && prologue_act <= kPrologueHardswish,
+                    "unknown prologue_act code ", prologue_act);
+  TORCH_CHECK_VALUE(gate_code == kSigmoid || gate_code == kHardsigmoid, "unknown gate code ",
+                    gate_code);
+  TORCH_CHECK_TYPE(is_float(x), "x must be float16, bfloat16, float32 or float64, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D shape ",
+                    x.sizes());
+  int64_t c = x.size(1);
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) >= 1, "x must have a spatial size H*W >= 1, got H=",
+                    x.size(2), ", W=", x.size(3));
+  auto check = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(is_float(t), name, " must be float16, bfloat16, float32 or float64, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
+                      x.device());
+  };
+  TORCH_CHECK_VALUE(!w1s.empty(), "fc1_weights must hold at least one branch matrix");
+  TORCH_CHECK_VALUE(b1s.empty() || b1s.size() == w1s.size(), "fc1_biases must be empty or one "
+                    "per branch matrix: ", b1s.size(), " biases for ", w1s.size(), " matrices");
+  int64_t k = 0;
+  for (size_t i = 0; i < w1s.size(); ++i) {
+    const Tensor& w1 = w1s[i];
+    check(w1, "fc1_weight");
+    TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == c, "x has ", c,
+                      " channels but fc1_weight has shape ", w1.sizes(),
+                      "; fc1_weight must have shape (K, C=", c, ")");
+    TORCH_CHECK_VALUE(w1.size(0) >= 1,
+                      "fc1_weight must have at least one row (reduced width >= 1)");
+    if (!b1s.empty()) {
+      check(b1s[i], "fc1_bias");
+      TORCH_CHECK_VALUE(b1s[i].dim() == 1 && b1s[i].size(0) == w1.size(0),
+                        "fc1_bias must have shape (", w1.size(0), ",), got ", b1s[i].sizes());
+    }
+    k += w1.size(0);
+  }
+  if (w2) check(*w2, "fc2_weight");
+  TORCH_CHECK_VALUE(w2 || !b2, "fc2_bias must be None when fc2_weight is None (the single-FC "
+                    "form)");
+  if (b2) check(*b2, "fc2_bias");
+  if (identity) check(*identity, "identity");
+  TORCH_CHECK_VALUE(w2 || k == c, "without fc2_weight (the single-FC form) fc1_weight must "
+                    "have shape (C=", c, ", C=", c, "), got (", k, ", ", c, ")");
+  TORCH_CHECK_VALUE(!w2 || (w2->dim() == 2 && w2->size(0) == c && w2->size(1) == k),
+                    "fc2_weight must have shape (C=", c, ", K=", k, "), got ",
+                    w2 ? w2->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!b2 || (b2->dim() == 1 && b2->size(0) == c), "fc2_bias must have shape (",
+                    c, ",), got ", b2 ? b2->sizes() : at::IntArrayRef{});
+  if (identity) {
+    TORCH_CHECK_VALUE(identity->sizes() == x.sizes(), "identity must have x's shape ",
+                      x.sizes(), ", got ", identity->sizes());
+    TORCH_CHECK_TYPE(identity->scalar_type() == x.scalar_type(), "identity must have x's dtype ",
+                     x.scalar_type(), ", got ", identity->scalar_type());
+  }
+  for (auto [t, name] : {std::pair{&prologue_scale, "prologue_scale"},
+                         std::pair{&prologue_shift, "prologue_shift"}}) {
+    if (!*t) continue;
+    check(**t, name);
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == c, name, " must have shape (C=", c,
+                      ",), got ", (*t)->sizes());
+  }
+}
+
+
+}  // namespace sae_cpu
