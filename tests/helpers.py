@@ -14,6 +14,21 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # bf16 0.85 (the interpreter's truncation to bf16, see sae_kernels.accuracy), fp64 0.002.
 
 
+#: The operator's output epilogues: (residual, with_identity, act_out).
+EPILOGUES = {
+    "scale": (False, False, "none"),
+    "residual": (True, False, "none"),
+    "relu": (False, False, "relu"),
+    "identity": (False, True, "none"),
+    "identity_relu": (False, True, "relu"),
+    "residual_identity_relu": (True, True, "relu"),
+}
+#: Layouts by name: whether channels_last.
+LAYOUTS = {"nchw": False, "channels_last": True}
+#: The dtypes of the matrix by name.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+          "fp64": torch.float64}
+
 #: Largest error/bound ratio seen per dtype in this process (reported by conftest).
 WORST: dict = {}
 

@@ -7,20 +7,14 @@ import sys
 import pytest
 import torch
 
-from helpers import Case, check_case
+from helpers import EPILOGUES, LAYOUTS, Case, check_case
 from sae_kernels import FusedSaE, SaE
 from sae_kernels.kernels import cpu
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C++ CPU kernels did not build")
 
-LAYOUTS = {"nchw": False, "channels_last": True}
+#: the dtypes the C++ kernels take
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-EPILOGUES = {  # (residual, with_identity, act_out)
-    "scale": (False, False, "none"),
-    "residual": (True, False, "none"),
-    "identity_relu": (False, True, "relu"),
-    "residual_identity_relu": (True, True, "relu"),
-}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

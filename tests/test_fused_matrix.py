@@ -3,24 +3,13 @@
 import pytest
 import torch
 
-from helpers import Case, assert_close_to_truth, check_case
+from helpers import DTYPES, EPILOGUES, LAYOUTS, Case, assert_close_to_truth, check_case
 from sae_kernels.accuracy import TOLERANCES
 
 CHANNELS = [1, 3, 19, 64, 228]
 SPATIAL = [(1, 1), (7, 7), (13, 17), (56, 56)]
 BATCH = [0, 1, 3]
-LAYOUTS = {"nchw": False, "channels_last": True}
 STRATEGIES = ["single", "split"]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-          "fp64": torch.float64}
-EPILOGUES = {  # (residual, with_identity, act_out)
-    "scale": (False, False, "none"),
-    "residual": (True, False, "none"),
-    "relu": (False, False, "relu"),
-    "identity": (False, True, "none"),
-    "identity_relu": (False, True, "relu"),
-    "residual_identity_relu": (True, True, "relu"),
-}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

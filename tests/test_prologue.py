@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import DEVICE, assert_close_to_truth
+from helpers import DEVICE, DTYPES, EPILOGUES, LAYOUTS, assert_close_to_truth
 from sae_kernels import FusedSE
 from sae_kernels.functional import sae
 from sae_kernels.options import PROLOGUE_ACTIVATIONS
@@ -19,15 +19,8 @@ from sae_kernels.reference import SE, TORCH_ACTIVATIONS, sae_reference
 #: (backend, strategy): the C++ kernels, and the Triton kernels under each launch strategy
 BACKENDS = {"cpu": ("cpu", "auto"), "triton-single": ("triton", "single"),
             "triton-split": ("triton", "split")}
-LAYOUTS = {"nchw": False, "channels_last": True}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-          "fp64": torch.float64}
-EPILOGUES = {  # (residual, with_identity, act_out)
-    "scale": (False, False, "none"),
-    "residual": (True, False, "none"),
-    "identity_relu": (False, True, "relu"),
-    "residual_identity_relu": (True, True, "relu"),
-}
+#: the epilogues checked with every prologue (the rest differ from these only in the tail)
+PROLOGUE_EPILOGUES = ["scale", "residual", "identity_relu", "residual_identity_relu"]
 #: where each activation's derivative jumps: inputs are kept this far from them, or a
 #: low-precision run may legitimately take the other side (relative to |kink| + 1)
 KINKS = {"none": [], "relu": [0.0], "silu": [], "hardswish": [-3.0, 3.0]}
@@ -114,7 +107,7 @@ def test_shapes(act, shape, layout, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("epilogue", PROLOGUE_EPILOGUES)
 @pytest.mark.parametrize("act", PROLOGUE_ACTIVATIONS)
 def test_dtypes_and_epilogues(act, epilogue, dtype, layout, backend):
     backend, strategy = BACKENDS[backend]
