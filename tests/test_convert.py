@@ -521,3 +521,19 @@ def test_normalisation_with_another_consumer_stays(reuse):
         assert entry.not_absorbed == (f"prologue: {reuse} has 2 consumers, not only the SE",)
         assert type(converted.bn) is nn.BatchNorm2d and type(converted.act) is nn.ReLU
     assert_same_function(model, converted, torch.randn(2, 8, 6, 5, dtype=torch.float64))
+
+
+def test_converted_model_under_inductor():
+    """A converted block with an absorbed norm and a fused tail compiles with inductor (the
+    composite rule) and computes what the original computes."""
+    model = randomize(nn.Sequential(NormActSE(None), resnet.BasicBlock(16, 16, attn_layer="se")))
+    model = model.eval()
+    converted, report = convert(model)
+    assert [bool(c.absorbed) for c in report.converted] == [True, True]
+    x = torch.randn(2, 8, 6, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, backend="inductor", fullgraph=True)
+    with torch.no_grad():
+        # fp32, inductor's own summation orders (mean, FCs, convolution): a few ulps of
+        # each sum, far below what a wrong prologue or tail would change (order 1)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
