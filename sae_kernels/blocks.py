@@ -87,7 +87,10 @@ class FusedResidualBlock(nn.Module):
 
 
 def _rescale(se: FusedSaE, x: torch.Tensor) -> torch.Tensor:
-    """``x * s [+ x]``: the fused SE's output without the shortcut and the ReLU."""
+    """``x' * s [+ x']``: the fused SE's output (its prologue included) without the shortcut
+    and the ReLU."""
     fc1_weight, fc1_bias = se.stacked_fc1()
+    scale, shift, prologue_act = se.prologue_operands()
     return sae(x, fc1_weight, fc1_bias, se.excite.weight, se.excite.bias, act=se.act,
-               gate=se.gate, residual=se.residual, backend=se.backend, strategy=se.strategy)
+               gate=se.gate, residual=se.residual, backend=se.backend, strategy=se.strategy,
+               prologue_scale=scale, prologue_shift=shift, prologue_act=prologue_act)

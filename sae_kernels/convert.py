@@ -309,23 +309,25 @@ def _absorb_prologue(parent: nn.Module, se_name: str, se: nn.Module,
     se_calls = [n for n in calls if n.target == se_name]
     if len(se_calls) != 1 or not se_calls[0].args:
         return None
-    chain, node = [], se_calls[0].args[0]
-    while (isinstance(node, torch.fx.Node) and node.op == "call_module"
-           and any(_is(parent.get_submodule(node.target), q) for q in IDENTITY_CLASSES)):
-        chain.append(node)
-        node = node.args[0]
-    act_node = None
-    if (isinstance(node, torch.fx.Node) and node.op == "call_module"
-            and _activation_name(parent.get_submodule(node.target), ACTIVATION_CLASSES)):
-        act_node = node
-        chain.append(node)
-        node = node.args[0]
-        while (isinstance(node, torch.fx.Node) and node.op == "call_module"
-               and any(_is(parent.get_submodule(node.target), q) for q in IDENTITY_CLASSES)):
+    def module_of(node) -> nn.Module | None:
+        """The module a graph node calls, or None for anything else."""
+        is_call = isinstance(node, torch.fx.Node) and node.op == "call_module"
+        return parent.get_submodule(node.target) if is_call else None
+
+    def skip_identities(node, chain: list):
+        while (m := module_of(node)) is not None and any(_is(m, q) for q in IDENTITY_CLASSES):
             chain.append(node)
             node = node.args[0]
-    if not (isinstance(node, torch.fx.Node) and node.op == "call_module"
-            and _norm_class(parent.get_submodule(node.target)) is not None):
+        return node
+
+    chain: list = []
+    node = skip_identities(se_calls[0].args[0], chain)
+    act_node = None
+    if (m := module_of(node)) is not None and _activation_name(m, ACTIVATION_CLASSES):
+        act_node = node
+        chain.append(node)
+        node = skip_identities(node.args[0], chain)
+    if (m := module_of(node)) is None or _norm_class(m) is None:
         return None
     norm_node = node
     norm = parent.get_submodule(norm_node.target)

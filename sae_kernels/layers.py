@@ -33,7 +33,9 @@ class _Prologue:
             raise TypeError(f"expected an AbsorbedNorm, got {type(norm).__name__}")
         self.__dict__["prologue_norm"] = norm  # not a submodule: no second state_dict entry
 
-    def _prologue_args(self) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    def prologue_operands(self) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+        """The operator's prologue arguments now: (scale, shift, act) while the norm is
+        absorbed, else none."""
         norm = self.prologue_norm
         if norm is None or not norm.absorbed:
             return None, None, "none"
@@ -99,7 +101,7 @@ class FusedSaE(_Prologue, SaE):
         return self._fc1_cache[1], self._fc1_cache[2]
 
     def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
-        scale, shift, prologue_act = self._prologue_args()
+        scale, shift, prologue_act = self.prologue_operands()
         if _straight_to_cpu_op(self.backend, x):
             # the branch matrices are read in place, through the parameter dicts
             branches = [m._parameters for m in self._modules["branches"]._modules.values()]
@@ -166,7 +168,7 @@ class FusedEffectiveSE(_Prologue, EffectiveSE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc = self._modules["fc"]._parameters
-        scale, shift, prologue_act = self._prologue_args()
+        scale, shift, prologue_act = self.prologue_operands()
         if _straight_to_cpu_op(self.backend, x):
             biases = [] if fc["bias"] is None else [fc["bias"]]
             return torch.ops.sae_kernels.cpu_sae(x, [fc["weight"]], biases, None, None, None, 0,

@@ -401,6 +401,11 @@ def test_drop_path_absorbed_when_converted_in_eval():
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     assert_same_function(model, converted, x)
     assert_same_function(model.train(), converted.train(), x)
+    for m in (model, converted):  # fine-tuning with frozen norms: the prologue stays on
+        for norm in m.modules():
+            if isinstance(norm, (nn.BatchNorm2d, AbsorbedNorm)):
+                norm.eval()
+    assert_same_function(model, converted, x)
 
 
 def test_residual_block_shared_frozen_modes_and_copy():

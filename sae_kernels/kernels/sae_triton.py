@@ -490,7 +490,7 @@ def _plan(x: torch.Tensor, x_strides: tuple[int, int, int], k: int, strategy: st
                        x.device, strategy, prologue=prologue["HAS_PROLOGUE"])
 
 
-def _prologue_args(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+def prologue_args(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
                    act: str) -> tuple[torch.Tensor, dict]:
     """The kernels' prologue operand and flags. The operand is the scale and shift stacked
     (2, C) in the accumulation dtype, ones or zeros standing in for one not given; without
@@ -540,7 +540,7 @@ def forward(
     b1 = fc1_bias.contiguous() if fc1_bias is not None else x
     b2 = fc2_bias.contiguous() if fc2_bias is not None else x
     id_arg = identity if identity is not None else x
-    pro_arg, prologue = _prologue_args(x, prologue_scale, prologue_shift, prologue_act)
+    pro_arg, prologue = prologue_args(x, prologue_scale, prologue_shift, prologue_act)
     plan = _plan(x, xs, k, strategy, prologue)
     flags = dict(ACT=ACTIVATIONS.index(act), HAS_B1=fc1_bias is not None,
                  HAS_B2=fc2_bias is not None, HAS_FC2=fc2_weight is not None)
@@ -617,7 +617,7 @@ def backward(
     dxs = readable(dx)[1]
     dids = readable(d_identity)[1] if write_d_identity else (0, 0, 0)
     did_arg = d_identity if write_d_identity else dx
-    pro_arg, prologue = _prologue_args(x, prologue_scale, prologue_shift, prologue_act)
+    pro_arg, prologue = prologue_args(x, prologue_scale, prologue_shift, prologue_act)
     plan = _plan(x, xs, k, "split", prologue)
     blocks_c, chunks = triton_cdiv(c, plan.block_c), plan.hw_chunks(hw)
     slots = x.new_empty((n, chunks, c), dtype=du.dtype)
