@@ -181,29 +181,9 @@ BackwardResult cpu_backward(const Tensor& grad_in, const Tensor& x_in,
     dw2 = (wide ? weight_grad<double>(du, h) : weight_grad<float>(du, h)).to(w2->scalar_type());
     db2 = wide ? bias_grad<double>(du) : bias_grad<float>(du);
   }
-  return {dx, d_identity ? *d_identity : Tensor(), per_branch(dw1, w1s, true),
+  Tensor no_identity_grad = at::empty({0}, x_in.options());
+  return {dx, d_identity ? *d_identity : no_identity_grad, per_branch(dw1, w1s, true),
           per_branch(db1, w1s, false), dw2, db2, d_pro_scale, d_pro_shift};
-}
-
-BackwardResult cpu_backward_meta(const Tensor&, const Tensor& x, const optional<Tensor>&,
-                                 at::TensorList w1s, const optional<Tensor>& w2, const Tensor&,
-                                 const Tensor& p, const Tensor& u, int64_t, int64_t, bool,
-                                 bool relu_out, bool has_identity,
-                                 const optional<Tensor>& prologue_scale,
-                                 const optional<Tensor>& prologue_shift, int64_t,
-                                 bool prologue_grads) {
-  Tensor d_identity = has_identity && relu_out ? output_like(x) : Tensor();
-  std::vector<Tensor> dw1, db1;
-  for (const Tensor& w : w1s) {
-    dw1.push_back(at::empty_like(w));
-    db1.push_back(at::empty({w.size(0)}, p.options()));
-  }
-  bool pro_grads = prologue_grads && (prologue_scale || prologue_shift);
-  Tensor d_pro = at::empty({pro_grads ? x.size(1) : 0}, u.options());
-  if (!w2) return {output_like(x), d_identity, dw1, db1, at::empty({0}, u.options()),
-                   at::empty({0}, u.options()), d_pro, at::empty_like(d_pro)};
-  return {output_like(x), d_identity, dw1, db1, at::empty_like(*w2),
-          at::empty({w2->size(0)}, u.options()), d_pro, at::empty_like(d_pro)};
 }
 
 }  // namespace sae_cpu

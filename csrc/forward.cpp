@@ -199,28 +199,6 @@ Tensor cpu_infer(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
   return run_forward(x, w1s, b1s, w2, b2, identity, prologue_scale, prologue_shift, o, nullptr);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward_meta(
-    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
-    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-    bool, bool, const optional<Tensor>& prologue_scale, const optional<Tensor>& prologue_shift,
-    int64_t prologue_act) {
-  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code, prologue_scale, prologue_shift,
-                 prologue_act);
-  auto acc = acc_type(x);
-  int64_t n = x.size(0), c = x.size(1), k = fc1_rows(w1s);
-  return {output_like(x), at::empty({n, c}, x.options().dtype(acc)),
-          at::empty({n, k}, x.options().dtype(acc)), at::empty({n, c}, x.options().dtype(acc))};
-}
-
-Tensor cpu_sae_meta(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
-                    const optional<Tensor>& w2, const optional<Tensor>& b2,
-                    const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-                    bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
-                    const optional<Tensor>& prologue_shift, int64_t prologue_act) {
-  return std::get<0>(cpu_forward_meta(x, w1s, b1s, w2, b2, identity, act, gate_code, residual,
-                                      relu_out, prologue_scale, prologue_shift, prologue_act));
-}
-
 // A copy of x in a tensor allocated as the operator allocates its outputs (huge pages from
 // kHugePageMinBytes on): the benchmark's memory floor with the fused op's allocation.
 Tensor copy_like_output(const Tensor& x) {

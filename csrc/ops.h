@@ -24,21 +24,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
     const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act,
     int64_t gate_code, bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
     const optional<Tensor>& prologue_shift, int64_t prologue_act);
-std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward_meta(
-    const Tensor& x, at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
-    const optional<Tensor>& b2, const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-    bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
-    const optional<Tensor>& prologue_shift, int64_t prologue_act);
 Tensor cpu_infer(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
                  const optional<Tensor>& w2, const optional<Tensor>& b2,
                  const optional<Tensor>& identity, int64_t act, int64_t gate_code, bool residual,
                  bool relu_out, const optional<Tensor>& prologue_scale,
                  const optional<Tensor>& prologue_shift, int64_t prologue_act);
-Tensor cpu_sae_meta(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
-                    const optional<Tensor>& w2, const optional<Tensor>& b2,
-                    const optional<Tensor>& identity, int64_t act, int64_t gate_code,
-                    bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
-                    const optional<Tensor>& prologue_shift, int64_t prologue_act);
 Tensor copy_like_output(const Tensor& x);
 
 // backward.cpp
@@ -49,12 +39,5 @@ BackwardResult cpu_backward(const Tensor& grad, const Tensor& x, const optional<
                             const optional<Tensor>& prologue_scale,
                             const optional<Tensor>& prologue_shift, int64_t prologue_act,
                             bool prologue_grads);
-BackwardResult cpu_backward_meta(const Tensor& grad, const Tensor& x, const optional<Tensor>& y,
-                                 at::TensorList w1s, const optional<Tensor>& w2, const Tensor& z,
-                                 const Tensor& p, const Tensor& u, int64_t act, int64_t gate_code,
-                                 bool residual, bool relu_out, bool has_identity,
-                                 const optional<Tensor>& prologue_scale,
-                                 const optional<Tensor>& prologue_shift, int64_t prologue_act,
-                                 bool prologue_grads);
 
 }  // namespace sae_cpu

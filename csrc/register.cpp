@@ -1,15 +1,12 @@
 // The ops' autograd (a C++ autograd function: inference saves nothing) and their
-// registration with the dispatcher (namespace sae_kernels):
-//   cpu_sae       the differentiable operator, returns y
-//   cpu_forward   y and the saved z (N, C), p (N, K), u (N, C)
-//   cpu_backward  dx, d_identity, the weight and bias gradients, the prologue's
-//   cpu_copy_like_output  x copied into an output allocated as the operator's are
-//   cpu_isa       the instruction set the kernels run with
+// registration with the dispatcher (namespace sae_kernels; the schemas are in schemas.h,
+// the fake kernels in Python).
 
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 
 #include "op_common.h"
@@ -141,26 +138,32 @@ std::string isa() { return kernels().isa; }
 
 }  // namespace sae_cpu
 
-TORCH_LIBRARY_FRAGMENT(sae_kernels, m) {
-  // fc1_weights: the branch matrices (rows of the stacked W1); fc1_biases: empty or one each;
-  // fc2_weight None: the single-FC form (fc1 is C x C, u = p)
-  // prologue_*: x' = prologue_act(x * prologue_scale + prologue_shift) replaces x
-  m.def("cpu_sae(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor? fc2_weight, "
-        "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out, "
-        "Tensor? prologue_scale=None, Tensor? prologue_shift=None, int prologue_act=0) "
-        "-> Tensor");
-  m.def("cpu_forward(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor? fc2_weight, "
-        "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, bool relu_out, "
-        "Tensor? prologue_scale=None, Tensor? prologue_shift=None, int prologue_act=0) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("cpu_backward(Tensor grad, Tensor x, Tensor? y, Tensor[] fc1_weights, "
-        "Tensor? fc2_weight, Tensor z, Tensor p, Tensor u, int act, int gate, bool residual, "
-        "bool relu_out, bool has_identity, Tensor? prologue_scale=None, "
-        "Tensor? prologue_shift=None, int prologue_act=0, bool prologue_grads=False) "
-        "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor, Tensor, Tensor)");
-  m.def("cpu_isa() -> str", &sae_cpu::isa);
-  m.def("cpu_copy_like_output(Tensor x) -> Tensor");
-}
+namespace {
+
+const char* const kSchemas[] = {
+#define SAE_SCHEMA(schema) schema,
+#include "schemas.h"
+#undef SAE_SCHEMA
+};
+
+// Defines the schemas unless they are defined already: the Python package defines them at
+// import (saved graphs must find the ops before this library is built or loaded); a C++
+// program that loads this library gets them from here.
+class SchemaDefinitions {
+ public:
+  SchemaDefinitions() {
+    if (c10::Dispatcher::singleton().findSchema({"sae_kernels::cpu_sae", ""})) return;
+    library_.emplace(torch::Library::FRAGMENT, "sae_kernels", std::nullopt, __FILE__, __LINE__);
+    for (const char* schema : kSchemas) library_->def(schema);
+  }
+
+ private:
+  std::optional<torch::Library> library_;
+};
+
+const SchemaDefinitions schema_definitions;
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(sae_kernels, CPU, m) {
   m.impl("cpu_sae", &sae_cpu::cpu_infer);
@@ -169,10 +172,8 @@ TORCH_LIBRARY_IMPL(sae_kernels, CPU, m) {
   m.impl("cpu_backward", &sae_cpu::cpu_backward);
 }
 
-TORCH_LIBRARY_IMPL(sae_kernels, Meta, m) {
-  m.impl("cpu_sae", &sae_cpu::cpu_sae_meta);
-  m.impl("cpu_forward", &sae_cpu::cpu_forward_meta);
-  m.impl("cpu_backward", &sae_cpu::cpu_backward_meta);
+TORCH_LIBRARY_IMPL(sae_kernels, CompositeImplicitAutograd, m) {
+  m.impl("cpu_isa", &sae_cpu::isa);
 }
 
 TORCH_LIBRARY_IMPL(sae_kernels, Autograd, m) {

@@ -251,8 +251,8 @@ def _stages(args) -> int:
 def _build(args) -> int:
     from .kernels import cpu
 
-    cpu.build(verbose=args.verbose)
-    print(f"CPU kernels ready ({cpu.isa()})")
+    library = cpu.build(verbose=args.verbose)
+    print(f"CPU kernels ready ({cpu.isa()}): {library}")
     return 0
 
 

@@ -66,8 +66,9 @@ class AbsorbedNorm(nn.Module):
         params, buffers = self._parameters, self._buffers
         tensors = (params["weight"], params["bias"], buffers["running_mean"],
                    buffers["running_var"])
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in tensors)):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (
+                torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in tensors)):
             return self._scale_shift()
         # the cache holds the tensors themselves, so that their ids cannot be reused
         key = tuple((id(t), t._version) if t is not None else None for t in tensors)

@@ -1,18 +1,29 @@
-"""The C++ CPU kernels in csrc/: built on first use (cached), loaded as torch ops.
+"""The C++ CPU kernels in csrc/: the ops defined at import, the library built on first use.
 
-The build takes about half a minute, once per torch version and source change; the
-result is cached under ``SAE_KERNELS_BUILD_DIR`` (default ``~/.cache/sae_kernels``).
-``python -m sae_kernels build`` builds ahead of time. Where no compiler is present or
-the build fails, a warning is given and CPU tensors take the reference path.
+At import the ops of ``csrc/schemas.h`` are defined with their fake kernels
+(``cpu_reference``), so that saved exports, traces and AOTInductor packages find them
+in a fresh process. A library built for these sources and this torch is loaded at once
+(milliseconds). Otherwise PyTorch stand-ins hold the ops' place: the first call builds
+the library (about half a minute, once) and loads it, or, where that fails, the stand-ins
+compute the ops themselves after a warning.
+
+Builds are cached under ``SAE_KERNELS_BUILD_DIR`` (default ``~/.cache/sae_kernels``) in a
+directory named after torch's version and a digest of the sources and flags;
+``python -m sae_kernels build`` builds ahead of time and prints the library's path (a C++
+program serving a saved graph loads that library: README, Deploying).
 
 Environment switches:
-    SAE_KERNELS_NO_CPU_EXTENSION=1   never build or load the extension
+    SAE_KERNELS_NO_CPU_EXTENSION=1   never build or load the library (stand-ins only)
     SAE_KERNELS_BUILD_DIR=DIR        where builds are cached
     SAE_KERNELS_CPU_ISA=avx512|avx2|generic   force an instruction set (default: the best)
     SAE_KERNELS_CPU_CHUNK_BYTES=N    bytes of x per chunk kept in cache between passes
 """
 
+from __future__ import annotations
+
+import hashlib
 import os
+import re
 import sys
 import time
 import warnings
@@ -21,43 +32,76 @@ from pathlib import Path
 import torch
 
 from .. import flops
+from . import cpu_reference
 
-#: Sources, found beside the package in a checkout or an editable install.
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+def _find_sources() -> Path:
+    """csrc/ inside the installed package (a wheel), else beside it (a checkout)."""
+    package = Path(__file__).resolve().parents[1]
+    inside = package / "csrc"
+    return inside if inside.is_dir() else package.parent / "csrc"
+
+
+CSRC = _find_sources()
 SOURCES = ("forward.cpp", "backward.cpp", "register.cpp", "kernels_avx512.cpp",
            "kernels_avx2.cpp", "kernels_generic.cpp")
 FLAGS = ["-O3", "-fopenmp"]
+LIBRARY_NAME = "sae_kernels_cpu"
+
+
+def source_digest() -> str:
+    """A digest of everything the library is built from: sources, headers, flags, torch."""
+    digest = hashlib.sha256(f"{torch.__version__} {' '.join(FLAGS)}".encode())
+    for path in sorted(CSRC.glob("*.[ch]*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def build_dir() -> Path:
     root = Path(os.environ.get("SAE_KERNELS_BUILD_DIR", Path.home() / ".cache" / "sae_kernels"))
-    return root / f"torch-{torch.__version__.replace('+', '_')}"
+    return root / f"torch-{torch.__version__.replace('+', '_')}-{source_digest()}"
 
 
-def build(verbose: bool = False) -> None:
-    """Compile (if the sources changed) and load the extension; raises on failure."""
+def library_path() -> Path:
+    """Where the library built from these sources is (or will be)."""
+    return build_dir() / f"{LIBRARY_NAME}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library unless it is cached, load it; its path. Raises on failure."""
+    global _available
+    library = library_path()
+    if _available:
+        return library
+    _retire_stand_ins()  # the library registers its own kernels in their place
+    try:
+        if library.exists():
+            torch.ops.load_library(str(library))
+        else:
+            _compile_and_load(library.parent, verbose)
+    except Exception:
+        _install_stand_ins()
+        raise
+    _available = True
+    return library
+
+
+def _compile_and_load(directory: Path, verbose: bool) -> None:
     from torch.utils.cpp_extension import load
 
     missing = [s for s in SOURCES if not (CSRC / s).is_file()]
     if missing:
         raise FileNotFoundError(f"C++ sources not found in {CSRC}: {', '.join(missing)}")
-    directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    library = directory / "sae_kernels_cpu.so"
-    stale = not library.exists() or any(
-        p.stat().st_mtime > library.stat().st_mtime for p in CSRC.iterdir())
-    if stale:
-        print(f"sae_kernels: building the C++ CPU kernels (once; cached in {directory}) ...",
-              end="", file=sys.stderr, flush=True)
+    print(f"sae_kernels: building the C++ CPU kernels (once; cached in {directory}) ...",
+          end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        load(name="sae_kernels_cpu", sources=[str(CSRC / s) for s in SOURCES],
-             extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
+        load(name=LIBRARY_NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=FLAGS,
+             extra_ldflags=["-fopenmp"], build_directory=str(directory),
              is_python_module=False, verbose=verbose)
     finally:
-        if stale:
-            print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    flops.register("cpu")
+        print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 _available: bool | None = None
@@ -68,11 +112,11 @@ def available() -> bool:
     """Whether the CPU kernels are loaded, building them on the first call."""
     global _available
     if _available is None:
-        _available = _load()
+        _available = _build_or_warn()
     return _available
 
 
-def _load() -> bool:
+def _build_or_warn() -> bool:
     if os.environ.get("SAE_KERNELS_NO_CPU_EXTENSION") == "1":
         return False
     try:
@@ -88,3 +132,73 @@ def _load() -> bool:
 def isa() -> str:
     """The instruction set the loaded kernels run with."""
     return torch.ops.sae_kernels.cpu_isa()
+
+
+def schemas() -> list[str]:
+    """The ops' schemas, as csrc/schemas.h states them."""
+    text = (CSRC / "schemas.h").read_text()
+    return ["".join(re.findall(r'"([^"]*)"', body))
+            for body in re.findall(r'^SAE_SCHEMA\(((?:\s*"[^"]*")+)\s*\)', text, re.MULTILINE)]
+
+
+#: The stand-ins by op and dispatch key: the forward under autograd too, where the C++
+#: library registers its autograd function.
+STAND_INS = {
+    ("cpu_sae", "CPU"): cpu_reference.sae,
+    ("cpu_sae", "Autograd"): cpu_reference.sae,
+    ("cpu_forward", "CPU"): cpu_reference.forward,
+    ("cpu_backward", "CPU"): cpu_reference.backward,
+}
+_stand_ins: torch.library.Library | None = None
+
+
+def _stand_in(name: str, compute):
+    """Loads the library on the first call and runs the op there, else computes it."""
+    def kernel(*args):
+        if available():
+            return getattr(torch.ops.sae_kernels, name)(*args)
+        return compute(*args)
+    return kernel
+
+
+def _install_stand_ins() -> None:
+    global _stand_ins
+    _stand_ins = torch.library.Library("sae_kernels", "IMPL")
+    for (name, key), compute in STAND_INS.items():
+        _stand_ins.impl(name, _stand_in(name, compute), key)
+
+
+def _retire_stand_ins() -> None:
+    """Drop the stand-ins' registrations (the library's kernels take their place)."""
+    global _stand_ins
+    if _stand_ins is not None:
+        _stand_ins._destroy()
+        _stand_ins = None
+
+
+def _define_ops() -> None:
+    """Define the ops, their fake kernels and FLOP formulas; load a cached library, or
+    leave the stand-ins in its place."""
+    global _available
+    if hasattr(torch.ops.sae_kernels, "cpu_sae"):  # the library was loaded before this package
+        _available = True
+    else:
+        for schema in schemas():
+            name, signature = schema.split("(", 1)
+            torch.library.define(f"sae_kernels::{name}", f"({signature}")
+    for name, fake in (("cpu_sae", cpu_reference.sae_fake),
+                       ("cpu_forward", cpu_reference.forward_fake),
+                       ("cpu_backward", cpu_reference.backward_fake)):
+        torch.library.register_fake(f"sae_kernels::{name}", fake)
+    flops.register("cpu")
+    if _available:
+        return
+    _install_stand_ins()
+    if os.environ.get("SAE_KERNELS_NO_CPU_EXTENSION") != "1" and library_path().exists():
+        try:
+            build()
+        except Exception:  # a broken cached build: the first call warns and falls back
+            pass
+
+
+_define_ops()
