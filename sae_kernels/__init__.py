@@ -1,6 +1,6 @@
 """Fused Squeeze-and-Excitation (SE) and Squeeze-Aggregated-Excitation (SaE) layers."""
 
-from .convert import convert
+from .convert import convert, revert
 from .functional import sae
 from .layers import FusedEffectiveSE, FusedSaE, FusedSE
 from .models import se_resnet, senetv2_resnet
@@ -18,6 +18,7 @@ __all__ = [
     "FusedSaE",
     "SaE",
     "convert",
+    "revert",
     "sae",
     "sae_reference",
     "se_resnet",

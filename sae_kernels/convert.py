@@ -5,9 +5,10 @@ Blocks are found by their class (timm, torchvision and this package's own), neve
 the attribute name they sit under, and each is checked for the structure the fused
 operator computes: ``x * gate(fc2(act(fc1(mean_hw(x)))))``, or ``x * gate(fc(mean_hw(x)))``
 with one C -> C FC (effective SE). The reduced width is read from the weight shapes. A
-BatchNorm between fc1 and the activation (RexNet) is folded into fc1 in eval mode; in
-train mode it keeps updating its statistics, so such a block is left as it is.
-Everything left is reported with the reason.
+BatchNorm between fc1 and the activation (RexNet) is kept and folded into fc1 per call in
+eval mode (:class:`~sae_kernels.blocks.FusedSEWithNorm`); a block converted in train mode,
+where it updates its statistics, is left as it is. Everything left is reported with the
+reason.
 
 Residual blocks ending ``relu(se(y) + shortcut)`` (``BLOCK_REWRITES``) are replaced as a
 whole by a :class:`~sae_kernels.blocks.FusedResidualBlock`, whose SE adds the shortcut and
@@ -19,19 +20,37 @@ fused SE become the SE's prologue: the SE applies them in its own passes over x 
 ``prologue``). "Only" is proven on the graph of the SE's parent module traced with
 torch.fx: every node from the BatchNorm to the SE has that one user. A BatchNorm or an
 activation with another consumer stays where it is, and the report says so.
+
+Checkpoints: a converted model's ``state_dict`` is the original's, key for key, with the
+same shapes and dtypes, and the original's checkpoints load into it strictly. Where a fused
+block names or shapes its parameters differently from the block it replaced (timm's and
+torchvision's SE blocks hold 1x1 convolutions, the fused ones Linear layers), state_dict
+hooks translate: entries leave under the original's names and shapes, and entries in
+that format are taken back on load, by the tables ``TIMM_SE_LAYOUTS`` and
+``TORCHVISION_SE_LAYOUTS``. The fused modules keep their own parameters, the operands
+the operator reads in place (renaming them would put 4-D views or attribute lookups on the
+per-call path), and their own format when built directly. The other replacements keep
+the original's names already: absorbed norms hold the BatchNorm's tensors, residual blocks
+the original's submodules, a BatchNorm inside an SE stays itself.
+
+Every replacement remembers the module it replaced as a skeleton on the meta device (its
+classes and settings, no tensor memory): :func:`revert` rebuilds the original modules
+around the converted model's current tensors.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from collections import Counter
+from collections.abc import Iterable
 
 import torch
 import torch.fx
 from torch import nn
 
-from .blocks import FusedResidualBlock, ResidualLayout
+from .blocks import FusedResidualBlock, FusedSEWithNorm, ResidualLayout
 from .layers import FusedEffectiveSE, FusedSaE, FusedSE
 from .options import PROLOGUE_ACTIVATIONS
 from .prologue import AbsorbedAct, AbsorbedNorm
@@ -54,6 +73,48 @@ GATE_CLASSES = {
     "torch.nn.modules.activation.Hardsigmoid": "hardsigmoid",
     "timm.layers.activations.HardSigmoid": "hardsigmoid",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class SELayout:
+    """An SE block class: the variant name reports use, and where its parts sit (attribute
+    names): the FCs, 1x1 convolutions ``fc1`` (K, C) and ``fc2`` (C, K), the activation
+    between them and the gate; ``fc2`` and ``act`` None for the single-FC form (one C -> C
+    FC); ``norm``, a normalisation between fc1 and the activation (an ``nn.Identity``
+    there is none).
+
+    A fused block's state_dict takes these names back: its ``branches.0``, ``excite`` and
+    ``fc`` (Linear, (K, C)) become ``fc1``, ``fc2`` and the single FC (1x1 convolution,
+    (K, C, 1, 1)), its ``bn`` (:class:`~sae_kernels.blocks.FusedSEWithNorm`) ``norm``.
+    """
+
+    variant: str
+    fc1: str
+    fc2: str | None
+    act: str | None
+    gate: str
+    norm: str | None = None
+
+
+#: timm's SE blocks, by qualified name (timm need not be installed).
+TIMM_SE_LAYOUTS = {
+    "timm.layers.squeeze_excite.SEModule":
+        SELayout("timm.SEModule", "fc1", "fc2", "act", "gate", norm="bn"),
+    "timm.models._efficientnet_blocks.SqueezeExcite":
+        SELayout("timm.SqueezeExcite", "conv_reduce", "conv_expand", "act1", "gate"),
+    "timm.models.senet.SEModule":
+        SELayout("timm.senet.SEModule", "fc1", "fc2", "relu", "sigmoid"),
+    "timm.layers.squeeze_excite.EffectiveSEModule":
+        SELayout("timm.EffectiveSEModule", "fc", None, None, "gate"),
+    "timm.models.hgnet.EseModule":
+        SELayout("timm.hgnet.EseModule", "conv", None, None, "sigmoid"),
+}
+#: torchvision's SE block, by qualified name.
+TORCHVISION_SE_LAYOUTS = {
+    "torchvision.ops.misc.SqueezeExcitation":
+        SELayout("torchvision.SqueezeExcitation", "fc1", "fc2", "activation", "scale_activation"),
+}
+
 #: Channel-attention blocks that are not SE blocks: reported, never converted.
 NOT_SE_CLASSES = {
     "timm.layers.eca.EcaModule": "ECA: a 1-D convolution across channels, no FC pair",
@@ -187,6 +248,39 @@ def convert(model: nn.Module, inplace: bool = False, backend: str = "auto",
     return model, conversion.report
 
 
+def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Give back the modules :func:`convert` replaced in ``model``: its SE blocks, residual
+    blocks, BatchNorms and activations, of their original classes, holding the converted
+    modules' current tensors (trained weights and statistics, requires_grad, modes).
+
+    Args:
+        model: a model :func:`convert` returned, trained or not, or a copy of one (deepcopy,
+            pickle); modules convert did not make (``se_resnet``'s, say) stay as they are.
+        inplace: modify ``model``, whose tensors the originals then take over without a
+            copy, rather than a deep copy of it.
+
+    Returns:
+        The model with the original modules, or the original module where ``model``
+        itself was converted.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revert expects an nn.Module, got {type(model).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    originals: dict[int, nn.Module] = {}
+    # children before their parents: a residual block's SE and norms are rebuilt first
+    for path, module in reversed(list(model.named_modules(remove_duplicate=False))):
+        replaced = module.__dict__.get(_ORIGINAL)
+        if replaced is None:
+            continue
+        if id(module) not in originals:
+            originals[id(module)] = replaced.rebuild(module, path)
+        if not path:
+            return originals[id(module)]
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), name, originals[id(module)])
+    return model
+
+
 class _Conversion:
     """One call's state: the report, each module's replacement (a module reached by two
     paths is converted once), and, by SE block, why its enclosing block's ops stay outside."""
@@ -219,7 +313,7 @@ class _Conversion:
             return None
         self.report.converted.append(
             _converted(path, variant, fused, not_absorbed=self.not_absorbed.get(id(module), ())))
-        return fused
+        return _keep_original(fused, module)
 
     def _absorb_tail(self, path: str, block: nn.Module, layout: ResidualLayout,
                      ) -> FusedResidualBlock | None:
@@ -237,7 +331,9 @@ class _Conversion:
         se_path = f"{path}.{layout.se}" if path else layout.se
         self.report.converted.append(
             _converted(se_path, variant, fused, absorbed=FusedResidualBlock.absorbed))
-        return FusedResidualBlock(block, layout, _with_output_relu(fused))
+        fused = _keep_original(_with_output_relu(fused), se)
+        return _keep_original(FusedResidualBlock(block, layout, fused), block,
+                              without=block.children())
 
     def _tail_problem(self, block: nn.Module, layout: ResidualLayout,
                       fused: nn.Module) -> str | None:
@@ -248,6 +344,8 @@ class _Conversion:
                     f"{type(block).__name__} this layout does not describe)")
         if not isinstance(fused, FusedSaE):
             return "the single-FC fused block takes no shortcut"
+        if isinstance(fused, FusedSEWithNorm):
+            return "the SE block has a BatchNorm between fc1 and the activation"
         if fused.act_out != "none":
             return "the SE block applies its own output ReLU"
         act = getattr(block, layout.act)
@@ -263,6 +361,132 @@ class _Conversion:
         if self.uses[id(getattr(block, layout.se))] > self.uses[id(block)]:
             return "the SE block is also used outside this block"
         return None
+
+
+#: The attribute holding the :class:`_Original` a converted module replaced (in its
+#: ``__dict__``; a name no wrapped block uses).
+_ORIGINAL = "_sae_kernels_original"
+
+
+@dataclasses.dataclass
+class _Original:
+    """The module a converted one replaced: ``skeleton``, its structure with every tensor
+    on the meta device (its classes and settings, no tensor memory), and ``renames``, the
+    converted module's submodules that the original names otherwise, as (converted,
+    original) pairs; empty where the two share one format."""
+
+    skeleton: nn.Module
+    renames: tuple[tuple[str, str], ...]
+
+    def original_entry(self, key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """A state_dict entry of the converted module (key relative to it) in the original's
+        format: renamed, and an FC weight (K, C) as a 1x1 convolution's (K, C, 1, 1) (the
+        only 2-D entries: the rest are biases and a BatchNorm's per-channel tensors). A live
+        parameter (``state_dict(keep_vars=True)``, which tracers read to find a model's
+        parameters) keeps its shape: a view of it would not be the parameter."""
+        for converted, original in self.renames:
+            if key.startswith(converted + "."):
+                if value.dim() == 2 and not isinstance(value, nn.Parameter):
+                    value = value[:, :, None, None]
+                return original + key[len(converted):], value
+        return key, value
+
+    def converted_entry(self, key: str, value: torch.Tensor,
+                        ) -> tuple[str, torch.Tensor] | str:
+        """The converted module's entry for an entry in the original's format (entries in
+        the converted module's own format pass unchanged), or what is wrong with it."""
+        for converted, original in self.renames:
+            if key.startswith(original + "."):
+                if value.dim() == 4:
+                    if value.shape[2:] != (1, 1):
+                        return (f"{key} has shape {tuple(value.shape)}: expected the weight of "
+                                "a 1x1 convolution, (out, in, 1, 1)")
+                    value = value[:, :, 0, 0]
+                return converted + key[len(original):], value
+        return key, value
+
+    def rebuild(self, converted: nn.Module, path: str) -> nn.Module:
+        """The original module around ``converted``'s current tensors (or, for a residual
+        block, its current submodules): the skeleton, filled."""
+        original = self.skeleton
+        if isinstance(converted, FusedResidualBlock):
+            for name, child in converted.named_children():
+                setattr(original, name, child)
+            original.training = converted.training  # the children keep their own modes
+        else:
+            # in the original's format: the tensors (views of the converted module's), and
+            # the live parameters for their requires_grad
+            live = converted.state_dict(keep_vars=True)
+            original.load_state_dict(converted.state_dict(), assign=True)
+            for name, parameter in original.named_parameters():
+                parameter.requires_grad_(live[name].requires_grad)
+            original.train(converted.training)
+            for converted_name, name in self.renames:
+                original.get_submodule(name).train(converted.get_submodule(converted_name).training)
+        empty = [name for name, t in itertools.chain(original.named_parameters(),
+                                                     original.named_buffers()) if t.is_meta]
+        if empty:
+            raise RuntimeError(f"{path or '<model>'}: the converted {type(converted).__name__} "
+                               f"holds no value for {', '.join(empty)} of the original "
+                               f"{type(original).__name__}")
+        return original
+
+
+def _keep_original(converted: nn.Module, original: nn.Module,
+                   without: Iterable[nn.Module] = ()) -> nn.Module:
+    """Record on ``converted`` the module it replaces (``without``: submodules that move
+    into ``converted`` as they are, left out of the record) and, where the two formats
+    differ, make its state_dict speak the original's."""
+    renames = _renames(original, converted)
+    converted.__dict__[_ORIGINAL] = _Original(_skeleton(original, without), renames)
+    if renames:
+        converted.register_state_dict_post_hook(_save_in_original_format)
+        converted.register_load_state_dict_pre_hook(_load_from_original_format)
+    return converted
+
+
+def _renames(original: nn.Module, converted: nn.Module) -> tuple[tuple[str, str], ...]:
+    """The converted module's submodules that ``original`` names otherwise (see SELayout)."""
+    layout = _se_layout(original)
+    if layout is None:  # this package's blocks, norms, activations, residual blocks
+        return ()
+    if layout.fc2 is None:
+        return (("fc", layout.fc1),)
+    norm = (("bn", layout.norm),) if isinstance(converted, FusedSEWithNorm) else ()
+    return (("branches.0", layout.fc1), *norm, ("excite", layout.fc2))
+
+
+def _skeleton(module: nn.Module, without: Iterable[nn.Module] = ()) -> nn.Module:
+    """A copy of ``module`` with every tensor on the meta device, and None for the
+    submodules in ``without``: no tensor is copied."""
+    memo: dict[int, object] = {id(m): None for m in without}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _save_in_original_format(module: nn.Module, state_dict: dict, prefix: str,
+                             local_metadata: dict) -> None:
+    """state_dict post-hook: the module's entries (the last ones written, so the model's
+    order stays the original's) under the original's names and shapes."""
+    replaced = module.__dict__[_ORIGINAL]
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        name, value = replaced.original_entry(key[len(prefix):], state_dict.pop(key))
+        state_dict[prefix + name] = value
+
+
+def _load_from_original_format(module: nn.Module, state_dict: dict, prefix: str,
+                               local_metadata: dict, strict: bool, missing_keys: list,
+                               unexpected_keys: list, error_msgs: list) -> None:
+    """load_state_dict pre-hook: entries in the original's format as the module's own."""
+    replaced = module.__dict__[_ORIGINAL]
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        entry = replaced.converted_entry(key[len(prefix):], state_dict.pop(key))
+        if isinstance(entry, str):
+            error_msgs.append(f"{prefix}{entry}")
+        else:
+            state_dict[prefix + entry[0]] = entry[1]
 
 
 def _absorb_prologues(model: nn.Module, report: ConversionReport) -> None:
@@ -351,11 +575,12 @@ def _absorb_prologue(parent: nn.Module, se_name: str, se: nn.Module,
                        f"not one of {', '.join(PROLOGUE_ACTIVATIONS[1:])}")
     if not norm.track_running_stats or norm.running_mean is None:
         return False, f"prologue: {norm_node.target} has no running statistics"
-    absorbed = AbsorbedNorm(norm, act, act_module)
+    absorbed = _keep_original(AbsorbedNorm(norm, act, act_module), norm)
     parent.set_submodule(norm_node.target, absorbed)
     if act_node is not None:
         act_target = parent.get_submodule(act_node.target)
-        parent.set_submodule(act_node.target, AbsorbedAct(absorbed, act_target))
+        parent.set_submodule(act_node.target,
+                             _keep_original(AbsorbedAct(absorbed, act_target), act_target))
     se.absorb_prologue(absorbed)
     return True, f"{norm_node.target} (BatchNorm{' + ' + act if act != 'none' else ''})"
 
@@ -415,29 +640,32 @@ def _with_output_relu(se: FusedSaE) -> FusedSaE:
 
 def _read_block(module: nn.Module) -> tuple[str, _Block | str] | None:
     """The variant name and the block's parts (or why it cannot be fused), for the SE
-    classes this converter knows; None for any other module."""
-    if _is(module, "torchvision.ops.misc.SqueezeExcitation"):
-        pool = module.avgpool
-        if not (isinstance(pool, nn.AdaptiveAvgPool2d) and _is_one(pool.output_size)):
-            return "torchvision.SqueezeExcitation", "the pool is not a global average pool"
-        return "torchvision.SqueezeExcitation", _Block(module.fc1, module.fc2, module.activation,
-                                                       module.scale_activation)
-    if _is(module, "timm.layers.squeeze_excite.SEModule"):
-        if module.add_maxpool:
-            return "timm.SEModule", "add_maxpool=True mixes in a max pool"
-        norm = None if isinstance(module.bn, nn.Identity) else module.bn
-        return "timm.SEModule", _Block(module.fc1, module.fc2, module.act, module.gate, norm)
-    if _is(module, "timm.models._efficientnet_blocks.SqueezeExcite"):
-        return "timm.SqueezeExcite", _Block(module.conv_reduce, module.conv_expand, module.act1,
-                                            module.gate)
-    if _is(module, "timm.models.senet.SEModule"):
-        return "timm.senet.SEModule", _Block(module.fc1, module.fc2, module.relu, module.sigmoid)
-    if _is(module, "timm.layers.squeeze_excite.EffectiveSEModule"):
-        if module.add_maxpool:
-            return "timm.EffectiveSEModule", "add_maxpool=True mixes in a max pool"
-        return "timm.EffectiveSEModule", _Block(module.fc, None, None, module.gate)
-    if _is(module, "timm.models.hgnet.EseModule"):
-        return "timm.hgnet.EseModule", _Block(module.conv, None, None, module.sigmoid)
+    classes of ``*_SE_LAYOUTS``; None for any other module."""
+    layout = _se_layout(module)
+    if layout is None:
+        return None
+    if getattr(module, "add_maxpool", False):  # timm's SEModule and EffectiveSEModule
+        return layout.variant, "add_maxpool=True mixes in a max pool"
+    pool = getattr(module, "avgpool", None)  # torchvision's
+    if pool is not None and not (isinstance(pool, nn.AdaptiveAvgPool2d)
+                                 and _is_one(pool.output_size)):
+        return layout.variant, "the pool is not a global average pool"
+
+    def part(name: str | None) -> nn.Module | None:
+        return getattr(module, name) if name else None
+
+    norm = part(layout.norm)
+    if isinstance(norm, nn.Identity):
+        norm = None
+    return layout.variant, _Block(part(layout.fc1), part(layout.fc2), part(layout.act),
+                                  part(layout.gate), norm)
+
+
+def _se_layout(module: nn.Module) -> SELayout | None:
+    """The layout of ``module``'s SE class, or None for a module of no class there."""
+    for qualname, layout in (TIMM_SE_LAYOUTS | TORCHVISION_SE_LAYOUTS).items():
+        if _is(module, qualname):
+            return layout
     return None
 
 
@@ -457,6 +685,8 @@ def _check(block: _Block, training: bool) -> str | None:
             return f"the single FC has shape {tuple(block.fc1.weight.shape)}; expected C -> C"
     elif block.fc2.weight.shape[:2] != (c, k):
         return f"fc2 has shape {tuple(block.fc2.weight.shape)}; expected ({c}, {k}, 1, 1)"
+    elif (block.fc1.bias is None) != (block.fc2.bias is None):
+        return "one FC has a bias and the other none (a fused block has both or neither)"
     if block.act is not None and _activation_name(block.act, ACTIVATION_CLASSES) is None:
         return f"activation {block.act!r} is not one of relu, silu, hardswish, gelu"
     if _activation_name(block.gate, GATE_CLASSES) is None:
@@ -471,49 +701,30 @@ def _check(block: _Block, training: bool) -> str | None:
 
 
 def _fused_from(block: _Block, backend: str) -> FusedSE | FusedEffectiveSE:
-    """A fused block with the block's weights (BatchNorm folded into fc1)."""
+    """A fused block with the block's weights, device, dtype and frozen parameters (a
+    BatchNorm between fc1 and the activation taken over as it is)."""
     gate = _activation_name(block.gate, GATE_CLASSES)
+    k, c = block.fc1.weight.shape[:2]
+    bias = block.fc1.bias is not None
     if block.fc2 is None:
-        fc = block.fc1
-        fused = FusedEffectiveSE(fc.weight.shape[0], gate, bias=True, backend=backend)
-        fused = fused.to(fc.weight.device, fc.weight.dtype)
-        with torch.no_grad():
-            fused.fc.weight.copy_(fc.weight[:, :, 0, 0])
-            fused.fc.bias.copy_(_bias(fc, fc.weight.shape[0]))  # a missing bias is zero
-        fused.fc.requires_grad_(fc.weight.requires_grad)
-        return fused
-    w1 = block.fc1.weight.detach()[:, :, 0, 0]
-    w2 = block.fc2.weight.detach()[:, :, 0, 0]
-    k, c = w1.shape
-    b1 = _bias(block.fc1, k)
-    b2 = _bias(block.fc2, c)
-    if block.norm is not None:
-        bn = block.norm
-        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
-            torch.rsqrt(bn.running_var + bn.eps)
-        shift = bn.bias.detach() if bn.affine else torch.zeros_like(scale)
-        w1 = w1 * scale[:, None]
-        b1 = (b1 - bn.running_mean) * scale + shift
-    needs_bias = block.fc1.bias is not None or block.fc2.bias is not None or block.norm is not None
-    fused = FusedSE(c, rd_channels=k, act=_activation_name(block.act, ACTIVATION_CLASSES),
-                    gate=gate, bias=needs_bias, backend=backend).to(w1.device, w1.dtype)
-    fc1, fc2 = fused.branches[0], fused.excite
+        fused = FusedEffectiveSE(c, gate, bias=bias, backend=backend)
+        pairs = ((fused.fc, block.fc1),)
+    else:
+        act = _activation_name(block.act, ACTIVATION_CLASSES)
+        if block.norm is None:
+            fused = FusedSE(c, rd_channels=k, act=act, gate=gate, bias=bias, backend=backend)
+        else:
+            fused = FusedSEWithNorm(c, k, block.norm, act=act, gate=gate, bias=bias,
+                                    backend=backend)
+        pairs = ((fused.branches[0], block.fc1), (fused.excite, block.fc2))
+    fused = fused.to(block.fc1.weight.device, block.fc1.weight.dtype)
     with torch.no_grad():
-        fc1.weight.copy_(w1)
-        fc2.weight.copy_(w2)
-        if needs_bias:  # a missing bias is a zero bias
-            fc1.bias.copy_(b1)
-            fc2.bias.copy_(b2)
-    for new, old in ((fc1, block.fc1), (fc2, block.fc2)):  # frozen stays frozen
-        for p in new.parameters():
-            p.requires_grad_(old.weight.requires_grad)
+        for new, old in pairs:
+            new.weight.copy_(old.weight[:, :, 0, 0])
+            if bias:
+                new.bias.copy_(old.bias)
+            new.requires_grad_(old.weight.requires_grad)  # frozen stays frozen
     return fused
-
-
-def _bias(conv: nn.Conv2d, size: int) -> torch.Tensor:
-    if conv.bias is None:
-        return torch.zeros(size, device=conv.weight.device, dtype=conv.weight.dtype)
-    return conv.bias.detach()
 
 
 def _activation_name(module: nn.Module, classes: dict[str, str]) -> str | None:

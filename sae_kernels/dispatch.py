@@ -204,9 +204,9 @@ def plan_launch(
     )
 
 
-#: What torch.compile traces (``SAE_KERNELS_UNDER_COMPILE``): ``"auto"`` (the rule of
-#: :func:`inductor_runs_composite`), ``"op"`` (the fused op) or ``"composite"`` (the ATen
-#: composite).
+#: What torch.compile and torch.export trace (``SAE_KERNELS_UNDER_COMPILE``): ``"auto"``
+#: (the rule of :func:`runs_composite`), ``"op"`` (the fused op) or ``"composite"`` (the
+#: ATen composite).
 UNDER_COMPILE = ("auto", "op", "composite")
 
 
@@ -218,24 +218,53 @@ def under_compile_setting() -> str:
     return setting
 
 
-def inductor_runs_composite(backend: str) -> bool:
-    """Whether a call on ``backend`` that torch.compile is tracing is traced as the
-    operator's ATen composite (``reference.composite``, prologue and epilogue included)
-    rather than as the opaque fused op.
+# bound once: on the hot path each attribute lookup costs about what the query does
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
+_tracing = torch._C._is_tracing
 
-    The rule: the C++ CPU op yes, the Triton op no. On a CPU inductor generates the same
-    two passes over x from the composite (the pool with the prologue folded in, the
-    rescale with the epilogue) as vectorised loops of its own, fuses them with the ops
-    around the block, and runs the FCs as addmm; an opaque op would split its fusion
-    groups and cost a dispatch per call. Measured in the README (torch.compile section).
-    On a GPU the Triton op moves the same bytes in one or two launches where the
+
+def runs_composite(backend: str) -> bool:
+    """Whether a call on ``backend`` runs as the operator's ATen composite
+    (``reference.composite``, prologue and epilogue included) instead of the fused op.
+
+    Under a torch.func transform (vmap, grad, jacrev, jvp, ...): yes, on every backend.
+    The fused ops have no batching rule and their autograd (a C++ function on CPUs, the
+    custom op's on GPUs) cannot run under a transform; the composite's ATen ops have both.
+
+    During an ONNX export, by either exporter: yes, on every backend. The composite lowers
+    to standard ONNX ops (ReduceMean, Gemm, the activations, Mul, Add), which ONNX Runtime
+    fuses by itself; the fused ops have no ONNX translation.
+
+    Under torch.compile and torch.export: the C++ CPU op yes, the Triton op no. On a CPU
+    inductor generates the same two passes over x from the composite (the pool with the
+    prologue folded in, the rescale with the epilogue) as vectorised loops of its own, fuses
+    them with the ops around the block, and runs the FCs as addmm; an opaque op would split
+    its fusion groups and cost a dispatch per call. Measured in the README (torch.compile
+    section). On a GPU the Triton op moves the same bytes in one or two launches where the
     composite takes five or more (a reduction, two GEMMs, the act and gate kernels, the
-    rescale) and the neighbours it absorbs (prologue, shortcut and ReLU) are in it: by
-    the bytes-and-launches model of ``cost.py`` the op is the cheaper (a model, until a
-    GPU measures it)."""
-    if not torch.compiler.is_compiling():
-        return False
-    setting = under_compile_setting()
-    if setting != "auto":
-        return setting == "composite"
-    return backend == "cpu"
+    rescale) and the neighbours it absorbs (prologue, shortcut and ReLU) are in it: by the
+    bytes-and-launches model of ``cost.py`` the op is the cheaper (a model, until a GPU
+    measures it). ``SAE_KERNELS_UNDER_COMPILE`` overrides this rule (not the two above).
+
+    Otherwise no. The fused modules ask on every call: an eager call pays about 0.15 us
+    for the three queries (torch.func, torch.compile, a trace being recorded).
+    """
+    if _functorch_transforms_active():
+        return True
+    if _is_compiling():
+        if torch.onnx.is_in_onnx_export():  # the dynamo exporter runs torch.export
+            return True
+        setting = under_compile_setting()
+        return backend == "cpu" if setting == "auto" else setting == "composite"
+    # the TorchScript exporter records a trace in eager mode; is_in_onnx_export costs 1 us,
+    # so it is asked only then
+    return _tracing() and torch.onnx.is_in_onnx_export()
+
+
+def may_reuse_computed_tensors() -> bool:
+    """Whether a module may reuse tensors it computed from its parameters on an earlier call
+    (stacked branch weights, a BatchNorm's scale and shift): not while torch.compile,
+    torch.export or torch.jit.trace records a graph (the tensor would become one of its
+    constants), nor under a torch.func transform (the parameters may be batched)."""
+    return not (_is_compiling() or _tracing() or _functorch_transforms_active())

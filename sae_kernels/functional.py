@@ -1,10 +1,11 @@
 """The fused operator as a function of explicit tensors."""
 
+import contextlib
 
 import torch
 
 from . import ops
-from .dispatch import check_strategy, inductor_runs_composite, resolve_backend
+from .dispatch import check_strategy, resolve_backend, runs_composite
 from .options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS, check_operands
 from .reference import composite
 
@@ -35,14 +36,19 @@ def sae(
     ``x = prologue_act(x * prologue_scale + prologue_shift)`` per channel, is applied on
     the fly (a normalisation and activation absorbed into the operator). ``backend``
     and ``strategy`` are described in ``dispatch``. Differentiable in every tensor.
+
+    Autocast casts nothing here, as for batch_norm: the operator runs in x's dtype with
+    fp32 accumulation, the weights as they are (fp32 weights with bf16 x are fine), and
+    returns x's dtype; the weights' gradients come back in the weights' dtypes.
     """
     check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out,
                    prologue_scale, prologue_shift, prologue_act)
     check_strategy(strategy)
     backend = resolve_backend(backend, x.device, x.dtype)
-    if backend == "reference" or inductor_runs_composite(backend):
-        return composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
-                         residual, act_out, prologue_scale, prologue_shift, prologue_act)
+    if backend == "reference" or runs_composite(backend):
+        return _composite_in_x_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity,
+                                     act, gate, residual, act_out, prologue_scale,
+                                     prologue_shift, prologue_act)
     if backend == "cpu":
         fc1_biases = [] if fc1_bias is None else [fc1_bias]
         return torch.ops.sae_kernels.cpu_sae(x, [fc1_weight], fc1_biases, fc2_weight, fc2_bias,
@@ -53,3 +59,16 @@ def sae(
     return ops.sae_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
                            residual, act_out, strategy, prologue_scale, prologue_shift,
                            prologue_act)[0]
+
+
+def _composite_in_x_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *options
+                          ) -> torch.Tensor:
+    """The composite under the fused ops' dtype rule (see :func:`sae`): the weights in x's
+    dtype, since the composite's FCs take a single dtype, and autocast off, so that it
+    casts none of the composite's ops either. It is switched off only where it is on:
+    torch.export records the switch as a higher-order op around the call."""
+    weights = (None if t is None else t.to(x.dtype)
+               for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    autocast = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        return composite(x, *weights, *options)

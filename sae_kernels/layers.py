@@ -1,9 +1,16 @@
 """Swap-in modules: the reference blocks' parameters, the fused operator's forward."""
 
+import warnings
 
 import torch
 
-from .dispatch import CPU_DTYPES, check_backend, check_strategy
+from .dispatch import (
+    CPU_DTYPES,
+    check_backend,
+    check_strategy,
+    may_reuse_computed_tensors,
+    runs_composite,
+)
 from .functional import sae
 from .kernels import cpu as cpu_kernels
 from .options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS
@@ -14,9 +21,10 @@ from .reference import EffectiveSE, SaE
 def _straight_to_cpu_op(backend: str, x: torch.Tensor) -> bool:
     """Whether a fused module may call the C++ op directly: the op checks its operands
     itself, so on small maps the Python checks (and even nn.Module's attribute lookups,
-    ~0.7 us each) are kept off the path."""
+    ~0.7 us each) are kept off the path. Calls that run as the composite
+    (``dispatch.runs_composite``) go through :func:`sae`."""
     return (backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
-            and not torch.compiler.is_compiling() and cpu_kernels.available())
+            and not runs_composite("cpu") and cpu_kernels.available())
 
 
 class _Prologue:
@@ -42,7 +50,45 @@ class _Prologue:
         return (*norm.scale_shift(), norm.act)
 
 
-class FusedSaE(_Prologue, SaE):
+class _ModelTransforms:
+    """How torch's model-wide transforms treat a fused block.
+
+    Eager-mode quantization (``torch.ao.quantization``: ``quantize_dynamic``, ``prepare``)
+    hands every module a ``qconfig``. A fused block's stays None and it sets its submodules'
+    to None, with a warning: the fused operator computes with float weights, so the block
+    stays in float (its FCs are not swapped for quantized modules it could not call) while
+    the rest of the model is quantized as configured. TorchScript cannot compile the
+    forward, which picks the backend in Python: ``torch.jit.script`` raises an error saying
+    so and naming what captures the block instead.
+    """
+
+    @property
+    def qconfig(self) -> None:
+        """Always None: eager-mode quantization leaves the block in float."""
+        return None
+
+    @qconfig.setter
+    def qconfig(self, qconfig) -> None:
+        for module in self.modules():
+            if module is not self:
+                module.qconfig = None
+        warnings.warn(f"{type(self).__name__} stays in float under torch.ao.quantization: the "
+                      "fused operator computes with float weights", stacklevel=2)
+
+    @qconfig.deleter
+    def qconfig(self) -> None:
+        """Nothing to clear (quantization clears every module's qconfig when it is done)."""
+
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script: its forward picks "
+            "the backend in Python and calls the C++ operator with arguments TorchScript cannot "
+            "type. Capture the model with torch.jit.trace(model, example_inputs) or "
+            "torch.export.export(model, example_args), which record the fused operator, or "
+            "script the original blocks: sae_kernels.revert(model).")
+
+
+class FusedSaE(_ModelTransforms, _Prologue, SaE):
     """Drop-in for :class:`~sae_kernels.reference.SaE`: same arguments, parameters and
     state_dict, forward through the fused operator.
 
@@ -112,7 +158,7 @@ class FusedSaE(_Prologue, SaE):
                 identity, *self._cpu_options, scale, shift,
                 PROLOGUE_ACTIVATIONS.index(prologue_act))
         cached = (self.cardinality > 1 and not torch.is_grad_enabled()
-                  and not torch.compiler.is_compiling())
+                  and may_reuse_computed_tensors())
         fc1_weight, fc1_bias = self._inference_fc1() if cached else self.stacked_fc1()
         return sae(x, fc1_weight, fc1_bias, self.excite.weight, self.excite.bias, identity,
                    act=self.act, gate=self.gate, residual=self.residual, act_out=self.act_out,
@@ -140,7 +186,7 @@ class FusedSE(FusedSaE):
                          backend, strategy)
 
 
-class FusedEffectiveSE(_Prologue, EffectiveSE):
+class FusedEffectiveSE(_ModelTransforms, _Prologue, EffectiveSE):
     """Drop-in for :class:`~sae_kernels.reference.EffectiveSE` (one C -> C FC and a gate):
     the operator's single-FC form. ``backend`` and ``strategy`` as in :class:`FusedSaE`."""
 

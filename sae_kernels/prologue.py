@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dispatch import may_reuse_computed_tensors
+
 
 class AbsorbedNorm(nn.Module):
     """Stand-in for ``norm`` (a BatchNorm2d, or timm's BatchNormAct2d with its activation)
@@ -66,9 +68,8 @@ class AbsorbedNorm(nn.Module):
         params, buffers = self._parameters, self._buffers
         tensors = (params["weight"], params["bias"], buffers["running_mean"],
                    buffers["running_var"])
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (
-                torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                for t in tensors)):
+        if not may_reuse_computed_tensors() or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in tensors)):
             return self._scale_shift()
         # the cache holds the tensors themselves, so that their ids cannot be reused
         key = tuple((id(t), t._version) if t is not None else None for t in tensors)

@@ -59,6 +59,11 @@ def _operands(n, c, h, w, k_rows, single_fc, prologue_act, channels_last, dtype=
     return x, w1s, b1s, w2, b2, scale, shift
 
 
+def _layout(t):
+    """The strides that matter: those of dimensions longer than 1."""
+    return [stride for stride, size in zip(t.stride(), t.shape, strict=True) if size > 1]
+
+
 OPTION_GRID = [
     # (act, gate, residual, relu_out, identity, single_fc, prologue_act)
     *((a, g, False, False, False, False, None) for a, g in itertools.product(ACTIVATIONS, GATES)),
@@ -89,7 +94,7 @@ def test_stand_ins_compute_what_the_library_computes(options, shape, channels_la
     stand_in = cpu_reference.forward(*forward_args)
     for name, a, b in zip("yzpu", library, stand_in, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
-    assert library[0].stride() == stand_in[0].stride()
+    assert _layout(library[0]) == _layout(stand_in[0])
     y, z, p, u = library
     grad = torch.randn_like(x)
     backward_args = (grad, x, y if relu_out else None, w1s, w2, z, p, u, *codes, with_identity,

@@ -224,7 +224,7 @@ def _traced_ops(model: torch.nn.Module, *args) -> set[str]:
 @pytest.mark.parametrize("setting, traces_op", [("auto", False), ("composite", False),
                                                  ("op", True)])
 def test_compile_traces_the_composite_on_cpu(setting, traces_op, monkeypatch):
-    """The rule of dispatch.inductor_runs_composite: the C++ op is traced as its ATen
+    """The rule of dispatch.runs_composite: the C++ op is traced as its ATen
     composite (prologue and epilogue included), which inductor fuses with its neighbours;
     SAE_KERNELS_UNDER_COMPILE overrides it. The composite computes the same function."""
     if not cpu_kernels.available():

@@ -134,6 +134,19 @@ def isa() -> str:
     return torch.ops.sae_kernels.cpu_isa()
 
 
+def composite_decompositions() -> dict:
+    """``sae_kernels::cpu_sae`` as ATen ops (its stand-in), a table for
+    ``ExportedProgram.run_decompositions``.
+
+    A program exported while the op was traced as itself (``SAE_KERNELS_UNDER_COMPILE=op``)
+    holds calls that ONNX and other ATen-only consumers cannot take;
+    ``program.run_decompositions(composite_decompositions())`` replaces each. Exporting the
+    model itself needs none of this: an ONNX export traces the composite
+    (``dispatch.runs_composite``).
+    """
+    return {torch.ops.sae_kernels.cpu_sae.default: cpu_reference.sae}
+
+
 def schemas() -> list[str]:
     """The ops' schemas, as csrc/schemas.h states them."""
     text = (CSRC / "schemas.h").read_text()

@@ -96,6 +96,12 @@ def _prologue_input(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Te
     return x
 
 
+def _output_format(x: Tensor) -> torch.memory_format:
+    """The memory format of ``layout.output_like(x)`` for NCHW and channels_last x (read
+    from the strides: an empty x is contiguous in every format)."""
+    return torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
+
+
 def forward(x: Tensor, fc1_weights: list[Tensor], fc1_biases: list[Tensor],
             fc2_weight: Tensor | None, fc2_bias: Tensor | None, identity: Tensor | None,
             act: int, gate: int, residual: bool, relu_out: bool,
@@ -121,9 +127,8 @@ def forward(x: Tensor, fc1_weights: list[Tensor], fc1_biases: list[Tensor],
         out = out + identity.to(acc)
     if relu_out:
         out = F.relu(out)
-    y = output_like(x)
-    y.copy_(out)
-    return y, z, p, u
+    # out-of-place and differentiable: it also serves as a decomposition
+    return out.to(x.dtype).contiguous(memory_format=_output_format(x)), z, p, u
 
 
 def sae(*args) -> Tensor:
