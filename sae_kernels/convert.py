@@ -115,6 +115,8 @@ TORCHVISION_SE_LAYOUTS = {
         SELayout("torchvision.SqueezeExcitation", "fc1", "fc2", "activation", "scale_activation"),
 }
 
+_SE_LAYOUTS = TIMM_SE_LAYOUTS | TORCHVISION_SE_LAYOUTS
+
 #: Channel-attention blocks that are not SE blocks: reported, never converted.
 NOT_SE_CLASSES = {
     "timm.layers.eca.EcaModule": "ECA: a 1-D convolution across channels, no FC pair",
@@ -663,7 +665,7 @@ def _read_block(module: nn.Module) -> tuple[str, _Block | str] | None:
 
 def _se_layout(module: nn.Module) -> SELayout | None:
     """The layout of ``module``'s SE class, or None for a module of no class there."""
-    for qualname, layout in (TIMM_SE_LAYOUTS | TORCHVISION_SE_LAYOUTS).items():
+    for qualname, layout in _SE_LAYOUTS.items():
         if _is(module, qualname):
             return layout
     return None

@@ -23,7 +23,7 @@ from ..options import (
     accumulation_dtype,
     check_operands,
 )
-from ..reference import TORCH_ACTIVATIONS, TORCH_GATES
+from ..reference import TORCH_ACTIVATIONS, TORCH_GATES, prologue
 
 aten = torch.ops.aten
 
@@ -76,8 +76,9 @@ def backward_fake(grad: Tensor, x: Tensor, y: Tensor | None, fc1_weights: list[T
                   prologue_scale: Tensor | None = None, prologue_shift: Tensor | None = None,
                   prologue_act: int = 0, prologue_grads: bool = False):
     d_identity = output_like(x) if has_identity and relu_out else x.new_empty((0,))
-    prologue = prologue_grads and (prologue_scale is not None or prologue_shift is not None)
-    d_prologue = u.new_empty((x.shape[1] if prologue else 0,))
+    with_prologue_grads = prologue_grads and (prologue_scale is not None
+                                              or prologue_shift is not None)
+    d_prologue = u.new_empty((x.shape[1] if with_prologue_grads else 0,))
     if fc2_weight is None:
         dw2, db2 = u.new_empty((0,)), u.new_empty((0,))
     else:
@@ -85,15 +86,6 @@ def backward_fake(grad: Tensor, x: Tensor, y: Tensor | None, fc1_weights: list[T
     return (output_like(x), d_identity, [torch.empty_like(w) for w in fc1_weights],
             [p.new_empty((w.shape[0],)) for w in fc1_weights], dw2, db2, d_prologue,
             torch.empty_like(d_prologue))
-
-
-def _prologue_input(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Tensor:
-    """``x * scale + shift`` per channel, in x's dtype (the prologue before its activation)."""
-    if scale is not None:
-        x = x * scale.to(x.dtype)[:, None, None]
-    if shift is not None:
-        x = x + shift.to(x.dtype)[:, None, None]
-    return x
 
 
 def _output_format(x: Tensor) -> torch.memory_format:
@@ -110,9 +102,7 @@ def forward(x: Tensor, fc1_weights: list[Tensor], fc1_biases: list[Tensor],
     """y, z, p, u as cpu_forward returns them; differentiable (the stand-in of cpu_sae
     runs it under autograd)."""
     acc = accumulation_dtype(x.dtype)
-    xp = _prologue_input(x.to(acc), prologue_scale, prologue_shift)
-    if prologue_act:
-        xp = TORCH_ACTIVATIONS[PROLOGUE_ACTIVATIONS[prologue_act]](xp)
+    xp = prologue(x.to(acc), prologue_scale, prologue_shift, PROLOGUE_ACTIVATIONS[prologue_act])
     z = xp.mean(dim=(2, 3))
     fc1_bias = torch.cat(list(fc1_biases)).to(acc) if fc1_biases else None
     p = F.linear(z, torch.cat(list(fc1_weights)).to(acc), fc1_bias)
@@ -154,9 +144,9 @@ def backward(grad: Tensor, x: Tensor, y: Tensor | None, fc1_weights: list[Tensor
     """The gradients cpu_backward returns, from what the forward saved."""
     acc = accumulation_dtype(x.dtype)
     hw = x.shape[2] * x.shape[3]
-    pre = _prologue_input(x.to(acc), prologue_scale, prologue_shift)
+    pre = prologue(x.to(acc), prologue_scale, prologue_shift, "none")
     prologue_name = PROLOGUE_ACTIVATIONS[prologue_act]
-    xp = TORCH_ACTIVATIONS[prologue_name](pre) if prologue_act else pre
+    xp = prologue(pre, None, None, prologue_name)
     d_out = grad.to(acc)
     if relu_out:
         d_out = aten.threshold_backward(d_out, y.to(acc), 0)
@@ -180,10 +170,11 @@ def backward(grad: Tensor, x: Tensor, y: Tensor | None, fc1_weights: list[Tensor
         d_identity.copy_(d_out)
     else:
         d_identity = x.new_empty((0,))
-    prologue = prologue_grads and (prologue_scale is not None or prologue_shift is not None)
-    channels = x.shape[1] if prologue else 0
+    with_prologue_grads = prologue_grads and (prologue_scale is not None
+                                              or prologue_shift is not None)
+    channels = x.shape[1] if with_prologue_grads else 0
     d_scale, d_shift = u.new_zeros((channels,)), u.new_zeros((channels,))
-    if prologue:
+    if with_prologue_grads:
         d_scale = (d_pre * x.to(acc)).sum(dim=(0, 2, 3))
         d_shift = d_pre.sum(dim=(0, 2, 3))
     rows = [w.shape[0] for w in fc1_weights]
