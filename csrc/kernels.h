@@ -651,42 +651,34 @@ inline void dot_tile(const A* const* w, const A* const* in, int64_t len, A (&out
 }
 
 // out[b, o] = bias[o] + sum_i w[o, i] * in[b, i] for o in [o_begin, o_end), row o of w at
-// w_rows[o]: tiles of 4 outputs x kLinearSamples samples share each load.
+// w_rows[o]: tiles of 4 outputs x kLinearSamples samples share each load. Samples left
+// over (all of them at N = 1) go one at a time in tiles of 8 outputs: with a single input
+// vector per step, eight weight rows in flight keep the weight stream, which is then the
+// whole cost, at memory speed.
 template <typename A>
 void linear(const A* in, int64_t batch, int64_t ins, const A* const* w_rows, const A* bias,
             A* out, int64_t outs, int64_t o_begin, int64_t o_end) {
   constexpr int64_t Q = 4, S = kLinearSamples;  // Q: kLinearOutputs in op_common.h
-  auto store = [&](auto& tile, int64_t o, int64_t b, int64_t q_count, int64_t s_count) {
-    for (int64_t q = 0; q < q_count; ++q) {
-      for (int64_t s = 0; s < s_count; ++s) {
-        out[(b + s) * outs + o + q] = tile[q][s] + (bias ? bias[o + q] : A(0));
-      }
-    }
+  auto tile = [&]<int64_t Rows, int64_t Samples>(int64_t o, int64_t b) {
+    const A* inputs[Samples];
+    for (int64_t s = 0; s < Samples; ++s) inputs[s] = in + (b + s) * ins;
+    A sums[Rows][Samples];
+    dot_tile<Rows, Samples>(w_rows + o, inputs, ins, sums);
+    for (int64_t q = 0; q < Rows; ++q)
+      for (int64_t s = 0; s < Samples; ++s)
+        out[(b + s) * outs + o + q] = sums[q][s] + (bias ? bias[o + q] : A(0));
   };
+  int64_t whole = batch / S * S;
   int64_t o = o_begin;
-  for (; o + Q <= o_end; o += Q) {
-    int64_t b = 0;
-    for (; b + S <= batch; b += S) {
-      const A* inputs[S];
-      for (int64_t s = 0; s < S; ++s) inputs[s] = in + (b + s) * ins;
-      A tile[Q][S];
-      dot_tile<Q, S>(w_rows + o, inputs, ins, tile);
-      store(tile, o, b, Q, S);
-    }
-    for (; b < batch; ++b) {
-      const A* inputs[1] = {in + b * ins};
-      A tile[Q][1];
-      dot_tile<Q, 1>(w_rows + o, inputs, ins, tile);
-      store(tile, o, b, Q, 1);
-    }
-  }
-  for (; o < o_end; ++o) {
-    for (int64_t b = 0; b < batch; ++b) {
-      const A* inputs[1] = {in + b * ins};
-      A tile[1][1];
-      dot_tile<1, 1>(w_rows + o, inputs, ins, tile);
-      store(tile, o, b, 1, 1);
-    }
+  for (; o + Q <= o_end; o += Q)
+    for (int64_t b = 0; b < whole; b += S) tile.template operator()<Q, S>(o, b);
+  for (; o < o_end; ++o)
+    for (int64_t b = 0; b < whole; ++b) tile.template operator()<1, 1>(o, b);
+  for (int64_t b = whole; b < batch; ++b) {
+    o = o_begin;
+    for (; o + 2 * Q <= o_end; o += 2 * Q) tile.template operator()<2 * Q, 1>(o, b);
+    for (; o + Q <= o_end; o += Q) tile.template operator()<Q, 1>(o, b);
+    for (; o < o_end; ++o) tile.template operator()<1, 1>(o, b);
   }
 }
 

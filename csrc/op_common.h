@@ -356,7 +356,12 @@ inline int64_t fc1_rows(at::TensorList w1s) {
 template <typename A>
 void add_rows(const Tensor& w, std::vector<const A*>& rows, std::vector<Tensor>& keep) {
   Tensor t = as_acc<A>(w);
-  for (int64_t r = 0; r < t.size(0); ++r) rows.push_back(data<A>(t) + r * t.size(1));
+  // sizes and the data pointer read once: out-of-line calls per row cost as much as the
+  // FCs themselves at N = 1
+  const A* first = data<A>(t);
+  int64_t count = t.size(0), width = t.size(1);
+  rows.reserve(rows.size() + count);
+  for (int64_t r = 0; r < count; ++r) rows.push_back(first + r * width);
   keep.push_back(std::move(t));
 }
 

@@ -6,6 +6,7 @@ import torch
 
 from . import ops
 from .dispatch import check_strategy, resolve_backend, runs_composite
+from .kernels import cpu as cpu_kernels
 from .options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS, check_operands
 from .reference import composite
 
@@ -51,11 +52,10 @@ def sae(
                                      prologue_shift, prologue_act)
     if backend == "cpu":
         fc1_biases = [] if fc1_bias is None else [fc1_bias]
-        return torch.ops.sae_kernels.cpu_sae(x, [fc1_weight], fc1_biases, fc2_weight, fc2_bias,
-                                             identity, ACTIVATIONS.index(act), GATES.index(gate),
-                                             residual, act_out == "relu", prologue_scale,
-                                             prologue_shift,
-                                             PROLOGUE_ACTIVATIONS.index(prologue_act))
+        return cpu_kernels.op_entry()(x, [fc1_weight], fc1_biases, fc2_weight, fc2_bias,
+                                      identity, ACTIVATIONS.index(act), GATES.index(gate),
+                                      residual, act_out == "relu", prologue_scale,
+                                      prologue_shift, PROLOGUE_ACTIVATIONS.index(prologue_act))
     return ops.sae_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
                            residual, act_out, strategy, prologue_scale, prologue_shift,
                            prologue_act)[0]

@@ -106,6 +106,22 @@ def test_one_and_two_threads_give_the_same_bits():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_sample_gets_the_same_bits_in_any_batch(layout):
+    """The FC tiles differ with the batch (4 outputs x 4 samples, 8 outputs x 1 sample for
+    what is left over); every (row, sample) dot product still sums in one order."""
+    torch.manual_seed(0)
+    ref = SaE(300, reduction=8, cardinality=4, act_out="relu")
+    fused = FusedSaE.from_module(ref, backend="cpu").eval()
+    x = torch.randn(7, 300, 5, 5)
+    if LAYOUTS[layout]:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        whole = fused(x, x)
+        for i in range(len(x)):
+            assert torch.equal(fused(x[i:i + 1], x[i:i + 1]), whole[i:i + 1])
+
+
 def test_fp16_falls_back_with_a_warning():
     fused = FusedSaE(8, reduction=2, backend="cpu").half()
     ref = SaE(8, reduction=2).half()

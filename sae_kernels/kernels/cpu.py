@@ -5,7 +5,8 @@ At import the ops of ``csrc/schemas.h`` are defined with their fake kernels
 in a fresh process. A library built for these sources and this torch is loaded at once
 (milliseconds). Otherwise PyTorch stand-ins hold the ops' place: the first call builds
 the library (about half a minute, once) and loads it, or, where that fails, the stand-ins
-compute the ops themselves after a warning.
+compute the ops themselves after a warning. Beside the library a small Python module is
+built, the typed entry that eager callers reach ``cpu_sae`` through (:func:`op_entry`).
 
 Builds are cached under ``SAE_KERNELS_BUILD_DIR`` (default ``~/.cache/sae_kernels``) in a
 directory named after torch's version and a digest of the sources and flags;
@@ -22,6 +23,7 @@ Environment switches:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import sys
@@ -47,6 +49,10 @@ SOURCES = ("forward.cpp", "backward.cpp", "register.cpp", "kernels_avx512.cpp",
            "kernels_avx2.cpp", "kernels_generic.cpp")
 FLAGS = ["-O3", "-fopenmp"]
 LIBRARY_NAME = "sae_kernels_cpu"
+#: the typed Python entry to cpu_sae (csrc/python_entry.cpp), a Python module built beside
+#: the library (which itself must load without Python)
+ENTRY_SOURCE = "python_entry.cpp"
+ENTRY_NAME = "sae_kernels_entry"
 
 
 def source_digest() -> str:
@@ -67,8 +73,15 @@ def library_path() -> Path:
     return build_dir() / f"{LIBRARY_NAME}.so"
 
 
+def entry_path() -> Path:
+    """Where the typed Python entry built from these sources is (or will be)."""
+    return build_dir() / "entry" / f"{ENTRY_NAME}.so"
+
+
 def build(verbose: bool = False) -> Path:
-    """Compile the library unless it is cached, load it; its path. Raises on failure."""
+    """Compile the library and its Python entry unless cached, load them; the library's
+    path. Raises on failure (of the library: without the entry, calls go through
+    torch.ops, after a warning)."""
     global _available
     library = library_path()
     if _available:
@@ -78,30 +91,65 @@ def build(verbose: bool = False) -> Path:
         if library.exists():
             torch.ops.load_library(str(library))
         else:
-            _compile_and_load(library.parent, verbose)
+            _compile(LIBRARY_NAME, SOURCES, library.parent, verbose, python_module=False)
     except Exception:
         _install_stand_ins()
         raise
     _available = True
+    _load_entry(verbose)
     return library
 
 
-def _compile_and_load(directory: Path, verbose: bool) -> None:
+def _compile(name: str, sources: tuple[str, ...], directory: Path, verbose: bool,
+             python_module: bool):
+    """Build (and load) one target of csrc/ into `directory`."""
     from torch.utils.cpp_extension import load
 
-    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    missing = [s for s in sources if not (CSRC / s).is_file()]
     if missing:
         raise FileNotFoundError(f"C++ sources not found in {CSRC}: {', '.join(missing)}")
     directory.mkdir(parents=True, exist_ok=True)
-    print(f"sae_kernels: building the C++ CPU kernels (once; cached in {directory}) ...",
+    print(f"sae_kernels: building {name} (once; cached in {directory}) ...",
           end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        load(name=LIBRARY_NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=FLAGS,
-             extra_ldflags=["-fopenmp"], build_directory=str(directory),
-             is_python_module=False, verbose=verbose)
+        return load(name=name, sources=[str(CSRC / s) for s in sources],
+                    extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=str(directory), is_python_module=python_module,
+                    verbose=verbose)
     finally:
         print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+_entry = None  # the typed entry's cpu_sae, once loaded
+
+
+def _load_entry(verbose: bool) -> None:
+    global _entry
+    path = entry_path()
+    try:
+        if path.exists():
+            spec = importlib.util.spec_from_file_location(ENTRY_NAME, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = _compile(ENTRY_NAME, (ENTRY_SOURCE,), path.parent, verbose,
+                              python_module=True)
+    except Exception as e:
+        warnings.warn(f"sae_kernels: the typed entry to the CPU op is unavailable "
+                      f"({type(e).__name__}); calls go through torch.ops, ~3 us slower",
+                      RuntimeWarning, stacklevel=3)
+        return
+    _entry = module.cpu_sae
+
+
+def op_entry():
+    """What eager code calls ``sae_kernels::cpu_sae`` through: the typed entry
+    (csrc/python_entry.cpp, the same dispatcher call with ~3 us less argument parsing)
+    where it is loaded and nothing compiles the caller, else ``torch.ops``."""
+    if _entry is None or torch.compiler.is_compiling():
+        return torch.ops.sae_kernels.cpu_sae
+    return _entry
 
 
 _available: bool | None = None
