@@ -652,9 +652,8 @@ inline void dot_tile(const A* const* w, const A* const* in, int64_t len, A (&out
 
 // out[b, o] = bias[o] + sum_i w[o, i] * in[b, i] for o in [o_begin, o_end), row o of w at
 // w_rows[o]: tiles of 4 outputs x kLinearSamples samples share each load. Samples left
-// over (all of them at N = 1) go one at a time in tiles of 8 outputs: with a single input
-// vector per step, eight weight rows in flight keep the weight stream, which is then the
-// whole cost, at memory speed.
+// over (all of them at N = 1) go one at a time in tiles of 8 outputs, more weight rows
+// per input vector; at N = 1 the FCs then match ATen's addmm (2048 x 128, 1 and 2 threads).
 template <typename A>
 void linear(const A* in, int64_t batch, int64_t ins, const A* const* w_rows, const A* bias,
             A* out, int64_t outs, int64_t o_begin, int64_t o_end) {
