@@ -57,20 +57,3 @@ def sae_cost(n: int, c: int, hw: int, k: int, element_size: int, backward: bool 
         elementwise += 4 * elements + n * (k + c)
         traffic += 3 * elements + 2 * weights
     return Cost(matmul, elementwise, traffic * element_size)
-
-
-def gpu_dram_bytes(strategy: str, n: int, c: int, hw: int, k: int, element_size: int,
-                   sms: int, l2_bytes: int, backward: bool = False) -> int:
-    """The bytes the Triton path moves through DRAM in one call, by this model: the
-    compulsory bytes, plus the second read of x (forward) or of g (backward) when what is
-    in flight between the two reads exceeds half the L2 (the other half holds the lines
-    being written). In flight: ``single``, one sample per program, as many samples as
-    there are SMs; ``split`` and the backward, the whole tensor (a full pass separates
-    the reads)."""
-    sample = c * hw * element_size
-    tensor = n * sample
-    in_flight = min(n, sms) * sample if strategy == "single" else tensor
-    rereads = tensor if in_flight > l2_bytes // 2 else 0
-    if backward:
-        rereads += tensor if tensor > l2_bytes // 2 else 0
-    return sae_cost(n, c, hw, k, element_size, backward).compulsory_bytes + rereads

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sae_kernels import FusedSaE, SaE
 from sae_kernels.__main__ import main
-from sae_kernels.cost import fc_flops, gpu_dram_bytes, sae_cost
+from sae_kernels.cost import fc_flops, sae_cost
 from sae_kernels.kernels import cpu as cpu_kernels
 from sae_kernels.tools.bench import (
     VARIANTS,
@@ -165,23 +165,6 @@ def test_cost_model_by_hand():
     single = sae_cost(2, 8, 9, 8, 2, single_fc=True)
     assert single.matmul_flops == fc_flops(2, 8, 8, single_fc=True) == 2 * 2 * 8 * 8
     assert single.compulsory_bytes == 2 * (2 * 144 + 8 * 8 + 8)
-
-
-def test_gpu_bytes_model():
-    shape = (32, 256, 56 * 56, 16, 2)  # x of 51 MB in fp16
-    x_bytes = 32 * 256 * 56 * 56 * 2
-    compulsory = sae_cost(*shape).compulsory_bytes
-    # the whole x is in flight between the split path's two reads: it misses a 50 MiB L2
-    assert gpu_dram_bytes("split", *shape, sms=132, l2_bytes=50 << 20) == compulsory + x_bytes
-    # one sample per SM in flight (132 x 1.6 MB) also misses; 4 SMs' worth fits
-    assert gpu_dram_bytes("single", *shape, sms=132, l2_bytes=50 << 20) == compulsory + x_bytes
-    assert gpu_dram_bytes("single", *shape, sms=4, l2_bytes=50 << 20) == compulsory
-    # backward: the pointwise pass reads g a second time, from DRAM when g misses
-    training = sae_cost(*shape, backward=True).compulsory_bytes
-    assert gpu_dram_bytes("single", *shape, sms=4, l2_bytes=50 << 20,
-                          backward=True) == training + x_bytes
-    assert gpu_dram_bytes("split", *shape, sms=4, l2_bytes=1 << 30,
-                          backward=True) == training
 
 
 @pytest.mark.parametrize("floor", ["floor", "fair_floor"])

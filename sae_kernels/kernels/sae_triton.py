@@ -10,34 +10,40 @@ The optional prologue, x' = act(x * a + b) with a per-channel scale a and shift 
 takes the place of x everywhere: it is applied to every tile of x as it is loaded, in
 the pool and in the rescale, and never stored. The backward recomputes it the same way.
 
-Forward, ``single`` strategy — one launch, one program per sample:
+Plans (which one runs is ``gpu_plan``'s choice):
+
+``single``, one launch, one program per sample:
     pool every channel block (store z) -> p = W1 z + b1 -> u = W2 act(p) + b2
     -> rescale every channel block with the epilogue.
-Forward, ``split`` strategy — two launches, for large per-sample maps and small N:
-    (a) grid (N, channel blocks, HW splits): each program pools its tile into a
-        partial-sum slot; the last program of a sample to arrive (an acq_rel
-        counter) sums the slots in a fixed order and runs the excitation;
-    (b) grid (N * channel blocks, HW chunks): rescale with the epilogue.
-Backward — two launches whatever the strategy:
-    (a) the same grid as forward (a) reduces ds = sum_hw g'*x, and the last program
-        of each sample runs the excitation backward: du, dp and dz (N-by-C sized);
-    (b) dx = g' * scale + dz / HW, and d_identity = g' for the ReLU tail,
-    with g' = g * (y > 0) under ``act_out="relu"``. With a prologue, (b) takes that dx
-    as dL/dx' on to dx = dL/dx' * act'(v) * a (v = x * a + b), and, when asked, writes
-    per-(sample, chunk) partial sums of dL/dv * x and dL/dv: the gradients of a and b
-    once summed. Those sums and the weight gradients (two small matmuls) are finished
-    over the batch by the caller: no float atomics anywhere, so the same inputs give
-    the same bits.
+``split``, sample-major grids (sample, channel block, HW chunk) between batched FCs:
+    forward   (1) each program sums its tile into a slot of (N, chunks, C);
+              (2) FC1 over sample tiles: z = the slots summed in chunk order / HW, p;
+              (3) FC2 over sample tiles: u = act(p) W2^T + b2;
+              (4) the rescale with its epilogue (flat rows for contiguous NCHW);
+    backward  (1) the same grid sums g'*x into slots (g' = g * (y > 0) under
+                  ``act_out="relu"``);
+              (2) du = ds * gate'(u), dp = (du W2) * act'(p) over sample tiles;
+              (3) dz = dp W1 over sample tiles;
+              (4) dx = g' * scale + dz / HW, and d_identity = g' for the ReLU tail.
+    With ``gemv_in_stream``, (3) has no launch: each program of (4) computes its own
+    channels' u (dz) from p (dp) and a slice of W2 (W1) in L2.
+    With a prologue, backward (4) takes that dx as dL/dx' on to dx = dL/dx' * act'(v) * a
+    (v = x * a + b), and, when asked, writes per-(sample, chunk) partial sums of
+    dL/dv * x and dL/dv: the gradients of a and b once summed. Those sums and the weight
+    gradients (two small matmuls) are finished over the batch by the caller.
 
-Everything between the loads and the stores runs in the accumulation dtype: values
-are upcast right after loading (the interpreter computes wrongly on bf16 bits).
+Programs hand work on only at launch boundaries: no counters, no atomics, nothing kept
+between calls, and the same inputs give the same bits. Everything between the loads and
+the stores runs in the accumulation dtype: values are upcast right after loading (the
+interpreter computes wrongly on 16-bit bits).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import LaunchPlan, plan_launch, triton_cdiv
+from .. import gpu_plan
+from ..gpu_plan import FLAT_BLOCK, LaunchPlan, Problem, triton_cdiv
 from ..layout import is_channels_last, output_like, readable
 from ..options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS, accumulation_dtype
 from .activations import (
@@ -158,54 +164,14 @@ def _excite(z_row, p_row, u_row, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2
 
 
 @triton.jit
-def _excite_backward(du_row, dp_row, dz_row, p_row, w1_ptr, w1_sk, w1_sc, w2_ptr, w2_sc, w2_sk,
-                     C, K, ACT: tl.constexpr, HAS_FC2: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_FC: tl.constexpr):
-    """One sample: dp = (du W2) * act'(p) (dp = du without fc2), then dz = dp W1; du is
-    read back (barrier first)."""
-    acc_ty = dp_row.dtype.element_ty
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        if HAS_FC2:
-            acc = tl.zeros([BLOCK_FC, BLOCK_K], dtype=acc_ty)
-            for c0 in range(0, C, BLOCK_FC):
-                offs_c = c0 + tl.arange(0, BLOCK_FC)
-                mask_c = offs_c < C
-                du = tl.load(du_row + offs_c, mask=mask_c, other=0.0)
-                w = tl.load(w2_ptr + offs_c[:, None] * w2_sc + offs_k[None, :] * w2_sk,
-                            mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(acc_ty)
-                acc += w * du[:, None]
-            p = tl.load(p_row + offs_k, mask=mask_k, other=0.0)
-            dp = tl.sum(acc, axis=0) * activation_grad(p, ACT)
-        else:
-            dp = tl.load(du_row + offs_k, mask=mask_k, other=0.0)
-        tl.store(dp_row + offs_k, dp, mask=mask_k)
-    tl.debug_barrier()
-    for c0 in range(0, C, BLOCK_FC):
-        offs_c = c0 + tl.arange(0, BLOCK_FC)
-        mask_c = offs_c < C
-        acc = tl.zeros([BLOCK_K, BLOCK_FC], dtype=acc_ty)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            dp = tl.load(dp_row + offs_k, mask=mask_k, other=0.0)
-            w = tl.load(w1_ptr + offs_k[:, None] * w1_sk + offs_c[None, :] * w1_sc,
-                        mask=mask_k[:, None] & mask_c[None, :], other=0.0).to(acc_ty)
-            acc += w * dp[:, None]
-        tl.store(dz_row + offs_c, tl.sum(acc, axis=0), mask=mask_c)
-
-
-@triton.jit
-def _rescale(x_ptr, x_sc, x_shw, prologue_ptr, id_ptr, id_sc, id_shw, y_ptr, y_sc, y_shw, u_row,
+def _rescale(x_ptr, x_sc, x_shw, prologue_ptr, id_ptr, id_sc, id_shw, y_ptr, y_sc, y_shw, u,
              offs_c, C, hw_start, hw_stop,
              GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
              RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
              BLOCK_HW: tl.constexpr):
-    """y = act_out(x * s [+ x] [+ identity]) for one channel block over [hw_start, hw_stop)
-    (x' for x with a prologue)."""
+    """y = act_out(x * s [+ x] [+ identity]), s = gate(u), for one channel block over
+    [hw_start, hw_stop) (x' for x with a prologue)."""
     mask_c = offs_c < C
-    u = tl.load(u_row + offs_c, mask=mask_c, other=0.0)
     acc_ty = u.dtype
     scale = gate(u, GATE)
     pro_scale, pro_shift = _prologue_columns(prologue_ptr, offs_c, mask_c, C, HAS_PROLOGUE)
@@ -224,34 +190,6 @@ def _rescale(x_ptr, x_sc, x_shw, prologue_ptr, id_ptr, id_sc, id_shw, y_ptr, y_s
             out = tl.where(out < 0, 0.0, out)
         tl.store(y_ptr + offs_c[:, None] * y_sc + offs_hw[None, :] * y_shw,
                  out.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _last_to_arrive(counter_ptr, arrivals):
-    """True in exactly one program: the last of ``arrivals`` to call this.
-
-    The barrier orders this program's earlier global stores before the release of
-    the acq_rel add; the last arriver's acquire makes every other program's stores
-    visible to it. The last arriver resets the counter, so the buffer is reusable.
-    """
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    is_last = arrived == arrivals - 1
-    if is_last:
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
-    return is_last
-
-
-@triton.jit
-def _sum_slots(slots_row, offs_c, mask_c, n_slots, C):
-    """Per channel of the block: the partial sums of every slot, added in slot order.
-
-    The loads bypass L1 (``.cg``): other programs wrote these slots during this launch.
-    """
-    acc = tl.load(slots_row + offs_c, mask=mask_c, other=0.0, cache_modifier=".cg")
-    for s in range(1, n_slots):
-        acc += tl.load(slots_row + s * C + offs_c, mask=mask_c, other=0.0, cache_modifier=".cg")
-    return acc
 
 
 @triton.jit
@@ -282,129 +220,401 @@ def sae_forward_single_kernel(
     tl.debug_barrier()
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
+        u = tl.load(u_row + offs_c, mask=offs_c < C, other=0.0)
         _rescale(x_row, x_sc, x_shw, prologue_ptr, id_ptr + n * id_sn, id_sc, id_shw,
-                 y_ptr + n * y_sn, y_sc, y_shw, u_row, offs_c, C, 0, HW, GATE, RESIDUAL,
+                 y_ptr + n * y_sn, y_sc, y_shw, u, offs_c, C, 0, HW, GATE, RESIDUAL,
                  HAS_IDENTITY, RELU_OUT, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_HW)
 
 
 @triton.jit
-def sae_forward_pool_kernel(
-    x_ptr, x_sn, x_sc, x_shw, prologue_ptr, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2_sk,
-    b2_ptr, z_ptr, p_ptr, u_ptr, slots_ptr, counter_ptr,
-    C, HW, K, HW_PER_SPLIT,
-    ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_FC2: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_FC: tl.constexpr,
-):
-    """Split forward (a), grid (N, channel blocks, HW splits): pool, then excite per sample."""
-    n = tl.program_id(0).to(tl.int64)
-    n_splits = tl.num_programs(2)
-    split = tl.program_id(2)
-    acc_ty = z_ptr.dtype.element_ty
-    x_row = x_ptr + n * x_sn
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw_start = split * HW_PER_SPLIT
-    hw_stop = tl.minimum(hw_start + HW_PER_SPLIT, HW)
-    sums = _channel_sums(x_row, x_sc, x_shw, prologue_ptr, x_row, 0, 0, x_row, 0, 0, offs_c, C,
-                         hw_start, hw_stop, False, False, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C,
-                         BLOCK_HW, acc_ty)
-    slots_row = slots_ptr + n * n_splits * C
-    tl.store(slots_row + split * C + offs_c, sums, mask=offs_c < C)
-    if _last_to_arrive(counter_ptr + n, tl.num_programs(1) * n_splits):
-        z_row = z_ptr + n * C
-        for c0 in range(0, C, BLOCK_FC):
-            offs = c0 + tl.arange(0, BLOCK_FC)
-            mask = offs < C
-            tl.store(z_row + offs, _sum_slots(slots_row, offs, mask, n_splits, C) / HW, mask=mask)
-        tl.debug_barrier()
-        _excite(z_row, p_ptr + n * K, u_ptr + n * C, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc,
-                w2_sk, b2_ptr, C, K, ACT, HAS_B1, HAS_B2, HAS_FC2, BLOCK_K, BLOCK_FC)
+def _sample_major(pid, blocks_c, chunks, N, LAST_FIRST: tl.constexpr):
+    """(sample, channel block, chunk) of program ``pid`` in a flat grid whose programs run
+    sample by sample, so no sample's work is left for the last wave. A second pass over
+    the samples runs them ``LAST_FIRST``: it starts on the samples the first pass read
+    last, whose lines are still in L2, so x (and g) come from HBM once for them."""
+    per_sample = blocks_c * chunks
+    n = (pid // per_sample).to(tl.int64)
+    if LAST_FIRST:
+        n = N - 1 - n
+    rest = pid % per_sample
+    return n, rest // chunks, rest % chunks
 
 
 @triton.jit
-def sae_forward_rescale_kernel(
-    x_ptr, x_sn, x_sc, x_shw, prologue_ptr, id_ptr, id_sn, id_sc, id_shw, y_ptr, y_sn, y_sc,
-    y_shw, u_ptr, C, HW, HW_PER_PROGRAM,
-    GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
-    RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    """Split forward (b), grid (N * channel blocks, HW chunks): the rescale epilogue."""
-    blocks_c = tl.cdiv(C, BLOCK_C)
-    n = (tl.program_id(0) // blocks_c).to(tl.int64)
-    offs_c = (tl.program_id(0) % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw_start = tl.program_id(1) * HW_PER_PROGRAM
-    hw_stop = tl.minimum(hw_start + HW_PER_PROGRAM, HW)
-    _rescale(x_ptr + n * x_sn, x_sc, x_shw, prologue_ptr, id_ptr + n * id_sn, id_sc, id_shw,
-             y_ptr + n * y_sn, y_sc, y_shw, u_ptr + n * C, offs_c, C, hw_start, hw_stop,
-             GATE, RESIDUAL, HAS_IDENTITY, RELU_OUT, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_HW)
-
-
-@triton.jit
-def sae_backward_reduce_kernel(
+def sae_channel_sums_kernel(
     x_ptr, x_sn, x_sc, x_shw, prologue_ptr, g_ptr, g_sn, g_sc, g_shw, y_ptr, y_sn, y_sc, y_shw,
-    w1_ptr, w1_sk, w1_sc, w2_ptr, w2_sc, w2_sk, p_ptr, u_ptr, du_ptr, dp_ptr, dz_ptr,
-    slots_ptr, counter_ptr,
-    C, HW, K, HW_PER_SPLIT,
-    ACT: tl.constexpr, GATE: tl.constexpr, RELU_OUT: tl.constexpr, HAS_FC2: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_FC: tl.constexpr,
+    slots_ptr, C, HW, HW_PER_CHUNK,
+    WITH_GRAD: tl.constexpr, RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr,
+    PROLOGUE_ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Backward (a), grid (N, channel blocks, HW splits): ds = sum g'*x (x' with a
-    prologue), then du, dp, dz."""
-    n = tl.program_id(0).to(tl.int64)
-    n_splits = tl.num_programs(2)
-    split = tl.program_id(2)
-    acc_ty = du_ptr.dtype.element_ty
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw_start = split * HW_PER_SPLIT
-    hw_stop = tl.minimum(hw_start + HW_PER_SPLIT, HW)
+    """Split pass 1, forward (sum of x) and backward (sum of g'*x): each program sums its
+    (sample, channel block, HW chunk) tile into slot (n, chunk) of the (N, chunks, C) slots."""
+    blocks_c = tl.cdiv(C, BLOCK_C)
+    chunks = tl.cdiv(HW, HW_PER_CHUNK)
+    n, block, chunk = _sample_major(tl.program_id(0), blocks_c, chunks, 0, False)
+    offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw_start = chunk * HW_PER_CHUNK
+    hw_stop = tl.minimum(hw_start + HW_PER_CHUNK, HW)
     sums = _channel_sums(x_ptr + n * x_sn, x_sc, x_shw, prologue_ptr, g_ptr + n * g_sn, g_sc,
                          g_shw, y_ptr + n * y_sn, y_sc, y_shw, offs_c, C, hw_start, hw_stop,
-                         True, RELU_OUT, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C, BLOCK_HW, acc_ty)
-    slots_row = slots_ptr + n * n_splits * C
-    tl.store(slots_row + split * C + offs_c, sums, mask=offs_c < C)
-    if _last_to_arrive(counter_ptr + n, tl.num_programs(1) * n_splits):
-        du_row = du_ptr + n * C
-        u_row = u_ptr + n * C
-        for c0 in range(0, C, BLOCK_FC):
-            offs = c0 + tl.arange(0, BLOCK_FC)
-            mask = offs < C
-            ds = _sum_slots(slots_row, offs, mask, n_splits, C)
-            du = ds * gate_grad(tl.load(u_row + offs, mask=mask), GATE)
-            tl.store(du_row + offs, du, mask=mask)
-        tl.debug_barrier()
-        _excite_backward(du_row, dp_ptr + n * K, dz_ptr + n * C, p_ptr + n * K, w1_ptr, w1_sk,
-                         w1_sc, w2_ptr, w2_sc, w2_sk, C, K, ACT, HAS_FC2, BLOCK_K, BLOCK_FC)
+                         WITH_GRAD, RELU_OUT, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C, BLOCK_HW,
+                         slots_ptr.dtype.element_ty)
+    tl.store(slots_ptr + (n * chunks + chunk) * C + offs_c, sums, mask=offs_c < C)
+
+
+@triton.jit
+def _slot_sums(slots_ptr, offs_n, offs_c, mask, chunks, C):
+    """[samples, channels] sums of every chunk's slot, added in chunk order (the same bits
+    whatever the launch order)."""
+    rows = slots_ptr + offs_n.to(tl.int64)[:, None] * chunks * C + offs_c[None, :]
+    acc = tl.load(rows, mask=mask, other=0.0)
+    for chunk in range(1, chunks):
+        acc += tl.load(rows + chunk * C, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def _dot(acc, a, w):
+    """acc + a @ w on tensor cores, a in the accumulation dtype, w as loaded.
+
+    fp32: 3xTF32 (each fp32 operand split into a TF32 high and low part, three products),
+    which keeps fp32's accuracy: the operator rounds once, at its stores, whatever the I/O
+    dtype. 16-bit weights are exact in TF32. fp64: fp64 products.
+    """
+    if acc.dtype == tl.float64:
+        out = tl.dot(a, w.to(tl.float64), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, w.to(tl.float32), acc, input_precision="tf32x3")
+    return out
+
+
+@triton.jit
+def _weight_tile(w_ptr, w_s_rows, w_s_cols, offs_r, offs_m, mask_r, mask_m):
+    """A [reduction, output] tile of a weight, W[offs_r, offs_m] through its strides."""
+    return tl.load(w_ptr + offs_r[:, None] * w_s_rows + offs_m[None, :] * w_s_cols,
+                   mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+
+
+@triton.jit
+def _split_sums(ptrs, mask, split_stride, SPLITS: tl.constexpr):
+    """The SPLITS partial results of an FC whose reduction was split (``ptrs`` into the
+    first, the others ``split_stride`` apart), added in split order."""
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for split in range(1, SPLITS):
+        acc += tl.load(ptrs + split * split_stride, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def _reduction_range(R, R_PER_SPLIT):
+    """[start, stop) of this program's share of an FC's reduction (grid axis 2)."""
+    start = tl.program_id(2) * R_PER_SPLIT
+    return start, tl.minimum(start + R_PER_SPLIT, R)
+
+
+@triton.jit
+def sae_fc1_kernel(
+    slots_ptr, w1_ptr, w1_sk, w1_sc, b1_ptr, z_ptr, p_parts_ptr, u_ptr, N, C, K, HW, chunks,
+    C_PER_SPLIT,
+    HAS_B1: tl.constexpr, HAS_FC2: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Split forward 2, grid (sample tiles, K tiles, C splits): z = slots summed / HW over
+    this split's channels (the first K tile stores them), then the split's share of
+    p = z W1^T + b1 for BLOCK_N samples at once, into row ``split`` of (splits, N, K):
+    p itself with one split. Without fc2 (K = C, one split) u = p."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < K
+    rows_n = offs_n.to(tl.int64)[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=slots_ptr.dtype.element_ty)
+    start, stop = _reduction_range(C, C_PER_SPLIT)
+    for r0 in range(start, stop, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < stop
+        mask = mask_n[:, None] & mask_r[None, :]
+        z = _slot_sums(slots_ptr, offs_n, offs_r, mask, chunks, C) / HW
+        if tl.program_id(1) == 0:
+            tl.store(z_ptr + rows_n * C + offs_r[None, :], z, mask=mask)
+        acc = _dot(acc, z, _weight_tile(w1_ptr, w1_sc, w1_sk, offs_r, offs_m, mask_r, mask_m))
+    if HAS_B1:
+        if tl.program_id(2) == 0:
+            acc += tl.load(b1_ptr + offs_m, mask=mask_m, other=0.0).to(acc.dtype)[None, :]
+    mask = mask_n[:, None] & mask_m[None, :]
+    tl.store(p_parts_ptr + tl.program_id(2) * N * K + rows_n * K + offs_m[None, :], acc,
+             mask=mask)
+    if not HAS_FC2:
+        tl.store(u_ptr + rows_n * K + offs_m[None, :], acc, mask=mask)
+
+
+@triton.jit
+def sae_fc2_kernel(
+    p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, u_ptr, N, C, K,
+    ACT: tl.constexpr, HAS_B2: tl.constexpr, P_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Split forward 3 (when the plan gives FC2 a launch), grid (sample tiles, C tiles):
+    p = its split parts summed (stored by the first C tile when there are several), then
+    u = act(p) W2^T + b2."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < C
+    rows_n = offs_n.to(tl.int64)[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=p_ptr.dtype.element_ty)
+    for r0 in range(0, K, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < K
+        mask = mask_n[:, None] & mask_r[None, :]
+        p = _split_sums(p_parts_ptr + rows_n * K + offs_r[None, :], mask, N * K, P_SPLITS)
+        if P_SPLITS > 1:
+            if tl.program_id(1) == 0:
+                tl.store(p_ptr + rows_n * K + offs_r[None, :], p, mask=mask)
+        acc = _dot(acc, activation(p, ACT),
+                   _weight_tile(w2_ptr, w2_sk, w2_sc, offs_r, offs_m, mask_r, mask_m))
+    if HAS_B2:
+        acc += tl.load(b2_ptr + offs_m, mask=mask_m, other=0.0).to(acc.dtype)[None, :]
+    tl.store(u_ptr + rows_n * C + offs_m[None, :], acc, mask=mask_n[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def _fc2_rows(p_parts_row, p_row, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c, mask_c, K,
+              STORE_P, ACT: tl.constexpr, HAS_B2: tl.constexpr, P_SPLITS: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """u of one sample for the channels ``offs_c``: act(p) W2[offs_c]^T + b2 (a GEMV on the
+    program's own channels, for plans that give FC2 no launch of its own); p is summed from
+    its split parts, and stored under ``STORE_P`` when there are several."""
+    acc_ty = p_row.dtype.element_ty
+    acc = tl.zeros([BLOCK_C, BLOCK_R], dtype=acc_ty)
+    for r0 in range(0, K, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < K
+        p = _split_sums(p_parts_row + offs_r, mask_r, N * K, P_SPLITS)
+        if P_SPLITS > 1:
+            if STORE_P:
+                tl.store(p_row + offs_r, p, mask=mask_r)
+        w = tl.load(w2_ptr + offs_c[:, None] * w2_sc + offs_r[None, :] * w2_sk,
+                    mask=mask_c[:, None] & mask_r[None, :], other=0.0).to(acc_ty)
+        acc += w * activation(p, ACT)[None, :]
+    u = tl.sum(acc, axis=1)
+    if HAS_B2:
+        u += tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(acc_ty)
+    return u
+
+
+@triton.jit
+def sae_rescale_kernel(
+    x_ptr, x_sn, x_sc, x_shw, prologue_ptr, id_ptr, id_sn, id_sc, id_shw, y_ptr, y_sn, y_sc,
+    y_shw, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, u_ptr, N, C, HW, K, HW_PER_CHUNK,
+    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_SPLITS: tl.constexpr,
+    GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
+    RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Split forward, last pass, sample-major grid over (sample, channel block, HW chunk):
+    the rescale with its epilogue. Under ``FC2_HERE`` each program first computes u for its
+    own channels from p (the sample's first program stores it, and p summed from its split
+    parts); otherwise u is read."""
+    blocks_c = tl.cdiv(C, BLOCK_C)
+    chunks = tl.cdiv(HW, HW_PER_CHUNK)
+    n, block, chunk = _sample_major(tl.program_id(0), blocks_c, chunks, N, True)
+    offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    u_row = u_ptr + n * C
+    if FC2_HERE:
+        u = _fc2_rows(p_parts_ptr + n * K, p_ptr + n * K, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c,
+                      mask_c, K, (block == 0) & (chunk == 0), ACT, HAS_B2, P_SPLITS, BLOCK_C,
+                      BLOCK_R)
+        if chunk == 0:
+            tl.store(u_row + offs_c, u, mask=mask_c)
+    else:
+        u = tl.load(u_row + offs_c, mask=mask_c, other=0.0)
+    hw_start = chunk * HW_PER_CHUNK
+    _rescale(x_ptr + n * x_sn, x_sc, x_shw, prologue_ptr, id_ptr + n * id_sn, id_sc, id_shw,
+             y_ptr + n * y_sn, y_sc, y_shw, u, offs_c, C, hw_start,
+             tl.minimum(hw_start + HW_PER_CHUNK, HW), GATE, RESIDUAL, HAS_IDENTITY, RELU_OUT,
+             HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_HW)
+
+
+@triton.jit
+def sae_rescale_flat_kernel(
+    x_ptr, x_sn, prologue_ptr, id_ptr, y_ptr, u_ptr, N, C, HW, PER_CHUNK,
+    GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
+    RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The rescale of contiguous NCHW x, identity and y read as flat (N, C*HW) rows: each
+    program streams PER_CHUNK elements of one sample in BLOCK-element vectors whatever HW
+    is (rows of 49 or 196 would break 2-D tiles into scalar accesses); each element's
+    channel picks its gate and prologue values (L1-resident gathers). x_sn = C*HW."""
+    chunks = tl.cdiv(x_sn, PER_CHUNK)
+    n, _, chunk = _sample_major(tl.program_id(0), 1, chunks, N, True)
+    start = chunk * PER_CHUNK
+    stop = tl.minimum(start + PER_CHUNK, x_sn)
+    base = n * x_sn
+    u_row = u_ptr + n * C
+    acc_ty = u_ptr.dtype.element_ty
+    for e0 in range(start, stop, BLOCK):
+        offs = e0 + tl.arange(0, BLOCK)
+        mask = offs < stop
+        channel = offs // HW
+        scale = gate(tl.load(u_row + channel, mask=mask, other=0.0), GATE)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+        if HAS_PROLOGUE:
+            pro_scale = tl.load(prologue_ptr + channel, mask=mask, other=1.0)
+            pro_shift = tl.load(prologue_ptr + C + channel, mask=mask, other=0.0)
+            x = tl.where(mask, prologue_activation(x * pro_scale + pro_shift, PROLOGUE_ACT), 0.0)
+        out = x * scale
+        if RESIDUAL:  # x * s + x, not x * (1 + s): inf * 0 must give NaN as in the reference
+            out += x
+        if HAS_IDENTITY:
+            out += tl.load(id_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+        if RELU_OUT:
+            out = tl.where(out < 0, 0.0, out)
+        tl.store(y_ptr + base + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finished_dp(parts_ptrs, p_ptrs, mask, split_stride, ACT: tl.constexpr,
+                 SPLITS: tl.constexpr):
+    """dp from the split parts of du W2: summed in split order, times act'(p); with one
+    split the parts are dp already."""
+    dp = _split_sums(parts_ptrs, mask, split_stride, SPLITS)
+    if SPLITS > 1:
+        dp *= activation_grad(tl.load(p_ptrs, mask=mask, other=0.0), ACT)
+    return dp
+
+
+@triton.jit
+def sae_fc2_backward_kernel(
+    slots_ptr, u_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, du_ptr, dp_parts_ptr, N, C, K, chunks,
+    C_PER_SPLIT,
+    ACT: tl.constexpr, GATE: tl.constexpr, HAS_FC2: tl.constexpr, DP_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Split backward 2, grid (sample tiles, K tiles, C splits): du = ds * gate'(u) over the
+    split's channels, ds the slots summed (the first K tile stores du), then the split's
+    share of du W2 into row ``split`` of (splits, N, K); with one split that is
+    dp = (du W2) * act'(p) itself. Without fc2 (K = C, one split) each program takes its
+    own channels: dp = du."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < K
+    rows_n = offs_n.to(tl.int64)[:, None]
+    if HAS_FC2:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=slots_ptr.dtype.element_ty)
+        start, stop = _reduction_range(C, C_PER_SPLIT)
+        for r0 in range(start, stop, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < stop
+            mask = mask_n[:, None] & mask_r[None, :]
+            u = tl.load(u_ptr + rows_n * C + offs_r[None, :], mask=mask, other=0.0)
+            du = _slot_sums(slots_ptr, offs_n, offs_r, mask, chunks, C) * gate_grad(u, GATE)
+            if tl.program_id(1) == 0:
+                tl.store(du_ptr + rows_n * C + offs_r[None, :], du, mask=mask)
+            acc = _dot(acc, du, _weight_tile(w2_ptr, w2_sc, w2_sk, offs_r, offs_m, mask_r,
+                                             mask_m))
+        mask = mask_n[:, None] & mask_m[None, :]
+        if DP_SPLITS == 1:
+            acc *= activation_grad(tl.load(p_ptr + rows_n * K + offs_m[None, :], mask=mask,
+                                           other=0.0), ACT)
+        tl.store(dp_parts_ptr + tl.program_id(2) * N * K + rows_n * K + offs_m[None, :], acc,
+                 mask=mask)
+    else:
+        mask = mask_n[:, None] & mask_m[None, :]
+        u = tl.load(u_ptr + rows_n * C + offs_m[None, :], mask=mask, other=0.0)
+        du = _slot_sums(slots_ptr, offs_n, offs_m, mask, chunks, C) * gate_grad(u, GATE)
+        tl.store(du_ptr + rows_n * C + offs_m[None, :], du, mask=mask)
+        tl.store(dp_parts_ptr + rows_n * K + offs_m[None, :], du, mask=mask)
+
+
+@triton.jit
+def sae_fc1_backward_kernel(
+    dp_parts_ptr, p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, N, C, K,
+    ACT: tl.constexpr, DP_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Split backward 3 (when the plan gives it a launch), grid (sample tiles, C tiles):
+    dp finished from its split parts (stored by the first C tile when there are several),
+    then dz = dp W1."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < C
+    rows_n = offs_n.to(tl.int64)[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=dp_ptr.dtype.element_ty)
+    for r0 in range(0, K, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < K
+        mask = mask_n[:, None] & mask_r[None, :]
+        offsets = rows_n * K + offs_r[None, :]
+        dp = _finished_dp(dp_parts_ptr + offsets, p_ptr + offsets, mask, N * K, ACT, DP_SPLITS)
+        if DP_SPLITS > 1:
+            if tl.program_id(1) == 0:
+                tl.store(dp_ptr + offsets, dp, mask=mask)
+        acc = _dot(acc, dp, _weight_tile(w1_ptr, w1_sk, w1_sc, offs_r, offs_m, mask_r, mask_m))
+    tl.store(dz_ptr + rows_n * C + offs_m[None, :], acc, mask=mask_n[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, offs_c, mask_c, K,
+                       STORE_DP, ACT: tl.constexpr, DP_SPLITS: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dz of one sample for the channels ``offs_c``: dp W1[:, offs_c] (a GEMV on the
+    program's own channels, for plans that give it no launch of its own); dp is finished
+    from its split parts, and stored under ``STORE_DP`` when there are several."""
+    acc_ty = dp_row.dtype.element_ty
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
+    for r0 in range(0, K, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < K
+        dp = _finished_dp(dp_parts_row + offs_r, p_row + offs_r, mask_r, N * K, ACT, DP_SPLITS)
+        if DP_SPLITS > 1:
+            if STORE_DP:
+                tl.store(dp_row + offs_r, dp, mask=mask_r)
+        w = tl.load(w1_ptr + offs_r[:, None] * w1_sk + offs_c[None, :] * w1_sc,
+                    mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(acc_ty)
+        acc += w * dp[:, None]
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
 def sae_backward_dx_kernel(
     x_ptr, x_sn, x_sc, x_shw, prologue_ptr, g_ptr, g_sn, g_sc, g_shw, y_ptr, y_sn, y_sc, y_shw,
-    dx_ptr, dx_sn, dx_sc, dx_shw, did_ptr, did_sn, did_sc, did_shw, u_ptr, dz_ptr,
-    d_prologue_ptr, C, HW, HW_PER_PROGRAM,
-    GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
+    dx_ptr, dx_sn, dx_sc, dx_shw, did_ptr, did_sn, did_sc, did_shw, u_ptr, dp_parts_ptr, p_ptr,
+    dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, d_prologue_ptr, N, C, HW, K, HW_PER_CHUNK,
+    ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
+    FC1_HERE: tl.constexpr, DP_SPLITS: tl.constexpr,
     WRITE_D_IDENTITY: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     PROLOGUE_GRADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    """Backward (b), grid (N * channel blocks, HW chunks): dx = g'*scale + dz/HW.
+    """Split backward, last pass, sample-major grid over (sample, channel block, HW chunk):
+    dx = g'*scale + dz/HW. Under ``FC1_HERE`` each program computes dz = dp W1 for its own
+    channels (the sample's first program stores dp when it comes in split parts);
+    otherwise dz is read.
 
     With a prologue that dx is dL/dx', carried on through x' = act(v), v = x * a + b, to
     dx = dL/dx' * act'(v) * a; under ``PROLOGUE_GRADS`` the program also writes its sums of
-    dL/dv * x and dL/dv, row (n, chunk) of the (N, HW chunks, 2, C) ``d_prologue``.
+    dL/dv * x and dL/dv, row (n, chunk) of the (N, chunks, 2, C) ``d_prologue``.
     """
     blocks_c = tl.cdiv(C, BLOCK_C)
-    n = (tl.program_id(0) // blocks_c).to(tl.int64)
-    offs_c = (tl.program_id(0) % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunks = tl.cdiv(HW, HW_PER_CHUNK)
+    n, block, chunk = _sample_major(tl.program_id(0), blocks_c, chunks, N, True)
+    offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    hw_start = tl.program_id(1) * HW_PER_PROGRAM
-    hw_stop = tl.minimum(hw_start + HW_PER_PROGRAM, HW)
+    hw_start = chunk * HW_PER_CHUNK
+    hw_stop = tl.minimum(hw_start + HW_PER_CHUNK, HW)
     u = tl.load(u_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     acc_ty = u.dtype
     scale = gate(u, GATE)
     if RESIDUAL:
         scale += 1.0
-    dz_mean = tl.load(dz_ptr + n * C + offs_c, mask=mask_c, other=0.0) / HW
+    if FC1_HERE:
+        dz = _fc1_backward_rows(dp_parts_ptr + n * K, p_ptr + n * K, dp_ptr + n * K, N, w1_ptr,
+                                w1_sk, w1_sc, offs_c, mask_c, K, (block == 0) & (chunk == 0),
+                                ACT, DP_SPLITS, BLOCK_C, BLOCK_R)
+    else:
+        dz = tl.load(dz_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    dz_mean = dz / HW
     x_row = x_ptr + n * x_sn
     g_row = g_ptr + n * g_sn
     y_row = y_ptr + n * y_sn
@@ -433,7 +643,7 @@ def sae_backward_dx_kernel(
             tl.store(did_ptr + n * did_sn + offs_c[:, None] * did_sc + offs_hw[None, :] * did_shw,
                      g.to(did_ptr.dtype.element_ty), mask=mask)
     if PROLOGUE_GRADS:
-        d_prologue_row = d_prologue_ptr + (n * tl.num_programs(1) + tl.program_id(1)) * 2 * C
+        d_prologue_row = d_prologue_ptr + (n * chunks + chunk) * 2 * C
         tl.store(d_prologue_row + offs_c, tl.sum(d_scale_sums, axis=1), mask=mask_c)
         tl.store(d_prologue_row + C + offs_c, tl.sum(d_shift_sums, axis=1), mask=mask_c)
 
@@ -459,39 +669,41 @@ def check_device(device: torch.device) -> None:
     raise RuntimeError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
 
 
-_ARRIVAL_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per-sample int32 counters, zero between launches (the last arriver resets its own).
-
-    Cached per device and stream, so concurrent streams never share one.
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _ARRIVAL_COUNTERS.get(key)
-    if counters is None or counters.numel() < n:
-        counters = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-        _ARRIVAL_COUNTERS[key] = counters
-    return counters
-
-
 #: Offsets inside one sample are int32; sample offsets are int64.
 MAX_SAMPLE_ELEMENTS = 2**31 - 1
 
 
-def _plan(x: torch.Tensor, x_strides: tuple[int, int, int], k: int, strategy: str,
-          prologue: dict) -> LaunchPlan:
+def _problem(x: torch.Tensor, x_strides: tuple[int, int, int], fc1_weight: torch.Tensor,
+             identity: torch.Tensor | None, relu_out: bool, prologue: dict,
+             single_fc: bool) -> Problem:
     n, c, h, w = x.shape
     if c * h * w > MAX_SAMPLE_ELEMENTS:
         raise ValueError(f"one sample of x has {c * h * w} elements; the Triton kernels take "
                          f"at most 2**31 - 1 per sample (any number of samples)")
-    return plan_launch(n, c, h * w, k, x.element_size(), is_channels_last(x_strides, c),
-                       x.device, strategy, prologue=prologue["HAS_PROLOGUE"])
+    return Problem(n, c, h * w, fc1_weight.shape[0], x.element_size(),
+                   is_channels_last(x_strides, c), fc1_weight.element_size(),
+                   has_identity=identity is not None, relu_out=relu_out,
+                   prologue=prologue["HAS_PROLOGUE"], single_fc=single_fc,
+                   flat=x.is_contiguous() and (identity is None or identity.is_contiguous()))
+
+
+def _plan(x: torch.Tensor, problem: Problem, strategy: str) -> LaunchPlan:
+    return gpu_plan.plan_launch(problem, gpu_plan.device_spec(x.device), strategy)
+
+
+def _fc_launch(tiles: gpu_plan.FcTiles) -> dict:
+    return dict(BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_r,
+                num_warps=4)
+
+
+def _groups(n: int, plan: LaunchPlan) -> list[slice]:
+    """The batch in ``plan.sample_group``-sized slices, launched one after another."""
+    return [slice(start, min(n, start + plan.sample_group))
+            for start in range(0, n, plan.sample_group)]
 
 
 def prologue_args(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
-                   act: str) -> tuple[torch.Tensor, dict]:
+                  act: str) -> tuple[torch.Tensor, dict]:
     """The kernels' prologue operand and flags. The operand is the scale and shift stacked
     (2, C) in the accumulation dtype, ones or zeros standing in for one not given; without
     a prologue it is x, never read."""
@@ -541,33 +753,59 @@ def forward(
     b2 = fc2_bias.contiguous() if fc2_bias is not None else x
     id_arg = identity if identity is not None else x
     pro_arg, prologue = prologue_args(x, prologue_scale, prologue_shift, prologue_act)
-    plan = _plan(x, xs, k, strategy, prologue)
-    flags = dict(ACT=ACTIVATIONS.index(act), HAS_B1=fc1_bias is not None,
-                 HAS_B2=fc2_bias is not None, HAS_FC2=fc2_weight is not None)
+    has_fc2 = fc2_weight is not None
+    plan = _plan(x, _problem(x, xs, fc1_weight, identity, act_out == "relu", prologue,
+                             not has_fc2), strategy)
+    act_code = ACTIVATIONS.index(act)
     epilogue = dict(GATE=GATES.index(gate), RESIDUAL=residual, HAS_IDENTITY=identity is not None,
                     RELU_OUT=act_out == "relu")
-    fc_blocks = dict(BLOCK_K=plan.block_k, BLOCK_FC=plan.block_fc)
-    w2 = fc2_weight if fc2_weight is not None else fc1_weight  # not read without fc2
-    weights = (fc1_weight, *fc1_weight.stride(), b1, w2, *w2.stride(), b2)
+    streaming = dict(**prologue, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
+                     **plan.launch_options())
+    w2 = fc2_weight if has_fc2 else fc1_weight  # not read without fc2
     if plan.strategy == "single":
         sae_forward_single_kernel[(n,)](
-            x, *xs, pro_arg, id_arg, *ids, y, *ys, *weights, z, p, u, c, hw, k,
-            **flags, **epilogue, **prologue, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
-            **fc_blocks, **plan.launch_options(),
+            x, *xs, pro_arg, id_arg, *ids, y, *ys, fc1_weight, *fc1_weight.stride(), b1, w2,
+            *w2.stride(), b2, z, p, u, c, hw, k, ACT=act_code, HAS_B1=fc1_bias is not None,
+            HAS_B2=fc2_bias is not None, HAS_FC2=has_fc2, **epilogue, BLOCK_K=plan.block_k,
+            BLOCK_FC=plan.block_fc, **streaming,
         )
         return y, z, p, u
-    blocks_c, chunks = triton_cdiv(c, plan.block_c), plan.hw_chunks(hw)
-    slots = x.new_empty((n, chunks, c), dtype=acc)
-    sae_forward_pool_kernel[(n, blocks_c, chunks)](
-        x, *xs, pro_arg, *weights, z, p, u, slots, _arrival_counters(x.device, n), c, hw, k,
-        plan.hw_chunk, **flags, **prologue, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
-        **fc_blocks, **plan.launch_options(),
-    )
-    sae_forward_rescale_kernel[(n * blocks_c, chunks)](
-        x, *xs, pro_arg, id_arg, *ids, y, *ys, u, c, hw, plan.hw_chunk,
-        **epilogue, **prologue, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
-        **plan.launch_options(),
-    )
+    blocks_c, chunks = plan.blocks(c), plan.hw_chunks(hw)
+    fc2_here = plan.gemv_in_stream and has_fc2
+    for group in _groups(n, plan):
+        xg, yg, idg, zg, pg, ug = (t[group] for t in (x, y, id_arg, z, p, u))
+        samples = xg.shape[0]
+        slots = x.new_empty((samples, chunks, c), dtype=acc)
+        sae_channel_sums_kernel[(samples * blocks_c * chunks,)](
+            xg, *xs, pro_arg, xg, 0, 0, 0, xg, 0, 0, 0, slots, c, hw, plan.hw_chunk,
+            WITH_GRAD=False, RELU_OUT=False, **streaming,
+        )
+        fc1 = plan.fc_to_k
+        p_parts = pg if fc1.splits == 1 else x.new_empty((fc1.splits, samples, k), dtype=acc)
+        sae_fc1_kernel[fc1.grid(samples, k)](
+            slots, fc1_weight, *fc1_weight.stride(), b1, zg, p_parts, ug, samples, c, k, hw,
+            chunks, fc1.per_split(c), HAS_B1=fc1_bias is not None, HAS_FC2=has_fc2,
+            **_fc_launch(fc1),
+        )
+        if has_fc2 and not fc2_here:
+            sae_fc2_kernel[plan.fc_to_c.grid(samples, c)](
+                p_parts, pg, w2, *w2.stride(), b2, ug, samples, c, k, ACT=act_code,
+                HAS_B2=fc2_bias is not None, P_SPLITS=fc1.splits, **_fc_launch(plan.fc_to_c),
+            )
+        if plan.flat_rescale:
+            per_chunk = plan.flat_chunk(c, hw)
+            sae_rescale_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
+                xg, c * hw, pro_arg, idg, yg, ug, samples, c, hw, per_chunk, **epilogue,
+                **prologue,
+                BLOCK=FLAT_BLOCK, **plan.launch_options(),
+            )
+        else:
+            sae_rescale_kernel[(samples * blocks_c * chunks,)](
+                xg, *xs, pro_arg, idg, *ids, yg, *ys, p_parts, pg, w2, *w2.stride(), b2, ug,
+                samples, c, hw, k, plan.hw_chunk, ACT=act_code, HAS_B2=fc2_bias is not None,
+                FC2_HERE=fc2_here, P_SPLITS=fc1.splits, **epilogue, BLOCK_R=plan.block_r,
+                **streaming,
+            )
     return y, z, p, u
 
 
@@ -618,27 +856,46 @@ def backward(
     dids = readable(d_identity)[1] if write_d_identity else (0, 0, 0)
     did_arg = d_identity if write_d_identity else dx
     pro_arg, prologue = prologue_args(x, prologue_scale, prologue_shift, prologue_act)
-    plan = _plan(x, xs, k, "split", prologue)
-    blocks_c, chunks = triton_cdiv(c, plan.block_c), plan.hw_chunks(hw)
-    slots = x.new_empty((n, chunks, c), dtype=du.dtype)
-    w2 = fc2_weight if fc2_weight is not None else fc1_weight  # not read without fc2
-    sae_backward_reduce_kernel[(n, blocks_c, chunks)](
-        x, *xs, pro_arg, grad, *gs, y_arg, *ys, fc1_weight, *fc1_weight.stride(), w2,
-        *w2.stride(), p, u, du, dp, dz, slots, _arrival_counters(x.device, n),
-        c, hw, k, plan.hw_chunk,
-        ACT=ACTIVATIONS.index(act), GATE=GATES.index(gate), RELU_OUT=relu_out,
-        HAS_FC2=fc2_weight is not None, **prologue,
-        BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, BLOCK_K=plan.block_k, BLOCK_FC=plan.block_fc,
-        **plan.launch_options(),
-    )
+    has_fc2 = fc2_weight is not None
+    identity = x if has_identity else None  # only its presence and layout matter to the plan
+    plan = _plan(x, _problem(x, xs, fc1_weight, identity, relu_out, prologue, not has_fc2),
+                 "split")
+    blocks_c, chunks = plan.blocks(c), plan.hw_chunks(hw)
+    w2 = fc2_weight if has_fc2 else fc1_weight  # not read without fc2
+    fc1_here = plan.gemv_in_stream and has_fc2
+    acc, act_code = du.dtype, ACTIVATIONS.index(act)
+    streaming = dict(**prologue, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
+                     **plan.launch_options())
     # the prologue's gradients as per-(sample, chunk) partial sums, added up below
     d_prologue_parts = u.new_empty((n, chunks, 2, c)) if prologue_grads else dx
-    sae_backward_dx_kernel[(n * blocks_c, chunks)](
-        x, *xs, pro_arg, grad, *gs, y_arg, *ys, dx, *dxs, did_arg, *dids, u, dz,
-        d_prologue_parts, c, hw, plan.hw_chunk,
-        GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
-        WRITE_D_IDENTITY=write_d_identity, **prologue, PROLOGUE_GRADS=prologue_grads,
-        BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, **plan.launch_options(),
-    )
+    for group in _groups(n, plan):
+        xg, gg, yg, dxg, didg, ug, pg, dug, dpg, dzg = (
+            t[group] for t in (x, grad, y_arg, dx, did_arg, u, p, du, dp, dz))
+        partsg = d_prologue_parts[group]
+        samples = xg.shape[0]
+        slots = x.new_empty((samples, chunks, c), dtype=acc)
+        sae_channel_sums_kernel[(samples * blocks_c * chunks,)](
+            xg, *xs, pro_arg, gg, *gs, yg, *ys, slots, c, hw, plan.hw_chunk,
+            WITH_GRAD=True, RELU_OUT=relu_out, **streaming,
+        )
+        fc2 = plan.fc_to_k
+        dp_parts = dpg if fc2.splits == 1 else x.new_empty((fc2.splits, samples, k), dtype=acc)
+        sae_fc2_backward_kernel[fc2.grid(samples, k)](
+            slots, ug, pg, w2, *w2.stride(), dug, dp_parts, samples, c, k, chunks,
+            fc2.per_split(c), ACT=act_code, GATE=GATES.index(gate), HAS_FC2=has_fc2,
+            DP_SPLITS=fc2.splits, **_fc_launch(fc2),
+        )
+        if not fc1_here:
+            sae_fc1_backward_kernel[plan.fc_to_c.grid(samples, c)](
+                dp_parts, pg, dpg, fc1_weight, *fc1_weight.stride(), dzg, samples, c, k,
+                ACT=act_code, DP_SPLITS=fc2.splits, **_fc_launch(plan.fc_to_c),
+            )
+        sae_backward_dx_kernel[(samples * blocks_c * chunks,)](
+            xg, *xs, pro_arg, gg, *gs, yg, *ys, dxg, *dxs, didg, *dids, ug, dp_parts, pg, dpg,
+            fc1_weight, *fc1_weight.stride(), dzg, partsg, samples, c, hw, k, plan.hw_chunk,
+            ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
+            FC1_HERE=fc1_here, DP_SPLITS=fc2.splits, WRITE_D_IDENTITY=write_d_identity,
+            PROLOGUE_GRADS=prologue_grads, BLOCK_R=plan.block_r, **streaming,
+        )
     d_prologue = d_prologue_parts.sum((0, 1)) if prologue_grads else u.new_empty((0,))
     return dx, d_identity, du, dp, d_prologue

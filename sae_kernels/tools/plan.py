@@ -1,58 +1,91 @@
-"""What the dispatcher launches for each SE site: strategy, tiles, grid, launch count and
-the DRAM bytes moved (modelled / compulsory, ``sae_kernels.cost``)."""
+"""``sae-kernels plan``: per SE site, the plan the dispatcher picks on a GPU and the
+model's times for it, for the HBM floor and for what torch.compile generates (``gpu_plan``).
+
+The block at each site is the one ``convert`` makes of an SE-ResNet bottleneck: the SE
+with ``bn3`` as its prologue and the shortcut add and ReLU as its epilogue, in bf16; the
+torch.compile side is modelled for the same block.
+"""
+
+from __future__ import annotations
 
 import torch
 
-from ..cost import gpu_dram_bytes, sae_cost
-from ..dispatch import H100, device_profile, plan_launch, triton_cdiv
+from ..gpu_plan import (
+    GPUS,
+    GpuSpec,
+    Problem,
+    backward_launches,
+    backward_plan,
+    compile_seconds,
+    device_spec,
+    floor_seconds,
+    forward_launches,
+    model_seconds,
+    plan_launch,
+)
 from ..sites import resnet50_sites
 
-#: Triton launches per call. The backward adds the weight-gradient matmuls and bias sums
-#: over the batch (4 small PyTorch ops, plus act(p) for dW2).
-FORWARD_LAUNCHES = {"single": 1, "split": 2}
-BACKWARD_LAUNCHES = 2
+BATCH_SIZES = (1, 8, 32, 128)
 
 
-def plan_rows(batch_sizes=(1, 32), element_size: int = 2) -> tuple[str, list[dict]]:
-    """(device description, one row per site, N and layout)."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        profile, where = device_profile(device), torch.cuda.get_device_name(device)
-    else:
-        device, profile = torch.device("cpu"), H100
-        where = "no GPU here; planned for an H100 (132 SMs)"
+def site_problem(channels: int, hw: int, k: int, n: int, channels_last: bool,
+                 element_size: int = 2) -> Problem:
+    """The converted bottleneck's SE call (see the module docstring)."""
+    return Problem(n, channels, hw, k, element_size, channels_last, has_identity=True,
+                   relu_out=True, prologue=True, flat=not channels_last)
+
+
+def _describe(problem: Problem, spec: GpuSpec) -> tuple[str, int, int]:
+    """(plan in words, forward launches, backward launches)."""
+    plan = plan_launch(problem, spec)
+    words = plan.strategy
+    if plan.strategy == "split":
+        words += "+gemv" if plan.gemv_in_stream else ""
+        words += "+flat" if plan.flat_rescale else ""
+        if plan.sample_group < problem.n:
+            words += f"/groups of {plan.sample_group}"
+    backward = backward_launches(problem, backward_plan(problem, spec, plan), spec)
+    return words, len(forward_launches(problem, plan, spec)), len(backward)
+
+
+def plan_rows(spec: GpuSpec, batch_sizes=BATCH_SIZES, layouts=("nchw",)) -> list[dict]:
+    """One row per (site, N, layout): the plan and the modelled microseconds."""
     rows = []
     for site in resnet50_sites():
-        hw = site.size**2
         for n in batch_sizes:
-            for layout in ("nchw", "channels_last"):
-                plan = plan_launch(n, site.channels, hw, site.stacked_width, element_size,
-                                   layout == "channels_last", device, profile=profile)
-                blocks = triton_cdiv(site.channels, plan.block_c)
-                programs = n if plan.strategy == "single" else n * blocks * plan.hw_chunks(hw)
-                shape = (n, site.channels, hw, site.stacked_width, element_size)
-                dram = {backward: gpu_dram_bytes(plan.strategy, *shape, profile.sms,
-                                                 profile.l2_bytes, backward)
-                        for backward in (False, True)}
-                floor = {backward: sae_cost(*shape, backward).compulsory_bytes
-                         for backward in (False, True)}
-                rows.append(dict(site=site.name, n=n, layout=layout, strategy=plan.strategy,
-                                 tile=f"{plan.block_c}x{plan.block_hw}", warps=plan.num_warps,
-                                 programs=programs,
-                                 forward_launches=FORWARD_LAUNCHES[plan.strategy],
-                                 backward_launches=BACKWARD_LAUNCHES,
-                                 forward_MB=_mb(dram[False], floor[False]),
-                                 training_MB=_mb(dram[True], floor[True])))
-    return where, rows
+            for layout in layouts:
+                p = site_problem(site.channels, site.size**2, site.stacked_width, n,
+                                 layout == "channels_last")
+                words, fwd_launches, bwd_launches = _describe(p, spec)
+                plan = plan_launch(p, spec)
+                row = dict(site=site.name, n=n, layout=layout, plan=words,
+                           launches=f"{fwd_launches}+{bwd_launches}")
+                for training in (False, True):
+                    pass_name = "fwd+bwd" if training else "fwd"
+                    fused = model_seconds(p, plan, spec, training)
+                    floor = floor_seconds(p, spec, training)
+                    compiled = compile_seconds(p, spec, training)
+                    row[f"{pass_name} fused us"] = round(fused * 1e6, 1)
+                    row[f"{pass_name} floor us"] = round(floor * 1e6, 1)
+                    row[f"{pass_name} compile us"] = round(compiled * 1e6, 1)
+                    row[f"{pass_name} fused/floor"] = round(fused / floor, 2)
+                    row[f"{pass_name} fused/compile"] = round(fused / compiled, 2)
+                rows.append(row)
+    return rows
 
 
-def _mb(modelled: int, compulsory: int) -> str:
-    """DRAM megabytes by the model of ``cost.gpu_dram_bytes``, and the compulsory ones."""
-    return f"{modelled / 1e6:.1f}/{compulsory / 1e6:.1f}"
+def resolve_spec(name: str | None) -> tuple[GpuSpec, str]:
+    """The GPU to plan for: ``name`` (h100, a100), else this machine's GPU, else an H100."""
+    if name is not None:
+        return GPUS[name], f"{GPUS[name].name} (modelled)"
+    if torch.cuda.is_available():
+        spec = device_spec(torch.device("cuda"))
+        return spec, f"{spec.name}, this machine's GPU (modelled)"
+    return GPUS["h100"], f"{GPUS['h100'].name} (modelled; no GPU here)"
 
 
-def format_table(rows: list[dict]) -> str:
-    columns = list(rows[0])
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(rows[0])
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     for row in rows:

@@ -1,0 +1,520 @@
+"""How the Triton kernels run a call on a GPU, chosen by a model of every byte and launch.
+
+Plans (kernels in ``kernels/sae_triton.py``):
+    ``single``  one launch, one program per sample: pool, both FCs as per-sample GEMVs,
+                rescale. The forward only; it wins where C*K is small and N fills the GPU.
+    ``split``   sample-major grids spread every sample over the device:
+                forward   pool -> FC1 -> [FC2] -> rescale
+                backward  sum g'*x -> FC2 backward -> [FC1 backward] -> dx
+                The FCs run over the whole batch at once (tensor cores through ``tl.dot``
+                where the weights are 16-bit), so the weights come from HBM about once per
+                call. The bracketed launch exists only when ``gemv_in_stream`` is off:
+                otherwise each program of the last pass computes FC2 (forward) or
+                FC1-backward for its own channels from L2, one launch fewer. Contiguous
+                NCHW takes a flat, vectorised rescale when FC2 has its launch. Batches
+                larger than half the L2 run in ``sample_group``-sized groups, so that a
+                group's second pass finds its x (and g) in L2.
+
+The model (:func:`launch_seconds`): each launch costs a fixed overhead plus the larger of
+its HBM bytes at the device's bandwidth and its serial tail: waves of programs, each
+program moving its bytes at what Little's law allows for the bytes it keeps in flight,
+plus its CUDA-core FLOPs. Every byte counted: x, y, identity and g, the weights (per
+program for the GEMVs, once from HBM for the batched FCs), the slots, z, p and u. The
+same terms model what torch.compile generates for the block (:func:`compile_launches`).
+Constants are per GPU in :data:`GPUS`, with their sources; ``sae-kernels gpu-check`` fits
+the launch overhead and the bandwidth to measured times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .cost import sae_cost
+from .dispatch import check_strategy
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """What the plan and the model need to know about a GPU."""
+
+    name: str
+    sms: int
+    hbm_bytes_per_second: float
+    l2_bytes: int
+    #: Loaded DRAM latency: with Little's law, what one program's bytes in flight buy.
+    memory_latency_seconds: float
+    #: fp32 FMA throughput of one SM (2 * FP32 lanes * boost clock), FLOP/s.
+    sm_flops: float
+    #: One kernel launch in a stream: host launch cost and the device's drain and fill.
+    launch_seconds: float
+    #: 4-warp programs resident per SM (registers allow 4 at <= 128 per thread).
+    programs_per_sm: int = 4
+    #: Elements of x in one streaming tile (BLOCK_C * BLOCK_HW).
+    tile_elements: int = 4096
+    #: Largest tile side along the contiguous axis (HW for NCHW, C for channels_last).
+    max_contiguous_block: int = 256
+
+
+# Sources: NVIDIA H100 / A100 datasheets and whitepapers (SMs, HBM bandwidth, L2 size,
+# FP32 lanes and clocks); the latencies are those of published microbenchmarks
+# (Jia et al. 2018 method; Luo et al. 2024, "Benchmarking and Dissecting the Nvidia Hopper
+# GPU Architecture": ~480-700 ns loaded); the launch overhead is PyTorch's usual few
+# microseconds per kernel in eager mode. ``gpu-check`` refits launch and bandwidth.
+H100 = GpuSpec("H100 SXM", sms=132, hbm_bytes_per_second=3.35e12, l2_bytes=50 << 20,
+               memory_latency_seconds=600e-9, sm_flops=2 * 128 * 1.98e9, launch_seconds=3e-6)
+A100 = GpuSpec("A100 SXM", sms=108, hbm_bytes_per_second=2.0e12, l2_bytes=40 << 20,
+               memory_latency_seconds=600e-9, sm_flops=2 * 64 * 1.41e9, launch_seconds=3e-6)
+GPUS = {"h100": H100, "a100": A100}
+
+#: Triton's interpreter runs programs one after another and pays per tile step, so CPU
+#: tensors get large tiles and a small grid; the odd shapes of the tests still exercise
+#: every mask, multi-block loop and multi-chunk grid.
+INTERPRETER = dataclasses.replace(H100, name="Triton interpreter", sms=2, tile_elements=32768,
+                                  max_contiguous_block=1024)
+
+#: The split grids aim at this many programs per SM.
+PROGRAMS_PER_SM = 4
+#: The register limit of the prologue's kernels: all a thread can have. Without a limit,
+#: ptxas gives some of them 64 or 80 registers and spills a few bytes (for occupancy);
+#: with one it allocates what they need, spill-free.
+PROLOGUE_MAX_REGISTERS = 255
+#: Samples per tile of the batched FCs at most; ``tl.dot`` needs every side >= 16.
+MAX_FC_SAMPLES = 64
+MIN_DOT = 16
+#: Elements of one flat-rescale vector step.
+FLAT_BLOCK = 2048
+
+
+def device_spec(device: torch.device) -> GpuSpec:
+    """H100 or A100 constants for a GPU of that kind (the SM count and L2 as reported), the
+    interpreter's for CPU tensors."""
+    if device.type != "cuda":
+        return INTERPRETER
+    props = torch.cuda.get_device_properties(device)
+    base = A100 if "A100" in props.name else H100
+    return dataclasses.replace(base, name=props.name, sms=props.multi_processor_count,
+                               l2_bytes=props.L2_cache_size)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One call: x (N, C, HW) of ``element_size`` bytes, stacked FC width K."""
+
+    n: int
+    c: int
+    hw: int
+    k: int
+    element_size: int
+    channels_last: bool
+    weight_element_size: int = 0
+    has_identity: bool = False
+    #: the ReLU tail (its backward reads y for the mask)
+    relu_out: bool = False
+    prologue: bool = False
+    #: the single-FC form (one C x C FC, no FC2)
+    single_fc: bool = False
+    #: x, identity and y contiguous NCHW (the flat rescale reads them as rows)
+    flat: bool = False
+
+    @property
+    def sample_bytes(self) -> int:
+        return self.c * self.hw * self.element_size
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of one FC's weight (FC1 K x C; FC2 C x K)."""
+        return self.k * self.c * (self.weight_element_size or self.element_size)
+
+
+@dataclass(frozen=True)
+class FcTiles:
+    """Tiles of a batched FC launch: samples, outputs, reduction; and how many programs
+    share the reduction (each writes its partial result, summed in order by the next
+    launch)."""
+
+    block_n: int
+    block_m: int
+    block_r: int
+    splits: int = 1
+
+    def grid(self, n: int, outputs: int) -> tuple[int, int, int]:
+        return triton_cdiv(n, self.block_n), triton_cdiv(outputs, self.block_m), self.splits
+
+    def per_split(self, reduction: int) -> int:
+        """Reduction elements per split, a whole number of BLOCK_R steps."""
+        return triton_cdiv(triton_cdiv(reduction, self.splits), self.block_r) * self.block_r
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Strategy, tiles and grids of one call."""
+
+    strategy: str
+    block_c: int
+    block_hw: int
+    #: HW elements per program of the split grids (pool, rescale, backward).
+    hw_chunk: int
+    num_warps: int
+    #: FC tiles of the single strategy's per-sample GEMVs (BLOCK_K, BLOCK_FC).
+    block_k: int = 64
+    block_fc: int = 64
+    #: split: the last pass computes FC2 (FC1-backward) itself, one launch fewer
+    gemv_in_stream: bool = False
+    #: split: the forward rescale reads contiguous NCHW as flat rows (FC2 has its launch)
+    flat_rescale: bool = False
+    #: split: samples per group of launches (N: one group)
+    sample_group: int = 1
+    #: reduction-side tile of the in-stream GEMVs (BLOCK_C * BLOCK_R <= the tile)
+    block_r: int = 16
+    #: FC1 forward / FC2 backward: K outputs, a reduction over C; the other two: C outputs
+    fc_to_k: FcTiles = FcTiles(16, 16, 64)
+    fc_to_c: FcTiles = FcTiles(16, 64, 64)
+    #: ptxas's limit on registers per thread (``maxnreg``); None leaves the choice to ptxas.
+    max_registers: int | None = None
+
+    def hw_chunks(self, hw: int) -> int:
+        return triton_cdiv(hw, self.hw_chunk)
+
+    def flat_chunk(self, c: int, hw: int) -> int:
+        """Elements per program of the flat rescale: the tile's share of one sample."""
+        return triton_cdiv(triton_cdiv(c * hw, self.blocks(c) * self.hw_chunks(hw)),
+                           FLAT_BLOCK) * FLAT_BLOCK
+
+    def blocks(self, c: int) -> int:
+        return triton_cdiv(c, self.block_c)
+
+    def launch_options(self) -> dict:
+        """The compile options of a streaming launch: the warps, and the register limit
+        when set."""
+        if self.max_registers is None:
+            return dict(num_warps=self.num_warps)
+        return dict(num_warps=self.num_warps, maxnreg=self.max_registers)
+
+
+def _streaming_tiles(p: Problem, spec: GpuSpec) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_HW, tile elements): tiles follow the contiguous axis.
+
+    fp64 accumulates in fp64, and the prologue keeps more values live per element (its
+    backward a second input stream and two sums): each halves the elements per tile,
+    which keeps the registers per thread.
+    """
+    wide = p.element_size == 8
+    tile = spec.tile_elements // (2 if wide else 1) // (2 if p.prologue else 1)
+    if p.channels_last:
+        block_c = min(_pow2(p.c), spec.max_contiguous_block)
+        block_hw = min(_pow2(p.hw), max(1, tile // block_c))
+    else:
+        block_hw = min(_pow2(p.hw), spec.max_contiguous_block)
+        block_c = min(_pow2(p.c), max(1, tile // block_hw))
+    return block_c, block_hw, tile
+
+
+def _fc_tiles(n: int, outputs: int, reduction: int, wide: bool, spec: GpuSpec,
+              min_m: int, may_split: bool) -> FcTiles:
+    """Samples per tile up to 64; outputs per tile as small as ``min_m`` while that still
+    leaves the device short of programs (an FC over few samples is bound by how many
+    programs stream the weight), then, where allowed, the reduction split until the grid
+    covers every SM; the reduction side keeps both operand tiles near 8K elements (4K in
+    fp64)."""
+    block_n = min(MAX_FC_SAMPLES, max(MIN_DOT, _pow2(n)))
+    block_m = 64
+    tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
+    while block_m > min_m and tiles < spec.sms:
+        block_m //= 2
+        tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
+    budget = (4096 if wide else 8192) // max(block_n, block_m)
+    block_r = max(MIN_DOT, min(_pow2(reduction), 128, budget))
+    splits = 1
+    if may_split:
+        splits = max(1, min(triton_cdiv(reduction, block_r), triton_cdiv(spec.sms, tiles)))
+        # no empty split: each takes whole BLOCK_R steps
+        splits = triton_cdiv(reduction, FcTiles(block_n, block_m, block_r, splits).per_split(
+            reduction))
+    return FcTiles(block_n, block_m, block_r, splits)
+
+
+def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
+    block_c, block_hw, tile = _streaming_tiles(p, spec)
+    wide = p.element_size == 8
+    base = dict(block_c=block_c, block_hw=block_hw,
+                num_warps=8 if block_c * block_hw >= min(tile, 4096) else 4,
+                max_registers=PROLOGUE_MAX_REGISTERS if p.prologue else None,
+                block_k=min(_pow2(p.k), 32 if wide else 64), block_fc=min(_pow2(p.c), 64),
+                block_r=max(1, min(_pow2(p.k), max(1, tile // block_c), 64)))
+    plans = []
+    if strategy in ("auto", "single"):
+        plans.append(LaunchPlan("single", hw_chunk=p.hw, **base))
+    if strategy in ("auto", "split"):
+        # the largest group whose x (and g) fits in half the L2, or the whole batch
+        fits = max(1, (spec.l2_bytes // 2) // max(1, 2 * p.sample_bytes))
+        groups = sorted({p.n, min(p.n, fits)}) if p.n else [p.n]
+        for group in groups:
+            programs_per_chunk = max(1, group * triton_cdiv(p.c, block_c))
+            chunks = max(1, min(triton_cdiv(p.hw, block_hw),
+                                triton_cdiv(PROGRAMS_PER_SM * spec.sms, programs_per_chunk)))
+            hw_chunk = triton_cdiv(triton_cdiv(p.hw, chunks), block_hw) * block_hw
+            fcs = dict(fc_to_k=_fc_tiles(group, p.k, p.c, wide, spec, 16, not p.single_fc),
+                       fc_to_c=_fc_tiles(group, p.c, p.k, wide, spec, 32, False))
+            for in_stream in (False, True) if not p.single_fc else (False,):
+                plans.append(LaunchPlan("split", hw_chunk=hw_chunk, gemv_in_stream=in_stream,
+                                        flat_rescale=p.flat and not in_stream,
+                                        sample_group=max(1, group), **fcs, **base))
+    return plans
+
+
+def plan_launch(problem: Problem, spec: GpuSpec, strategy: str = "auto") -> LaunchPlan:
+    """The plan of least modelled forward time (``single`` only if asked or cheaper; the
+    split's options by the forward and backward together, since one plan serves both)."""
+    check_strategy(strategy)
+    plans = _candidates(problem, spec, strategy)
+    best_split = min((pl for pl in plans if pl.strategy == "split"),
+                     key=lambda pl: model_seconds(problem, pl, spec, backward=True), default=None)
+    choices = [pl for pl in plans if pl.strategy == "single"] + ([best_split] if best_split else [])
+    return min(choices, key=lambda pl: model_seconds(problem, pl, spec, backward=False))
+
+
+def backward_plan(problem: Problem, spec: GpuSpec, forward: LaunchPlan) -> LaunchPlan:
+    """The split plan of the backward: the forward's if it is one, else the model's."""
+    return forward if forward.strategy == "split" else plan_launch(problem, spec, "split")
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+
+#: Bytes of the fp32 vectors the kernels keep per sample and channel (z, p, u, slots).
+ACC_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the model sees it."""
+
+    kernel: str
+    programs: int
+    #: bytes one program moves from HBM, and from L2
+    program_hbm_bytes: float
+    program_l2_bytes: float
+    #: bytes one program keeps in flight (one tile step's loads)
+    in_flight: float
+    #: bytes of the whole launch that reach HBM (reads and writes)
+    hbm_bytes: float
+    #: fp32 FMA FLOPs one program runs on CUDA cores (exact-fp32 dots, GEMVs)
+    program_flops: float = 0.0
+
+
+def launch_seconds(launch: Launch, spec: GpuSpec) -> float:
+    """Overhead + max(HBM bytes / bandwidth, waves x one program's time)."""
+    resident = spec.sms * spec.programs_per_sm
+    waves = math.ceil(launch.programs / resident)
+    per_program_bw = launch.in_flight / spec.memory_latency_seconds
+    program = ((launch.program_hbm_bytes + launch.program_l2_bytes / 2) / per_program_bw
+               + launch.program_flops / (spec.sm_flops / spec.programs_per_sm))
+    return spec.launch_seconds + max(launch.hbm_bytes / spec.hbm_bytes_per_second,
+                                     waves * program)
+
+
+def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, p: Problem,
+               extra_in: int = 0) -> Launch:
+    """A batched FC over ``n`` samples: each program reads its weight slice and its samples'
+    inputs over its share of the reduction (``extra_in`` more fp32 values per input, e.g.
+    the chunk slots); split reductions write (and the next launch reads) their parts. The
+    products run on tensor cores (3xTF32; fp64 MMA): at these sizes they are not the bound."""
+    we = p.weight_element_size or p.element_size
+    rows, cols, splits = tiles.grid(n, outputs)
+    share = tiles.per_split(reduction) if splits > 1 else reduction
+    parts = n * outputs * ACC_BYTES * (2 * splits if splits > 1 else 1)
+    return Launch(
+        name, rows * cols * splits, program_hbm_bytes=tiles.block_m * share * we,
+        program_l2_bytes=tiles.block_n * share * ACC_BYTES * (1 + extra_in),
+        in_flight=tiles.block_r * (tiles.block_m * we + tiles.block_n * ACC_BYTES),
+        hbm_bytes=outputs * reduction * we + n * reduction * (1 + extra_in) * ACC_BYTES + parts)
+
+
+def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_streams: float,
+                   l2_streams: float, gemv: bool, flat: bool = False) -> Launch:
+    """A sample-major pass over ``group`` samples: per element, ``hbm_streams`` tensors of
+    x's dtype to or from HBM and ``l2_streams`` from L2; ``gemv``: each program also reads
+    its channels' weight slice (from L2) and runs that GEMV; ``flat``: 1-D vectors over
+    contiguous rows instead of 2-D tiles."""
+    programs = group * plan.blocks(p.c) * plan.hw_chunks(p.hw)
+    elements = plan.block_c * min(plan.hw_chunk, p.hw)
+    e = p.element_size
+    we = p.weight_element_size or e
+    slice_bytes = plan.block_c * p.k * we if gemv else 0
+    return Launch(
+        name, programs, program_hbm_bytes=elements * e * hbm_streams,
+        program_l2_bytes=elements * e * l2_streams + slice_bytes,
+        in_flight=(plan.block_c * plan.block_hw * e * max(1.0, hbm_streams + l2_streams)
+                   * (1.0 if flat else _row_efficiency(p, plan))),
+        hbm_bytes=group * p.c * p.hw * e * hbm_streams + p.weight_bytes * gemv,
+        program_flops=2.0 * plan.block_c * p.k if gemv else 0.0)
+
+
+def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch]:
+    """The forward's launches under ``plan``."""
+    if p.n == 0:
+        return []
+    fcs = 1 if p.single_fc else 2
+    if plan.strategy == "single":
+        # one program per sample: x from HBM, again from L2 if the samples in flight fit
+        in_flight = min(p.n, spec.sms * spec.programs_per_sm) * p.sample_bytes
+        reread = in_flight > spec.l2_bytes // 2
+        single = _stream_launch("single", p, plan, p.n, 2 + reread + p.has_identity,
+                                float(not reread), False)
+        # one program: the whole sample, and both GEMVs over the whole weights (from L2)
+        return [dataclasses.replace(
+            single, programs=p.n,
+            program_hbm_bytes=single.program_hbm_bytes * plan.blocks(p.c),
+            program_l2_bytes=single.program_l2_bytes * plan.blocks(p.c) + fcs * p.weight_bytes,
+            hbm_bytes=single.hbm_bytes + fcs * p.weight_bytes,
+            program_flops=2.0 * fcs * p.k * p.c)]
+    launches = []
+    for n in _groups(p.n, plan.sample_group):
+        chunks = plan.hw_chunks(p.hw)
+        in_l2 = _share_in_l2(n * p.sample_bytes, spec)
+        launches.append(_stream_launch("pool", p, plan, n, 1, 0, False))
+        launches.append(_fc_launch("fc1", n, p.k, p.c, plan.fc_to_k, p, extra_in=chunks))
+        if fcs == 2 and not plan.gemv_in_stream:
+            launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p))
+        launches.append(_stream_launch("rescale", p, plan, n, 2 - in_l2 + p.has_identity, in_l2,
+                                       plan.gemv_in_stream and fcs == 2, plan.flat_rescale))
+    return launches
+
+
+def backward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch]:
+    """The backward's launches under (split) ``plan``, and the weight gradients the caller
+    computes over the batch with PyTorch ops (a matmul per FC and the bias sums)."""
+    if p.n == 0:
+        return []
+    fcs = 1 if p.single_fc else 2
+    launches = []
+    reads = 2 + p.relu_out  # g, x, and y for the ReLU tail's mask
+    # the dx pass reads g (and y) again, and x with a prologue; writes dx (and d_identity)
+    second_reads = 1 + p.relu_out + p.prologue
+    writes = 1 + (p.has_identity and p.relu_out)
+    for n in _groups(p.n, plan.sample_group):
+        chunks = plan.hw_chunks(p.hw)
+        in_l2 = _share_in_l2(n * p.sample_bytes * reads, spec)
+        launches.append(_stream_launch("reduce", p, plan, n, reads, 0, False))
+        launches.append(_fc_launch("fc2_backward", n, p.k, p.c, plan.fc_to_k, p,
+                                   extra_in=chunks + 1))
+        if fcs == 2 and not plan.gemv_in_stream:
+            launches.append(_fc_launch("fc1_backward", n, p.c, p.k, plan.fc_to_c, p))
+        launches.append(_stream_launch(
+            "dx", p, plan, n, writes + second_reads * (1 - in_l2), second_reads * in_l2,
+            plan.gemv_in_stream and fcs == 2))
+    vectors = p.n * (p.k + p.c) * ACC_BYTES
+    for name in ("dW1", "dW2")[:fcs]:
+        launches.append(_device_wide(name, spec, vectors + p.weight_bytes))
+    launches.append(_device_wide("bias sums", spec, vectors))
+    return launches
+
+
+def _device_wide(name: str, spec: GpuSpec, hbm_bytes: float) -> Launch:
+    """A launch that streams ``hbm_bytes`` at the device's bandwidth (a library kernel)."""
+    return Launch(name, spec.sms, 0, 0, 1, hbm_bytes)
+
+
+def _share_in_l2(first_pass_bytes: float, spec: GpuSpec) -> float:
+    """Share of what a first pass read that a second pass finds in L2 when it takes the
+    samples last first (``_sample_major``): the most recent half of the L2 (the other half
+    holds the lines being written)."""
+    return min(1.0, (spec.l2_bytes / 2) / max(1.0, first_pass_bytes))
+
+
+def _groups(n: int, group: int) -> list[int]:
+    return [min(group, n - start) for start in range(0, n, group)]
+
+
+def _row_efficiency(p: Problem, plan: LaunchPlan) -> float:
+    """Share of a 2-D tile that carries data: with NCHW the tile's HW side beyond HW is
+    masked off (rows of 49 in tiles of 64). Rows that are not a multiple of 16 bytes also
+    load element by element; that costs instructions, not bytes in flight, and is not
+    modelled."""
+    return 1.0 if p.channels_last else min(1.0, p.hw / plan.block_hw)
+
+
+def model_seconds(p: Problem, plan: LaunchPlan, spec: GpuSpec, backward: bool = False) -> float:
+    """Modelled seconds of the forward, or of forward + backward."""
+    launches = forward_launches(p, plan, spec)
+    if backward:
+        launches += backward_launches(p, backward_plan(p, spec, plan), spec)
+    return sum(launch_seconds(launch, spec) for launch in launches)
+
+
+def floor_seconds(p: Problem, spec: GpuSpec, backward: bool = False) -> float:
+    """The HBM floor: the compulsory bytes of ``cost.sae_cost`` (x read once, y written
+    once, the weights read once; the backward g and x read once, dx written once, the
+    weights read and their gradients written once) and the identity read once, at the
+    device's bandwidth. No launch."""
+    compulsory = sae_cost(p.n, p.c, p.hw, p.k, p.element_size, backward,
+                          p.single_fc).compulsory_bytes
+    return (compulsory + p.has_identity * p.n * p.sample_bytes) / spec.hbm_bytes_per_second
+
+
+def compile_launches(p: Problem, spec: GpuSpec, backward: bool = False) -> list[Launch]:
+    """What torch.compile (inductor, default mode) generates for the same block on a GPU,
+    modelled in the same terms as the fused op's launches.
+
+    Forward: a reduction kernel with the prologue folded in (x read once, z written), the
+    FCs as cuBLAS GEMMs with the activation a pointwise kernel between them, and one
+    pointwise kernel with the gate, the rescale and the tail (x read again, from L2 if the
+    whole tensor fits in half of it). Backward: a reduction of g'*x with du in its epilogue,
+    two GEMMs with act' between them, the two weight-gradient GEMMs and the bias sums, and
+    the dx kernel (g, y for the ReLU mask, x with a prologue).
+
+    How: inductor's reductions take [rows, HW] tiles as the fused pool does, so they are
+    modelled with the pool's tiles and grid; its pointwise kernels are flat 1-D blocks,
+    modelled as the flat rescale; the GEMMs (cuBLAS) stream at the device's bandwidth.
+    """
+    if p.n == 0:
+        return []
+    tiles = dataclasses.replace(_candidates(p, spec, "split")[0], flat_rescale=True,
+                                gemv_in_stream=False, sample_group=p.n)
+    tensor = p.n * p.sample_bytes
+    x_in_l2 = tensor <= spec.l2_bytes // 2
+    fcs = 1 if p.single_fc else 2
+    vectors = p.n * (p.c + p.k) * ACC_BYTES
+
+    def gemm(name: str) -> Launch:
+        return _device_wide(name, spec, p.weight_bytes + vectors)
+
+    def stream(name: str, hbm: float, l2: float, flat: bool) -> Launch:
+        return _stream_launch(name, p, tiles, p.n, hbm, l2, False, flat)
+
+    launches = [stream("reduction", 1, 0, False)]
+    launches += [gemm(f"gemm{i + 1}") for i in range(fcs)]
+    if fcs == 2:
+        launches.append(_device_wide("act", spec, vectors))
+    launches.append(stream("rescale", 1 + (not x_in_l2) + p.has_identity, x_in_l2, True))
+    if backward:
+        reads = 2 + p.relu_out
+        launches.append(stream("reduction g*x", reads, 0, False))
+        launches += [gemm(f"gemm{i + 1} backward") for i in range(fcs)]
+        if fcs == 2:
+            launches.append(_device_wide("act backward", spec, vectors))
+        launches += [gemm(f"dW{i + 1}") for i in range(fcs)]
+        launches.append(_device_wide("bias sums", spec, vectors))
+        in_l2 = tensor * reads <= spec.l2_bytes // 2
+        second_reads = 1 + p.relu_out + p.prologue
+        writes = 1 + (p.has_identity and p.relu_out)
+        launches.append(stream("dx", writes + second_reads * (not in_l2), second_reads * in_l2,
+                               True))
+    return launches
+
+
+def compile_seconds(p: Problem, spec: GpuSpec, backward: bool = False) -> float:
+    return sum(launch_seconds(launch, spec) for launch in compile_launches(p, spec, backward))

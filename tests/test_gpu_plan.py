@@ -1,0 +1,250 @@
+"""The GPU plans and their model (``gpu_plan``), every plan through the kernels against the
+float64 reference, and the absence of state between calls."""
+
+import dataclasses
+
+import pytest
+import torch
+from test_prologue import check_prologue
+
+from helpers import DEVICE, DTYPES, LAYOUTS, Case, check_case
+from sae_kernels import gpu_plan
+from sae_kernels.functional import sae
+from sae_kernels.gpu_plan import A100, H100, FcTiles, Problem, plan_launch
+from sae_kernels.kernels import sae_triton
+from sae_kernels.sites import resnet50_sites
+
+
+def _problem(n, c, hw, k, element_size=2, channels_last=False, **kw) -> Problem:
+    return Problem(n, c, hw, k, element_size, channels_last, **kw)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tiles_follow_the_contiguous_axis(channels_last):
+    plan = plan_launch(_problem(8, 256, 3136, 16, 4, channels_last), H100)
+    assert plan.block_c * plan.block_hw <= H100.tile_elements
+    contiguous = plan.block_c if channels_last else plan.block_hw
+    assert contiguous == H100.max_contiguous_block
+    for n, c, hw in [(1, 1, 1), (3, 19, 221), (2, 3, 1)]:  # tiles never exceed the tensor
+        plan = plan_launch(_problem(n, c, hw, 5, 4, channels_last), H100, "split")
+        assert plan.block_c <= max(1, 2 * c - 1) and plan.block_hw <= max(1, 2 * hw - 1)
+        assert plan.hw_chunk % plan.block_hw == 0 and plan.hw_chunk >= plan.block_hw
+
+
+def test_split_grid_fills_the_device():
+    plan = plan_launch(_problem(1, 256, 3136, 16, 4), H100, "split")
+    assert plan.blocks(256) * plan.hw_chunks(3136) >= H100.sms
+
+
+@pytest.mark.parametrize("spec", [H100, A100], ids=lambda s: s.name)
+@pytest.mark.parametrize("n", [1, 8, 32])
+def test_the_weights_come_from_hbm_about_once_per_call(spec, n):
+    """The batched FCs read the weights from HBM once per group of samples, not once per
+    sample: doubling the batch adds far less FC traffic than a weight read per sample
+    (checked where the weights outweigh a sample's partial sums, C >= 512). Per-sample
+    GEMVs (``single``) are chosen only where the weights are small beside the sample."""
+    for site in resnet50_sites():
+        p = _problem(n, site.channels, site.size**2, site.stacked_width)
+        if plan_launch(p, spec).strategy == "single":
+            assert 2 * p.weight_bytes <= p.sample_bytes, site.name
+        if site.channels < 512:
+            continue
+
+        def fc_hbm_bytes(problem):
+            plan = dataclasses.replace(plan_launch(problem, spec, "split"),
+                                       sample_group=problem.n)
+            return sum(x.hbm_bytes for x in gpu_plan.forward_launches(problem, plan, spec)
+                       if x.kernel.startswith("fc"))
+
+        added = fc_hbm_bytes(dataclasses.replace(p, n=2 * n)) - fc_hbm_bytes(p)
+        assert added < n * 2 * p.weight_bytes / 4, site.name
+
+
+def test_the_model_counts_every_byte():
+    """More of anything costs more: bytes of x, weights, an identity, a launch."""
+    spec = H100
+    base = _problem(8, 1024, 196, 64)
+    plan = plan_launch(base, spec, "split")
+
+    def seconds(p, backward=False):
+        return gpu_plan.model_seconds(p, plan, spec, backward)
+
+    assert seconds(dataclasses.replace(base, hw=784)) > seconds(base)
+    assert seconds(dataclasses.replace(base, k=256)) > seconds(base)
+    assert seconds(dataclasses.replace(base, has_identity=True)) > seconds(base)
+    assert seconds(base, backward=True) > seconds(base)
+    slower_launch = dataclasses.replace(spec, launch_seconds=2 * spec.launch_seconds)
+    assert gpu_plan.model_seconds(base, plan, slower_launch) > seconds(base)
+    fc2_launch, in_stream = (dataclasses.replace(plan, gemv_in_stream=g) for g in (False, True))
+    assert len(gpu_plan.forward_launches(base, in_stream, spec)) == len(
+        gpu_plan.forward_launches(base, fc2_launch, spec)) - 1
+
+
+def test_large_batches_are_offered_groups_that_fit_l2():
+    """A batch whose x is larger than half the L2 is offered in groups whose x and g fit
+    in it; grouped, the second pass reads x from L2, which the model counts (whether the
+    saved bytes pay for the extra launches is the model's choice)."""
+    p = _problem(128, 256, 3136, 16)  # 205 MB of bf16: four times the L2
+    grouped = [plan for plan in gpu_plan._candidates(p, H100, "split")
+               if plan.sample_group < p.n]
+    assert grouped and all(2 * plan.sample_group * p.sample_bytes <= H100.l2_bytes // 2
+                           for plan in grouped)
+    whole = dataclasses.replace(grouped[0], sample_group=p.n)
+
+    def hbm_bytes(plan):
+        return sum(x.hbm_bytes for x in gpu_plan.forward_launches(p, plan, H100))
+
+    assert hbm_bytes(grouped[0]) < 0.75 * hbm_bytes(whole)
+
+
+def test_a_second_read_comes_from_hbm_only_where_x_left_l2():
+    """The split path's last pass takes the samples last first, so it finds the most
+    recently pooled half of the L2 there and reads only the rest of x from HBM again;
+    inductor's pointwise kernel, in sample order, finds none of it once x exceeds the L2.
+    ``single`` re-reads each sample in its own program, from L2 while the samples in
+    flight fit."""
+    p = _problem(32, 256, 3136, 16)  # x of 51 MB in bf16
+    x_bytes = p.n * p.sample_bytes
+
+    def hbm_bytes(plan, spec):
+        return sum(x.hbm_bytes for x in gpu_plan.forward_launches(p, plan, spec))
+
+    split = dataclasses.replace(plan_launch(p, H100, "split"), sample_group=p.n)
+    compiled = sum(x.hbm_bytes for x in gpu_plan.compile_launches(p, H100))
+    assert 2.2 * x_bytes < hbm_bytes(split, H100) < compiled - 0.3 * x_bytes
+    assert compiled > 3 * x_bytes
+    big_l2 = dataclasses.replace(H100, l2_bytes=1 << 30)
+    assert hbm_bytes(split, big_l2) < 2.1 * x_bytes
+    single = plan_launch(p, H100, "single")
+    assert hbm_bytes(single, H100) > 3 * x_bytes  # 528 programs in flight: 51 MB
+    few_sms = dataclasses.replace(H100, sms=4)
+    assert hbm_bytes(single, few_sms) < 2.1 * x_bytes
+
+
+def _forcing(monkeypatch, **options):
+    """Make every split plan take ``options`` (where the shape allows them)."""
+    plan_for = gpu_plan.plan_launch
+
+    def forced(problem, spec, strategy="auto"):
+        plan = plan_for(problem, spec, strategy)
+        if plan.strategy != "split":
+            return plan
+        chosen = dict(options)
+        chosen["flat_rescale"] = chosen.get("flat_rescale", False) and problem.flat
+        chosen["gemv_in_stream"] = (chosen.get("gemv_in_stream", False)
+                                    and not problem.single_fc and not chosen["flat_rescale"])
+        if problem.single_fc:  # one C x C FC: its reduction is never split
+            chosen.pop("fc_to_k", None)
+        return dataclasses.replace(plan, **chosen)
+
+    monkeypatch.setattr(gpu_plan, "plan_launch", forced)
+
+
+#: every option of the split plan: FC launches of their own, GEMVs in the last pass, the
+#: flat rescale, sample groups, and FC1 (FC2-backward) with its reduction split in parts
+SPLIT_OPTIONS = {
+    "fc-launches": dict(),
+    "gemv-in-stream": dict(gemv_in_stream=True),
+    "flat-rescale": dict(flat_rescale=True),
+    "groups-of-1": dict(sample_group=1),
+    "groups-of-2-gemv": dict(sample_group=2, gemv_in_stream=True),
+    "split-reduction": dict(fc_to_k=FcTiles(16, 16, 16, splits=2)),
+    "split-reduction-gemv": dict(fc_to_k=FcTiles(16, 16, 16, splits=2), gemv_in_stream=True),
+}
+
+
+@pytest.mark.parametrize("options", SPLIT_OPTIONS)
+@pytest.mark.parametrize("single_fc", [False, True], ids=["two-fc", "single-fc"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_split_option(monkeypatch, options, single_fc, dtype, layout):
+    _forcing(monkeypatch, **SPLIT_OPTIONS[options])
+    tail = dict(residual=True, with_identity=True, act_out="relu") if not single_fc else {}
+    check_case(Case(3, 19, 7, 9, cardinality=3, act="silu", channels_last=LAYOUTS[layout],
+                    dtype=DTYPES[dtype], strategy="split", single_fc=single_fc, **tail))
+
+
+@pytest.mark.parametrize("options", SPLIT_OPTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_split_option_with_a_prologue(monkeypatch, options, layout):
+    _forcing(monkeypatch, **SPLIT_OPTIONS[options])
+    check_prologue(3, 19, 7, 9, act="hardswish", epilogue="residual_identity_relu",
+                   channels_last=LAYOUTS[layout], backend="triton", strategy="split")
+
+
+@pytest.mark.parametrize("strategy", ["single", "split"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_tiles_through_the_interpreter(monkeypatch, strategy, channels_last):
+    """The tiles and grids an H100 gets (not the interpreter's) on a shape with several
+    channel blocks, HW steps and chunks."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(gpu_plan, "device_spec", lambda device: H100)
+    check_case(Case(2, 40, 23, 29, cardinality=3, channels_last=channels_last,
+                    strategy=strategy, with_identity=True, act_out="relu", residual=True))
+
+
+# ----------------------------------------------------------------------------------------
+# Nothing is kept between calls
+# ----------------------------------------------------------------------------------------
+
+
+def _operands(n, c=64, hw=(32, 32), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k = c // 4
+    return dict(x=torch.randn(n, c, *hw, generator=gen).to(DEVICE),
+                fc1_weight=(torch.randn(k, c, generator=gen) / c**0.5).to(DEVICE),
+                fc1_bias=torch.randn(k, generator=gen).to(DEVICE),
+                fc2_weight=(torch.randn(c, k, generator=gen) / k**0.5).to(DEVICE),
+                fc2_bias=torch.randn(c, generator=gen).to(DEVICE))
+
+
+def _fused(operands):
+    return sae(**operands, backend="triton", strategy="split")
+
+
+def _truth(operands):
+    return sae(**{k: v.double().cpu() for k, v in operands.items()}, backend="reference")
+
+
+def test_the_kernels_keep_no_tensors_between_calls():
+    """No module-level buffers (a cached counter or scratch tensor would be shared by CUDA
+    graphs, streams and devices)."""
+    kept = [name for name, value in vars(sae_triton).items()
+            if isinstance(value, torch.Tensor)
+            or (isinstance(value, dict) and any(isinstance(v, torch.Tensor)
+                                                for v in value.values()))]
+    assert kept == []
+
+
+def test_interleaved_calls_give_the_same_bits_as_each_alone():
+    a, b = _operands(3), _operands(2, c=19, hw=(5, 7), seed=1)
+    alone_a, alone_b = _fused(a), _fused(b)
+    for _ in range(2):
+        assert torch.equal(_fused(a), alone_a)
+        assert torch.equal(_fused(b), alone_b)
+
+
+def test_a_failed_call_leaves_nothing_behind(monkeypatch):
+    """A launch that fails half-way through its grid (here the pool, on its second program)
+    does not change what the next call computes."""
+    operands = _operands(3)
+    expected = _fused(operands)
+    if DEVICE.type != "cpu":
+        pytest.skip("the failure is injected into the interpreter's programs")
+    channel_sums = sae_triton._channel_sums
+    calls = []
+
+    def fail_on_the_second_program(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return channel_sums(*args, **kwargs)
+
+    monkeypatch.setattr(sae_triton, "_channel_sums", fail_on_the_second_program)
+    with pytest.raises(Exception, match="injected failure"):
+        _fused(operands)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    y = _fused(operands)
+    assert torch.equal(y, expected)
+    torch.testing.assert_close(y.double().cpu(), _truth(operands), rtol=1e-5, atol=1e-6)
