@@ -97,11 +97,12 @@ def runs_composite(backend: str) -> bool:
     prologue folded in, the rescale with the epilogue) as vectorised loops of its own, fuses
     them with the ops around the block, and runs the FCs as addmm; an opaque op would split
     its fusion groups and cost a dispatch per call. Measured in the README (torch.compile
-    section). On a GPU the Triton op moves the same bytes in one or two launches where the
-    composite takes five or more (a reduction, two GEMMs, the act and gate kernels, the
-    rescale) and the neighbours it absorbs (prologue, shortcut and ReLU) are in it: by the
-    bytes-and-launches model of ``cost.py`` the op is the cheaper (a model, until a GPU
-    measures it). ``SAE_KERNELS_UNDER_COMPILE`` overrides this rule (not the two above).
+    section). On a GPU the Triton op takes one, three or four launches where inductor's
+    code for the composite takes five (a reduction, two GEMMs, the activation, the
+    rescale with the gate and tail), and reads less of x twice from HBM: by the model of
+    ``gpu_plan`` (``sae-kernels plan``) the op is the cheaper at every SE site of the
+    README's table (a model, until a GPU measures it). ``SAE_KERNELS_UNDER_COMPILE``
+    overrides this rule (not the two above).
 
     Otherwise no. The fused modules ask on every call: an eager call pays about 0.15 us
     for the three queries (torch.func, torch.compile, a trace being recorded).

@@ -11,7 +11,7 @@ Plans (kernels in ``kernels/sae_triton.py``):
                 call. The bracketed launch exists only when ``gemv_in_stream`` is off:
                 otherwise each program of the last pass computes FC2 (forward) or
                 FC1-backward for its own channels from L2, one launch fewer. Contiguous
-                NCHW takes a flat, vectorised rescale when FC2 has its launch. Batches
+                NCHW takes a flat, vectorised rescale where the model says so. Batches
                 larger than half the L2 run in ``sample_group``-sized groups, so that a
                 group's second pass finds its x (and g) in L2.
 
@@ -85,6 +85,8 @@ PROLOGUE_MAX_REGISTERS = 255
 #: Samples per tile of the batched FCs at most; ``tl.dot`` needs every side >= 16.
 MAX_FC_SAMPLES = 64
 MIN_DOT = 16
+#: The fewest HW chunks a split plan is offered beside the grid-filling count.
+MAX_CHUNKS = 16
 #: Elements of one flat-rescale vector step.
 FLAT_BLOCK = 2048
 
@@ -172,7 +174,8 @@ class LaunchPlan:
     block_fc: int = 64
     #: split: the last pass computes FC2 (FC1-backward) itself, one launch fewer
     gemv_in_stream: bool = False
-    #: split: the forward rescale reads contiguous NCHW as flat rows (FC2 has its launch)
+    #: split: the forward rescale reads contiguous NCHW as flat rows (with the GEMV in
+    #: stream only when one chunk spans HW: each program then takes whole channels)
     flat_rescale: bool = False
     #: split: samples per group of launches (N: one group)
     sample_group: int = 1
@@ -203,8 +206,11 @@ class LaunchPlan:
         return dict(num_warps=self.num_warps, maxnreg=self.max_registers)
 
 
-def _streaming_tiles(p: Problem, spec: GpuSpec) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_HW, tile elements): tiles follow the contiguous axis.
+def _streaming_tiles(p: Problem, spec: GpuSpec) -> tuple[list[tuple[int, int]], int]:
+    """([(BLOCK_C, BLOCK_HW) to choose from], tile elements): tiles follow the contiguous
+    axis. channels_last is also offered 64 channels per tile (128 bytes or more per row
+    still): each program of the pool writes BLOCK_C partial sums, so narrower tiles spread
+    a sample over as many programs with fewer partial sums for FC1 to add up.
 
     fp64 accumulates in fp64, and the prologue keeps more values live per element (its
     backward a second input stream and two sums): each halves the elements per tile,
@@ -213,21 +219,19 @@ def _streaming_tiles(p: Problem, spec: GpuSpec) -> tuple[int, int, int]:
     wide = p.element_size == 8
     tile = spec.tile_elements // (2 if wide else 1) // (2 if p.prologue else 1)
     if p.channels_last:
-        block_c = min(_pow2(p.c), spec.max_contiguous_block)
-        block_hw = min(_pow2(p.hw), max(1, tile // block_c))
-    else:
-        block_hw = min(_pow2(p.hw), spec.max_contiguous_block)
-        block_c = min(_pow2(p.c), max(1, tile // block_hw))
-    return block_c, block_hw, tile
+        widths = {min(_pow2(p.c), spec.max_contiguous_block), min(_pow2(p.c), 64)}
+        return [(c, min(_pow2(p.hw), max(1, tile // c))) for c in sorted(widths)], tile
+    block_hw = min(_pow2(p.hw), spec.max_contiguous_block)
+    return [(min(_pow2(p.c), max(1, tile // block_hw)), block_hw)], tile
 
 
 def _fc_tiles(n: int, outputs: int, reduction: int, wide: bool, spec: GpuSpec,
               min_m: int, may_split: bool) -> FcTiles:
     """Samples per tile up to 64; outputs per tile as small as ``min_m`` while that still
     leaves the device short of programs (an FC over few samples is bound by how many
-    programs stream the weight), then, where allowed, the reduction split until the grid
-    covers every SM; the reduction side keeps both operand tiles near 8K elements (4K in
-    fp64)."""
+    programs stream the weight and the partial sums); then, where allowed, the reduction
+    split until the grid covers every SM. The reduction side keeps both operand tiles
+    near 8K elements (4K in fp64), and no larger than a split's share."""
     block_n = min(MAX_FC_SAMPLES, max(MIN_DOT, _pow2(n)))
     block_m = 64
     tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
@@ -235,42 +239,53 @@ def _fc_tiles(n: int, outputs: int, reduction: int, wide: bool, spec: GpuSpec,
         block_m //= 2
         tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
     budget = (4096 if wide else 8192) // max(block_n, block_m)
-    block_r = max(MIN_DOT, min(_pow2(reduction), 128, budget))
-    splits = 1
-    if may_split:
-        splits = max(1, min(triton_cdiv(reduction, block_r), triton_cdiv(spec.sms, tiles)))
-        # no empty split: each takes whole BLOCK_R steps
-        splits = triton_cdiv(reduction, FcTiles(block_n, block_m, block_r, splits).per_split(
-            reduction))
+    wanted = triton_cdiv(spec.sms, tiles) if may_split else 1
+    block_r = max(MIN_DOT, min(_pow2(triton_cdiv(reduction, wanted)), 128, budget))
+    # no empty split: each takes whole BLOCK_R steps
+    splits = triton_cdiv(reduction, FcTiles(block_n, block_m, block_r, wanted).per_split(
+        reduction)) if may_split else 1
     return FcTiles(block_n, block_m, block_r, splits)
 
 
+def _hw_chunks(p: Problem, group: int, block_c: int, block_hw: int,
+               spec: GpuSpec) -> list[int]:
+    """HW elements per program of the split grids to choose from: enough chunks for
+    PROGRAMS_PER_SM programs per SM, or at most MAX_CHUNKS (more tile steps per program,
+    fewer partial sums for FC1 to add up)."""
+    programs_per_chunk = max(1, group * triton_cdiv(p.c, block_c))
+    most = max(1, min(triton_cdiv(p.hw, block_hw),
+                      triton_cdiv(PROGRAMS_PER_SM * spec.sms, programs_per_chunk)))
+    return sorted({triton_cdiv(triton_cdiv(p.hw, chunks), block_hw) * block_hw
+                   for chunks in (most, min(most, MAX_CHUNKS))})
+
+
 def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
-    block_c, block_hw, tile = _streaming_tiles(p, spec)
+    tiles, tile = _streaming_tiles(p, spec)
     wide = p.element_size == 8
-    base = dict(block_c=block_c, block_hw=block_hw,
-                num_warps=8 if block_c * block_hw >= min(tile, 4096) else 4,
-                max_registers=PROLOGUE_MAX_REGISTERS if p.prologue else None,
-                block_k=min(_pow2(p.k), 32 if wide else 64), block_fc=min(_pow2(p.c), 64),
-                block_r=max(1, min(_pow2(p.k), max(1, tile // block_c), 64)))
+    # the largest group whose x (and g) fits in half the L2, or the whole batch
+    fits = max(1, (spec.l2_bytes // 2) // max(1, 2 * p.sample_bytes))
+    groups = sorted({p.n, min(p.n, fits)}) if p.n else [p.n]
     plans = []
-    if strategy in ("auto", "single"):
-        plans.append(LaunchPlan("single", hw_chunk=p.hw, **base))
-    if strategy in ("auto", "split"):
-        # the largest group whose x (and g) fits in half the L2, or the whole batch
-        fits = max(1, (spec.l2_bytes // 2) // max(1, 2 * p.sample_bytes))
-        groups = sorted({p.n, min(p.n, fits)}) if p.n else [p.n]
+    for block_c, block_hw in tiles:
+        base = dict(block_c=block_c, block_hw=block_hw,
+                    num_warps=8 if block_c * block_hw >= min(tile, 4096) else 4,
+                    max_registers=PROLOGUE_MAX_REGISTERS if p.prologue else None,
+                    block_k=min(_pow2(p.k), 32 if wide else 64), block_fc=min(_pow2(p.c), 64),
+                    block_r=max(1, min(_pow2(p.k), max(1, tile // block_c), 64)))
+        if strategy in ("auto", "single"):
+            plans.append(LaunchPlan("single", hw_chunk=p.hw, **base))
+        if strategy not in ("auto", "split"):
+            continue
         for group in groups:
-            programs_per_chunk = max(1, group * triton_cdiv(p.c, block_c))
-            chunks = max(1, min(triton_cdiv(p.hw, block_hw),
-                                triton_cdiv(PROGRAMS_PER_SM * spec.sms, programs_per_chunk)))
-            hw_chunk = triton_cdiv(triton_cdiv(p.hw, chunks), block_hw) * block_hw
             fcs = dict(fc_to_k=_fc_tiles(group, p.k, p.c, wide, spec, 16, not p.single_fc),
                        fc_to_c=_fc_tiles(group, p.c, p.k, wide, spec, 32, False))
-            for in_stream in (False, True) if not p.single_fc else (False,):
-                plans.append(LaunchPlan("split", hw_chunk=hw_chunk, gemv_in_stream=in_stream,
-                                        flat_rescale=p.flat and not in_stream,
-                                        sample_group=max(1, group), **fcs, **base))
+            for hw_chunk in _hw_chunks(p, group, block_c, block_hw, spec):
+                for in_stream in (False, True) if not p.single_fc else (False,):
+                    # the flat rescale computes FC2 itself only over whole channel blocks
+                    flat = p.flat and (not in_stream or hw_chunk >= p.hw)
+                    plans.append(LaunchPlan(
+                        "split", hw_chunk=hw_chunk, gemv_in_stream=in_stream, flat_rescale=flat,
+                        sample_group=max(1, group), **fcs, **base))
     return plans
 
 
@@ -336,9 +351,10 @@ def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, 
     rows, cols, splits = tiles.grid(n, outputs)
     share = tiles.per_split(reduction) if splits > 1 else reduction
     parts = n * outputs * ACC_BYTES * (2 * splits if splits > 1 else 1)
+    samples = min(n, tiles.block_n)  # masked-off rows of a tile load nothing
     return Launch(
         name, rows * cols * splits, program_hbm_bytes=tiles.block_m * share * we,
-        program_l2_bytes=tiles.block_n * share * ACC_BYTES * (1 + extra_in),
+        program_l2_bytes=samples * share * ACC_BYTES * (1 + extra_in),
         in_flight=tiles.block_r * (tiles.block_m * we + tiles.block_n * ACC_BYTES),
         hbm_bytes=outputs * reduction * we + n * reduction * (1 + extra_in) * ACC_BYTES + parts)
 
@@ -458,11 +474,12 @@ def model_seconds(p: Problem, plan: LaunchPlan, spec: GpuSpec, backward: bool = 
 def floor_seconds(p: Problem, spec: GpuSpec, backward: bool = False) -> float:
     """The HBM floor: the compulsory bytes of ``cost.sae_cost`` (x read once, y written
     once, the weights read once; the backward g and x read once, dx written once, the
-    weights read and their gradients written once) and the identity read once, at the
-    device's bandwidth. No launch."""
+    weights read and their gradients written once), the identity read once and, behind
+    the ReLU tail, its gradient written once, at the device's bandwidth. No launch."""
     compulsory = sae_cost(p.n, p.c, p.hw, p.k, p.element_size, backward,
                           p.single_fc).compulsory_bytes
-    return (compulsory + p.has_identity * p.n * p.sample_bytes) / spec.hbm_bytes_per_second
+    identity = p.has_identity * (1 + (backward and p.relu_out)) * p.n * p.sample_bytes
+    return (compulsory + identity) / spec.hbm_bytes_per_second
 
 
 def compile_launches(p: Problem, spec: GpuSpec, backward: bool = False) -> list[Launch]:

@@ -24,7 +24,9 @@ def test_tiles_follow_the_contiguous_axis(channels_last):
     plan = plan_launch(_problem(8, 256, 3136, 16, 4, channels_last), H100)
     assert plan.block_c * plan.block_hw <= H100.tile_elements
     contiguous = plan.block_c if channels_last else plan.block_hw
-    assert contiguous == H100.max_contiguous_block
+    # rows of at least 64 elements: 128 bytes or more per row
+    assert contiguous in ((64, H100.max_contiguous_block) if channels_last
+                          else (H100.max_contiguous_block,))
     for n, c, hw in [(1, 1, 1), (3, 19, 221), (2, 3, 1)]:  # tiles never exceed the tensor
         plan = plan_launch(_problem(n, c, hw, 5, 4, channels_last), H100, "split")
         assert plan.block_c <= max(1, 2 * c - 1) and plan.block_hw <= max(1, 2 * hw - 1)
@@ -41,13 +43,13 @@ def test_split_grid_fills_the_device():
 def test_the_weights_come_from_hbm_about_once_per_call(spec, n):
     """The batched FCs read the weights from HBM once per group of samples, not once per
     sample: doubling the batch adds far less FC traffic than a weight read per sample
-    (checked where the weights outweigh a sample's partial sums, C >= 512). Per-sample
+    (checked where the weights outweigh a sample's partial sums, C >= 1024). Per-sample
     GEMVs (``single``) are chosen only where the weights are small beside the sample."""
     for site in resnet50_sites():
         p = _problem(n, site.channels, site.size**2, site.stacked_width)
         if plan_launch(p, spec).strategy == "single":
             assert 2 * p.weight_bytes <= p.sample_bytes, site.name
-        if site.channels < 512:
+        if site.channels < 1024:
             continue
 
         def fc_hbm_bytes(problem):
@@ -131,8 +133,9 @@ def _forcing(monkeypatch, **options):
             return plan
         chosen = dict(options)
         chosen["flat_rescale"] = chosen.get("flat_rescale", False) and problem.flat
-        chosen["gemv_in_stream"] = (chosen.get("gemv_in_stream", False)
-                                    and not problem.single_fc and not chosen["flat_rescale"])
+        chosen["gemv_in_stream"] = chosen.get("gemv_in_stream", False) and not problem.single_fc
+        if chosen["flat_rescale"] and chosen["gemv_in_stream"]:  # one chunk spans HW
+            chosen["hw_chunk"] = -(-problem.hw // plan.block_hw) * plan.block_hw
         if problem.single_fc:  # one C x C FC: its reduction is never split
             chosen.pop("fc_to_k", None)
         return dataclasses.replace(plan, **chosen)
@@ -146,6 +149,7 @@ SPLIT_OPTIONS = {
     "fc-launches": dict(),
     "gemv-in-stream": dict(gemv_in_stream=True),
     "flat-rescale": dict(flat_rescale=True),
+    "flat-rescale-gemv": dict(flat_rescale=True, gemv_in_stream=True),
     "groups-of-1": dict(sample_group=1),
     "groups-of-2-gemv": dict(sample_group=2, gemv_in_stream=True),
     "split-reduction": dict(fc_to_k=FcTiles(16, 16, 16, splits=2)),
@@ -248,3 +252,25 @@ def test_a_failed_call_leaves_nothing_behind(monkeypatch):
     y = _fused(operands)
     assert torch.equal(y, expected)
     torch.testing.assert_close(y.double().cpu(), _truth(operands), rtol=1e-5, atol=1e-6)
+
+
+def test_plan_command_prints_every_site_and_batch(capsys):
+    """``sae-kernels plan --json``: a row per SE site and batch, each with the modelled
+    times of the fused op, the floor and torch.compile, and their ratios."""
+    import json
+
+    from sae_kernels.__main__ import main
+
+    assert main(["plan", "--device", "a100", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["rows"]
+    assert "A100" in report["device"] and len(rows) == len(resnet50_sites()) * 4
+    assert {r["n"] for r in rows} == {1, 8, 32, 128}
+    for r in rows:
+        for name in ("fwd", "fwd+bwd"):
+            fused, floor = r[f"{name} fused us"], r[f"{name} floor us"]
+            assert 0 < floor < fused
+            if floor >= 5:  # the times are rounded to 0.1 us
+                assert r[f"{name} fused/floor"] == pytest.approx(fused / floor, rel=0.02)
+    assert main(["plan", "--device", "h100", "--markdown", "--layouts"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2 + len(rows) * 2

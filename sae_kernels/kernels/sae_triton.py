@@ -437,15 +437,21 @@ def sae_rescale_kernel(
 
 @triton.jit
 def sae_rescale_flat_kernel(
-    x_ptr, x_sn, prologue_ptr, id_ptr, y_ptr, u_ptr, N, C, HW, PER_CHUNK,
+    x_ptr, x_sn, prologue_ptr, id_ptr, y_ptr, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr,
+    u_ptr, N, C, HW, K, PER_CHUNK,
+    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_SPLITS: tl.constexpr,
     GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """The rescale of contiguous NCHW x, identity and y read as flat (N, C*HW) rows: each
     program streams PER_CHUNK elements of one sample in BLOCK-element vectors whatever HW
     is (rows of 49 or 196 would break 2-D tiles into scalar accesses); each element's
-    channel picks its gate and prologue values (L1-resident gathers). x_sn = C*HW."""
+    channel picks its gate and prologue values (L1-resident gathers). x_sn = C*HW.
+
+    Under ``FC2_HERE`` a program's chunk is one block of BLOCK_C whole channels
+    (PER_CHUNK = BLOCK_C * HW): it computes their u first, as the 2-D rescale does, and
+    stores it for its own gathers (behind a barrier) and for the backward."""
     chunks = tl.cdiv(x_sn, PER_CHUNK)
     n, _, chunk = _sample_major(tl.program_id(0), 1, chunks, N, True)
     start = chunk * PER_CHUNK
@@ -453,6 +459,13 @@ def sae_rescale_flat_kernel(
     base = n * x_sn
     u_row = u_ptr + n * C
     acc_ty = u_ptr.dtype.element_ty
+    if FC2_HERE:
+        offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        u = _fc2_rows(p_parts_ptr + n * K, p_ptr + n * K, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c,
+                      mask_c, K, chunk == 0, ACT, HAS_B2, P_SPLITS, BLOCK_C, BLOCK_R)
+        tl.store(u_row + offs_c, u, mask=mask_c)
+        tl.debug_barrier()
     for e0 in range(start, stop, BLOCK):
         offs = e0 + tl.arange(0, BLOCK)
         mask = offs < stop
@@ -793,11 +806,12 @@ def forward(
                 HAS_B2=fc2_bias is not None, P_SPLITS=fc1.splits, **_fc_launch(plan.fc_to_c),
             )
         if plan.flat_rescale:
-            per_chunk = plan.flat_chunk(c, hw)
+            per_chunk = plan.block_c * hw if fc2_here else plan.flat_chunk(c, hw)
             sae_rescale_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
-                xg, c * hw, pro_arg, idg, yg, ug, samples, c, hw, per_chunk, **epilogue,
-                **prologue,
-                BLOCK=FLAT_BLOCK, **plan.launch_options(),
+                xg, c * hw, pro_arg, idg, yg, p_parts, pg, w2, *w2.stride(), b2, ug, samples, c,
+                hw, k, per_chunk, ACT=act_code, HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here,
+                P_SPLITS=fc1.splits, **epilogue, **prologue, BLOCK=FLAT_BLOCK,
+                BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options(),
             )
         else:
             sae_rescale_kernel[(samples * blocks_c * chunks,)](

@@ -84,6 +84,22 @@ def resolve_spec(name: str | None) -> tuple[GpuSpec, str]:
     return GPUS["h100"], f"{GPUS['h100'].name} (modelled; no GPU here)"
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as the README's table: microseconds and the ratios to the floor and to
+    torch.compile, forward and forward + backward."""
+    lines = ["| site | N | layout | plan | launches | fwd µs | floor µs | compile µs "
+             "| fused / floor | fused / compile | fwd+bwd µs | fused / floor | fused / compile |",
+             "|" + " --- |" * 13]
+    for r in rows:
+        site = r["site"].replace("SE-ResNet-50", "SE").replace("SENetV2-ResNet-50", "SaE")
+        lines.append(
+            f"| {site} | {r['n']} | {r['layout']} | {r['plan']} | {r['launches']} "
+            f"| {r['fwd fused us']} | {r['fwd floor us']} | {r['fwd compile us']} "
+            f"| {r['fwd fused/floor']} | {r['fwd fused/compile']} | {r['fwd+bwd fused us']} "
+            f"| {r['fwd+bwd fused/floor']} | {r['fwd+bwd fused/compile']} |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
