@@ -1,5 +1,5 @@
-"""Command line: ``sae-kernels bench | profile | build | plan | verify | compile-report``
-(or ``python -m sae_kernels ...``)."""
+"""Command line: ``sae-kernels bench | profile | stages | build | plan | gpu-check | verify |
+compile-report`` (or ``python -m sae_kernels ...``)."""
 
 import argparse
 import os
@@ -21,11 +21,22 @@ def _ensure_triton_can_run() -> None:
 
 
 def _plan(args) -> int:
-    from .tools.plan import format_table, plan_rows
+    import json
 
-    where, rows = plan_rows()
-    print(f"Launch plan per SE site, fp16 ({where})")
-    print("MB: DRAM megabytes per call, modelled (sae_kernels.cost) / compulsory\n")
+    from .tools.plan import format_table, markdown_table, plan_rows, resolve_spec
+
+    spec, where = resolve_spec(args.device)
+    rows = plan_rows(spec, layouts=("nchw", "channels_last") if args.layouts else ("nchw",))
+    if args.json:
+        print(json.dumps(dict(device=where, dtype="bfloat16", rows=rows), indent=1))
+        return 0
+    if args.markdown:
+        print(markdown_table(rows))
+        return 0
+    print(f"Plan per SE site and batch, bf16, {where}: the converted bottleneck (bn3 as the "
+          f"prologue, shortcut add + ReLU as the epilogue)")
+    print("us: modelled microseconds (sae_kernels.gpu_plan); floor: HBM bytes only, no launch; "
+          "compile: torch.compile's kernels for the block, same model\n")
     print(format_table(rows))
     return 0
 
@@ -260,16 +271,18 @@ def _compile_report(args) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         os.execve(sys.executable, [sys.executable, "-m", "sae_kernels", *sys.argv[1:]],
                   {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    from .tools.aot import TARGETS, compile_all
+    from .gpu_plan import GPUS
+    from .tools.aot import DTYPES, TARGETS, compile_all
 
-    reports = compile_all(args.target or TARGETS)
-    bad = 0
-    for r in reports:
+    builds = bad = 0
+    for r in compile_all(args.target or TARGETS, [GPUS[gpu] for gpu in args.gpu or GPUS],
+                         args.dtype or DTYPES):
         status = "ok" if r.ok else (r.error or f"spills: {r.stack} bytes of stack")
+        builds += 1
         bad += not r.ok
-        print(f"{r.target:<6} REG {r.registers:>4} STACK {r.stack:>4} SHARED {r.shared:>6}  "
-              f"{r.variant.describe()}  {status}", flush=True)
-    print(f"\n{len(reports)} kernel builds, {bad} failed or spilled")
+        print(f"{r.build.target:<6} REG {r.registers:>4} STACK {r.stack:>4} SHARED {r.shared:>6}  "
+              f"{r.build.describe()}  {status}", flush=True)
+    print(f"\n{builds} kernel builds, {bad} failed or spilled")
     return 1 if bad else 0
 
 
@@ -297,13 +310,31 @@ def main(argv=None) -> int:
     build = sub.add_parser("build", help="build the C++ CPU kernels now (else on first use)")
     build.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
     build.set_defaults(run=_build)
-    sub.add_parser("plan", help="strategy, tiles and launches per SE site").set_defaults(run=_plan)
+    plan = sub.add_parser("plan", help="GPU plan and modelled times per SE site")
+    plan.add_argument("--device", choices=["h100", "a100"],
+                      help="GPU to model (default: this machine's, else an H100)")
+    plan.add_argument("--json", action="store_true", help="rows as JSON")
+    plan.add_argument("--markdown", action="store_true", help="rows as the README's table")
+    plan.add_argument("--layouts", action="store_true", help="channels_last rows too")
+    plan.set_defaults(run=_plan)
+    from .tools import gpu_check
+
+    check = sub.add_parser("gpu-check", help="the GPU acceptance run: GPU tests, layer bench, "
+                           "model against measurement (exit 2 without a GPU)")
+    gpu_check.add_arguments(check)
+    check.set_defaults(run=gpu_check.run)
     verify = sub.add_parser("verify", help="fused vs float64 reference on the SE sites")
     verify.add_argument("-n", type=int, default=2, help="batch size (default 2)")
     verify.set_defaults(run=_verify)
     report = sub.add_parser("compile-report",
-                            help="compile every kernel for sm_80/sm_90; registers and spills")
-    report.add_argument("--target", action="append", choices=["sm_80", "sm_90"])
+                            help="compile every kernel launch for sm_80/sm_90; registers and "
+                                 "spills")
+    report.add_argument("--target", action="append", choices=["sm_80", "sm_90"],
+                        help="default: both")
+    report.add_argument("--gpu", action="append", choices=["h100", "a100"],
+                        help="the GPUs the launches are planned for (default: both)")
+    report.add_argument("--dtype", action="append", choices=["fp32", "fp16", "bf16", "fp64"],
+                        help="the dtypes of x (default: all)")
     report.set_defaults(run=_compile_report)
     args = parser.parse_args(argv)
     return args.run(args)

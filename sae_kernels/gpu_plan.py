@@ -78,10 +78,10 @@ INTERPRETER = dataclasses.replace(H100, name="Triton interpreter", sms=2, tile_e
 
 #: The split grids aim at this many programs per SM.
 PROGRAMS_PER_SM = 4
-#: The register limit of the prologue's kernels: all a thread can have. Without a limit,
-#: ptxas gives some of them 64 or 80 registers and spills a few bytes (for occupancy);
-#: with one it allocates what they need, spill-free.
-PROLOGUE_MAX_REGISTERS = 255
+#: The register limit of every launch: all a thread can have. Without a limit, ptxas gives
+#: some kernels 48-80 registers and spills a few bytes (for occupancy); with one it
+#: allocates what they need, spill-free (``sae-kernels compile-report``).
+MAX_REGISTERS = 255
 #: Samples per tile of the batched FCs at most; ``tl.dot`` needs every side >= 16.
 MAX_FC_SAMPLES = 64
 MIN_DOT = 16
@@ -231,14 +231,15 @@ def _fc_tiles(n: int, outputs: int, reduction: int, wide: bool, spec: GpuSpec,
     leaves the device short of programs (an FC over few samples is bound by how many
     programs stream the weight and the partial sums); then, where allowed, the reduction
     split until the grid covers every SM. The reduction side keeps both operand tiles
-    near 8K elements (4K in fp64), and no larger than a split's share."""
+    near 512 elements (256 in fp64; larger tiles spill under 3xTF32), and no larger than a
+    split's share."""
     block_n = min(MAX_FC_SAMPLES, max(MIN_DOT, _pow2(n)))
     block_m = 64
     tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
     while block_m > min_m and tiles < spec.sms:
         block_m //= 2
         tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
-    budget = (4096 if wide else 8192) // max(block_n, block_m)
+    budget = (256 if wide else 512) // max(block_n, block_m)
     wanted = triton_cdiv(spec.sms, tiles) if may_split else 1
     block_r = max(MIN_DOT, min(_pow2(triton_cdiv(reduction, wanted)), 128, budget))
     # no empty split: each takes whole BLOCK_R steps
@@ -269,7 +270,7 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
     for block_c, block_hw in tiles:
         base = dict(block_c=block_c, block_hw=block_hw,
                     num_warps=8 if block_c * block_hw >= min(tile, 4096) else 4,
-                    max_registers=PROLOGUE_MAX_REGISTERS if p.prologue else None,
+                    max_registers=MAX_REGISTERS,
                     block_k=min(_pow2(p.k), 32 if wide else 64), block_fc=min(_pow2(p.c), 64),
                     block_r=max(1, min(_pow2(p.k), max(1, tile // block_c), 64)))
         if strategy in ("auto", "single"):

@@ -1,26 +1,105 @@
-"""Every kernel configuration the dispatcher can choose builds for sm_80 and sm_90 with
-no register spills (ahead-of-time compilation: no GPU needed)."""
+"""Every kernel launch the host code makes builds for sm_80 and sm_90 with no register
+spills, specialised as Triton's launcher specialises it (ahead-of-time compilation: no GPU
+needed). Triton runs here without its interpreter, so each test runs in a subprocess."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
-def test_every_kernel_builds_for_sm80_and_sm90_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "sae_kernels", "compile-report"], env=env,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+def run_python(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+#: Half the report's builds in half its time: each dtype on one of the two architectures,
+#: so that every kernel, dtype, shape, layout, batch size and strategy, both GPUs' plans and
+#: both architectures are built (``sae-kernels compile-report`` builds the whole product).
+HALVES = [("sm_80", ["fp32", "bf16"]), ("sm_90", ["fp16", "fp64"])]
+
+
+@pytest.mark.parametrize("target, dtypes", HALVES)
+def test_every_kernel_launch_builds_without_spills(target, dtypes):
+    options = [f"--dtype={dtype}" for dtype in dtypes]
+    result = run_python("-m", "sae_kernels", "compile-report", f"--target={target}", *options,
+                        timeout=1200)
     lines = result.stdout.splitlines()
+    failed = [line for line in lines if line.startswith(target) and not line.endswith("  ok")]
+    assert result.returncode == 0 and not failed, "\n".join(failed[:20]) + result.stderr[-3000:]
     assert lines[-1].endswith("builds, 0 failed or spilled")
-    assert sum(line.startswith("sm_80") for line in lines) == sum(
-        line.startswith("sm_90") for line in lines) > 100
+    assert sum(line.startswith(target) for line in lines) > 100
+
+
+LAUNCHED = '''
+import json
+from triton.runtime.jit import JITFunction
+from sae_kernels.kernels import sae_triton
+from sae_kernels.tools import aot
+
+# the kernels: the module's own public jit functions (its device functions are private)
+kernels = {name for name, fn in vars(sae_triton).items() if isinstance(fn, JITFunction)
+           and fn.module == sae_triton.__name__ and not name.startswith("_")}
+print(json.dumps(sorted(kernels - {build.kernel for build in aot.builds(["sm_90"])})))
+'''
+
+
+def test_every_kernel_is_launched_by_some_configuration():
+    """The report's configurations reach every kernel of ``sae_triton``."""
+    result = run_python("-c", LAUNCHED, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == []
+
+
+SPECIALISATION = '''
+import json
+import torch
+from sae_kernels.kernels import sae_triton
+from sae_kernels.tools import aot
+
+
+def specialisation(c, offset):
+    """The single-launch forward's build for x (2, c, 7, 7), ``offset`` elements past an
+    aligned allocation."""
+    x = torch.empty(2 * c * 49 + offset)[offset:].view(2, c, 7, 7)
+    weights = torch.empty(8, c), None, torch.empty(c, 8), None
+    with aot.recording() as launches:
+        sae_triton.forward(x, *weights, None, "relu", "sigmoid", False, "none", "single")
+    build = aot.specialise(launches[0], "sm_90")
+    return {"kernel": build.kernel, "divisible": build.divisible_by_16,
+            "constants": build.specialised, "signature": build.signature}
+
+
+print(json.dumps({f"C={c} offset={offset}": specialisation(c, offset)
+                  for c, offset in [(32, 0), (19, 0), (32, 1)]}))
+'''
+
+
+def test_specialisation_follows_the_argument_values():
+    """As at a launch on a GPU: a 16-byte aligned pointer and a C divisible by 16 get the
+    divisibility hint, a C of 19 or a pointer 4 bytes off does not; the unit HW stride of
+    NCHW is compiled in as a constant."""
+    result = run_python("-c", SPECIALISATION, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    builds = json.loads(result.stdout)
+    aligned, odd_c, misaligned = (builds[k] for k in ("C=32 offset=0", "C=19 offset=0",
+                                                      "C=32 offset=1"))
+    assert aligned["kernel"] == "sae_forward_single_kernel"
+    assert {"x_ptr", "C"} <= set(aligned["divisible"])
+    assert "x_sc" not in aligned["divisible"]  # 49
+    assert aligned["constants"]["x_shw"] == 1 and aligned["signature"]["x_shw"] == "constexpr"
+    assert aligned["signature"]["x_ptr"] == "*fp32" and aligned["signature"]["C"] == "i32"
+    assert "x_ptr" in odd_c["divisible"] and "C" not in odd_c["divisible"]
+    assert "x_ptr" not in misaligned["divisible"] and "C" in misaligned["divisible"]
 
 
 FIXTURE = '''
 import sys
+import torch
 import triton
 import triton.language as tl
 from sae_kernels import __main__ as cli
@@ -42,10 +121,12 @@ def spills_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
     tl.store(y_ptr + rows[:, None] * N + rows[None, :], scaled)
 
 
+# host code launching them, recorded as the operator's host code is
 sae_triton.fails_kernel, sae_triton.spills_kernel = fails_kernel, spills_kernel
-fixture = {"fails": [(aot.Variant("fails_kernel", "fp32", "nchw", ()), 4)],
-           "spills": [(aot.Variant("spills_kernel", "fp32", "nchw", (("BLOCK", 128),)), 1)]}
-aot.variants = lambda: iter(fixture[sys.argv[1]])
+x = torch.empty(128 * 128)
+calls = {"fails": lambda: sae_triton.fails_kernel[(1,)](x, x, 128),
+         "spills": lambda: sae_triton.spills_kernel[(1,)](x, x, 128, BLOCK=128, num_warps=1)}
+aot.host_calls = lambda dtypes: iter([(sys.argv[1], calls[sys.argv[1]])])
 sys.exit(cli.main(["compile-report", "--target", "sm_80"]))
 '''
 
@@ -53,11 +134,9 @@ sys.exit(cli.main(["compile-report", "--target", "sm_80"]))
 @pytest.mark.parametrize("kind, status", [("fails", "arange's range must be a power of 2"),
                                           ("spills", "spills: ")])
 def test_exit_code_on_a_kernel_that_fails_or_spills(kind, status, tmp_path):
-    """The real command on fixture kernels swapped in for the dispatcher's variants."""
+    """The real command on fixture kernels launched in place of the operator's."""
     script = tmp_path / "fixture.py"  # Triton reads a kernel's source from its file
     script.write_text(FIXTURE)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(script), kind], env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = run_python(str(script), kind, timeout=600)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert status in result.stdout and "1 kernel builds, 1 failed or spilled" in result.stdout

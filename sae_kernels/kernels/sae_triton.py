@@ -705,8 +705,10 @@ def _plan(x: torch.Tensor, problem: Problem, strategy: str) -> LaunchPlan:
 
 
 def _fc_launch(tiles: gpu_plan.FcTiles) -> dict:
+    """Tiles and compile options of a batched FC launch: 4 warps, and all the registers a
+    thread can have (without the limit ptxas trades a few spilled bytes for occupancy)."""
     return dict(BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_r,
-                num_warps=4)
+                num_warps=4, maxnreg=gpu_plan.MAX_REGISTERS)
 
 
 def _groups(n: int, plan: LaunchPlan) -> list[slice]:

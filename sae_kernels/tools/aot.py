@@ -1,57 +1,279 @@
-"""Compile every Triton kernel configuration the dispatcher can choose, ahead of time.
+"""Compile every Triton kernel launch the host code makes, ahead of time.
 
-Triton compiles for a GPU it cannot see (``triton.compile`` with a ``GPUTarget``), so
-this proves on a machine without a GPU that each kernel lowers to a cubin for sm_80 and
-sm_90a, and reads its registers, stack (spills) and shared memory from
-``cuobjdump --dump-resource-usage``. Must run where ``TRITON_INTERPRET`` is not "1"
-when triton is first imported.
+The report builds what really runs. It calls the host functions ``sae_triton.forward``
+and ``sae_triton.backward`` on CPU tensors, planned for each GPU of ``gpu_plan.GPUS``
+under each strategy, with every kernel of ``sae_triton`` swapped for a recorder: the
+launches carry the host code's own kernels, arguments, constexprs and launch options.
+Triton's launcher code then derives from those argument values what a launch on a GPU
+compiles: the signature (pointer dtypes, i32 or i64 integers), the divisibility hints on
+16-byte aligned pointers and on integers divisible by 16, and integers equal to 1 made
+constants. Launches that derive the same build are compiled once.
+
+Each build is compiled with ``triton.compile`` for a ``GPUTarget`` (sm_80, sm_90; no
+GPU needed), and its registers, stack (spills) and shared memory are read with the
+``cuobjdump --dump-resource-usage`` that ships with triton.
+
+The specialisation needs triton >= 3.5, whose launcher specialises through
+``create_function_from_signature`` and ``JITFunction._pack_args``, and TRITON_INTERPRET
+unset when triton is first imported.
 """
 
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.compiler.errors import CompilationError
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from ..dispatch import H100, LaunchPlan, plan_launch
+from .. import dispatch, gpu_plan
 from ..kernels import sae_triton
 from ..options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS
 from ..sites import resnet50_sites
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
-_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-           torch.float64: "fp64"}
-#: (C, H*W, K) of the SE sites of SE-ResNet-50 / SENetV2-ResNet-50, plus odd shapes.
-SHAPES = [(s.channels, s.size**2, s.stacked_width) for s in resnet50_sites()] + [
-    (3, 1, 1), (19, 221, 8), (228, 49, 228)]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "fp64": torch.float64}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+#: (C, H, W, K) of the SE sites of SE-ResNet-50 / SENetV2-ResNet-50, a last site with
+#: K = C (FCs that wide get FC2 a launch of its own), and odd shapes.
+SHAPES = [(s.channels, s.size, s.size, s.stacked_width) for s in resnet50_sites()] + [
+    (2048, 7, 7, 2048), (3, 1, 1, 1), (19, 13, 17, 8), (228, 7, 7, 228)]
+#: One sample and a batch: the model picks ``single`` for some shapes and ``split`` for
+#: others, and the split plans' grids, tiles and sample groups depend on the batch.
+BATCH_SIZES = (1, 128)
 
 
 @dataclasses.dataclass(frozen=True)
-class Variant:
+class Launch:
+    """One ``kernel[grid](*args, **kwargs)`` of the host code."""
+
     kernel: str
-    dtype: str
-    layout: str
-    constexprs: tuple
-    #: ptxas's register limit (``LaunchPlan.max_registers``)
-    max_registers: int | None = None
+    args: tuple
+    #: the kernel's parameters passed by keyword: the constexprs
+    kwargs: dict
+    #: the rest of the keywords: num_warps, maxnreg, num_stages, ...
+    options: dict
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](...)`` records the launch and runs nothing."""
+
+    def __init__(self, name: str, fn: JITFunction, launches: list[Launch]):
+        self.name, self.params, self.launches = name, set(fn.arg_names), launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(Launch(
+                self.name, args, {k: v for k, v in kwargs.items() if k in self.params},
+                {k: v for k, v in kwargs.items() if k not in self.params}))
+        return launch
+
+
+@contextlib.contextmanager
+def recording(gpu: gpu_plan.GpuSpec = gpu_plan.H100) -> Iterator[list[Launch]]:
+    """Within: every kernel of ``sae_triton`` records its launches into the yielded list
+    instead of running, and the host code plans for ``gpu``."""
+    kernels = {name: fn for name, fn in vars(sae_triton).items() if isinstance(fn, JITFunction)}
+    launches: list[Launch] = []
+    device_spec = gpu_plan.device_spec
+    try:
+        for name, fn in kernels.items():
+            setattr(sae_triton, name, _Recorder(name, fn, launches))
+        gpu_plan.device_spec = lambda device: gpu
+        yield launches
+    finally:
+        gpu_plan.device_spec = device_spec
+        for name, fn in kernels.items():
+            setattr(sae_triton, name, fn)
+
+
+@dataclasses.dataclass
+class Build:
+    """One compilation: a kernel with what Triton's launcher derives from a launch
+    (signature, constants and attributes by argument path, parsed options) for a target."""
+
+    kernel: str
+    target: str
+    signature: dict[str, str]
+    constexprs: dict[tuple, object]
+    attrs: dict[tuple, list]
+    options: dict
+    #: the options the host code set (num_warps, maxnreg, ...)
+    launch_options: dict
+    #: the configuration that first launched it
+    where: str = ""
+
+    @property
+    def key(self) -> str:
+        """Equal for launches that compile to the same binary."""
+        return repr((self.kernel, self.target, self.signature, self.constexprs, self.attrs,
+                     self.options))
+
+    def _name(self, path: tuple) -> str:
+        return list(self.signature)[path[0]] + "".join(f"[{i}]" for i in path[1:])
+
+    @property
+    def divisible_by_16(self) -> list[str]:
+        """The arguments Triton assumes divisible by 16 (pointers: 16-byte aligned)."""
+        return [self._name(path) for path, attrs in self.attrs.items()
+                if ["tt.divisibility", 16] in attrs]
+
+    def _constants(self, declared: bool) -> dict[str, object]:
+        params = _kernel(self.kernel).params
+        return {self._name(path): value for path, value in self.constexprs.items()
+                if params[path[0]].is_constexpr == declared}
+
+    @property
+    def flags(self) -> dict[str, object]:
+        """The kernel's constexprs."""
+        return self._constants(declared=True)
+
+    @property
+    def specialised(self) -> dict[str, object]:
+        """The other arguments compiled in as constants: the integers equal to 1."""
+        return self._constants(declared=False)
 
     def describe(self) -> str:
-        flags = " ".join(f"{k}={v}" for k, v in self.constexprs)
-        limit = f" maxnreg={self.max_registers}" if self.max_registers is not None else ""
-        return f"{self.kernel} {self.dtype} {self.layout} {flags}{limit}"
+        divisible = set(self.divisible_by_16)
+        others = [name for name, ty in self.signature.items()
+                  if ty != "constexpr" and name not in divisible]
+        return " | ".join([
+            f"{self.kernel} {self.where}",
+            " ".join(f"{k}={v}" for k, v in {**self.launch_options, **self.flags}.items()),
+            f"div16: all{' but ' + ','.join(others) if others else ''}",
+            "=1: " + (",".join(self.specialised) or "-"),
+        ])
+
+
+def _kernel(name: str) -> JITFunction:
+    return getattr(sae_triton, name)
+
+
+@functools.cache
+def _backend(target: str):
+    return make_backend(TARGETS[target])
+
+
+@functools.cache
+def _binder(kernel: str, target: str) -> Callable:
+    fn = _kernel(kernel)
+    return create_function_from_signature(fn.signature, fn.params, _backend(target))
+
+
+def specialise(launch: Launch, target: str, where: str = "") -> Build:
+    """What ``JITFunction.run`` would compile for ``launch`` on ``target``."""
+    fn, backend = _kernel(launch.kernel), _backend(target)
+    kwargs = {**launch.kwargs, **launch.options}
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug  # as run() does
+    bound_args, specialization, options = _binder(launch.kernel, target)(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args,
+                                                          specialization, options)
+    return Build(launch.kernel, target, signature, constexprs, attrs, options.__dict__,
+                 launch.options, where)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration of the operator, every epilogue flag on (identity, residual,
+    ReLU tail), weights and biases in x's dtype; ``single_fc``: fc2_weight=None, K = C;
+    ``prologue_act``: a prologue with scale, shift and that activation."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    layout: str
+    dtype: str
+    act: str
+    gate: str
+    single_fc: bool = False
+    prologue_act: str | None = None
+
+    def __str__(self) -> str:
+        return (f"{self.dtype} {self.layout} N={self.n} C={self.c} {self.h}x{self.w} "
+                f"K={self.c if self.single_fc else self.k}")
+
+    def run(self, strategy: str) -> None:
+        """The forward under ``strategy``, then the backward on its outputs (with and
+        without the prologue's gradients under a prologue)."""
+        dtype = DTYPES[self.dtype]
+        k = self.c if self.single_fc else self.k
+        x = torch.empty((self.n, self.c, self.h, self.w), dtype=dtype,
+                        memory_format=LAYOUTS[self.layout])
+        identity = torch.empty_like(x)
+        fc1_weight, fc1_bias = x.new_empty((k, self.c)), x.new_empty(k)
+        fc2_weight, fc2_bias = ((None, None) if self.single_fc
+                                else (x.new_empty((self.c, k)), x.new_empty(self.c)))
+        prologue = ((None, None, "none") if self.prologue_act is None
+                    else (x.new_empty(self.c), x.new_empty(self.c), self.prologue_act))
+        y, _, p, u = sae_triton.forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity,
+                                        self.act, self.gate, True, "relu", strategy, *prologue)
+        grad = torch.empty_like(y)
+        for prologue_grads in (False, True) if self.prologue_act is not None else (False,):
+            sae_triton.backward(grad, x, y, fc1_weight, fc2_weight, p, u, self.act, self.gate,
+                                True, "relu", True, *prologue, prologue_grads)
+
+
+def cases(dtypes: Iterable[str] = DTYPES) -> Iterator[Case]:
+    """Each shape, layout, dtype and batch size, in the two-FC form, the single-FC form and
+    with a silu prologue; every (act, gate) pair and every prologue activation once (the
+    first shape, layout and dtype)."""
+    every_code = list(itertools.product(ACTIVATIONS, GATES))
+    for i, ((c, h, w, k), layout, dtype) in enumerate(
+            itertools.product(SHAPES, LAYOUTS, dtypes)):
+        first = i == 0
+        codes = every_code if first else [(ACTIVATIONS[-1], GATES[0])]
+        prologue_acts = PROLOGUE_ACTIVATIONS if first else ["silu"]
+        for n in BATCH_SIZES:
+            shape = (n, c, h, w, k, layout, dtype)
+            yield from (Case(*shape, act, gate) for act, gate in codes)
+            yield Case(*shape, *codes[-1], single_fc=True)
+            yield from (Case(*shape, *codes[-1], prologue_act=p) for p in prologue_acts)
+
+
+def host_calls(dtypes: Iterable[str] = DTYPES) -> Iterator[tuple[str, Callable[[], object]]]:
+    """Every call of the host code the report builds for, labelled: each case under each
+    strategy of ``dispatch.STRATEGIES``."""
+    for case in cases(dtypes):
+        for strategy in dispatch.STRATEGIES:
+            yield f"{case} {strategy}", functools.partial(case.run, strategy)
+
+
+def builds(targets: Iterable[str] = TARGETS,
+           gpus: Iterable[gpu_plan.GpuSpec] = gpu_plan.GPUS.values(),
+           dtypes: Iterable[str] = DTYPES) -> list[Build]:
+    """The distinct builds of the launches of every host call in ``dtypes``, planned for
+    each of ``gpus``, in the order first launched."""
+    found: dict[str, Build] = {}
+    for gpu, (where, call) in itertools.product(gpus, host_calls(dtypes)):
+        with recording(gpu) as launches:
+            call()
+        for launch, target in itertools.product(launches, targets):
+            build = specialise(launch, target, f"{where} ({gpu.name})")
+            found.setdefault(build.key, build)
+    return sorted(found.values(), key=lambda b: list(TARGETS).index(b.target))
 
 
 @dataclasses.dataclass
 class Report:
-    variant: Variant
-    target: str
+    """A build's registers, stack and shared memory per thread, or why it failed."""
+
+    build: Build
     registers: int = -1
     stack: int = -1
     shared: int = -1
@@ -60,84 +282,6 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.error and self.stack == 0
-
-
-def _signature(fn, dtype: str, layout: str, constexprs: dict) -> tuple[dict, dict]:
-    """Triton types of each argument; unit strides are specialised as Triton does at launch."""
-    unit_stride = {"nchw": "_shw", "channels_last": "_sc"}[layout]
-    accumulate = "fp64" if dtype == "fp64" else "fp32"
-    small = {"z_ptr", "p_ptr", "u_ptr", "du_ptr", "dp_ptr", "dz_ptr", "slots_ptr", "prologue_ptr",
-             "d_prologue_ptr"}
-    signature, constants = {}, dict(constexprs)
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name == "counter_ptr":
-            signature[name] = "*i32"
-        elif name in small:
-            signature[name] = f"*{accumulate}"
-        elif name.endswith("_ptr"):
-            signature[name] = f"*{dtype}"
-        elif name.endswith(unit_stride) and name not in ("w1_sc", "w2_sc"):
-            signature[name], constants[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-    return signature, constants
-
-
-#: The constexprs of a kernel without the prologue.
-NO_PROLOGUE = dict(HAS_PROLOGUE=False, PROLOGUE_ACT=0)
-
-
-def _per_kernel(plan: LaunchPlan, act: int, gate: int, has_fc2: bool,
-                prologue: dict) -> list[tuple[str, dict]]:
-    """Each kernel's constexprs for one configuration, with every epilogue flag on; with a
-    prologue, the dx kernel with and without the prologue's gradients."""
-    tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
-    flags = dict(ACT=act, HAS_FC2=has_fc2, BLOCK_K=plan.block_k, BLOCK_FC=plan.block_fc, **tiles)
-    epilogue = dict(GATE=gate, RESIDUAL=True, RELU_OUT=True)
-    dx = dict(**epilogue, WRITE_D_IDENTITY=True, **tiles)
-    per_kernel = [
-        ("sae_forward_single_kernel", dict(**flags, **epilogue, HAS_IDENTITY=True, HAS_B1=True,
-                                           HAS_B2=has_fc2)),
-        ("sae_forward_pool_kernel", dict(**flags, HAS_B1=True, HAS_B2=has_fc2)),
-        ("sae_forward_rescale_kernel", dict(**epilogue, HAS_IDENTITY=True, **tiles)),
-        ("sae_backward_reduce_kernel", dict(**flags, GATE=gate, RELU_OUT=True)),
-        ("sae_backward_dx_kernel", dict(dx, PROLOGUE_GRADS=False)),
-    ]
-    if prologue["HAS_PROLOGUE"]:
-        per_kernel.append(("sae_backward_dx_kernel", dict(dx, PROLOGUE_GRADS=True)))
-    return [(kernel, {**constexprs, **prologue}) for kernel, constexprs in per_kernel]
-
-
-def variants() -> Iterator[tuple[Variant, int]]:
-    """Every (kernel, dtype, layout, tiles) the GPU dispatcher picks for SHAPES with every
-    epilogue flag on: in the two-FC and the single-FC form, and with a silu prologue; plus
-    each (act, gate) pair and each prologue act once per kernel (fp32, NCHW)."""
-    every_code = list(itertools.product(range(len(ACTIVATIONS)), range(len(GATES))))
-    seen = set()
-    for i, ((c, hw, k), layout, dtype) in enumerate(
-            itertools.product(SHAPES, ("nchw", "channels_last"), _DTYPES)):
-        first = i == 0 and dtype == torch.float32
-        codes = every_code if first else [(len(ACTIVATIONS) - 1, 0)]
-        prologue_acts = (range(len(PROLOGUE_ACTIVATIONS)) if first
-                         else [PROLOGUE_ACTIVATIONS.index("silu")])
-        # (act, gate, has_fc2, prologue): each code; then with the last one the single-FC
-        # form (no fc2, K = C) and the prologues
-        configs = [(act, gate, True, NO_PROLOGUE) for act, gate in codes]
-        configs.append((*codes[-1], False, NO_PROLOGUE))
-        configs += [(*codes[-1], True, dict(HAS_PROLOGUE=True, PROLOGUE_ACT=p))
-                    for p in prologue_acts]
-        for act, gate, has_fc2, prologue in configs:
-            plan = plan_launch(1, c, hw, k if has_fc2 else c, dtype.itemsize,
-                               layout == "channels_last", torch.device("cpu"), "single",
-                               profile=H100, prologue=prologue["HAS_PROLOGUE"])
-            for kernel, constexprs in _per_kernel(plan, act, gate, has_fc2, prologue):
-                v = Variant(kernel, _DTYPES[dtype], layout, tuple(sorted(constexprs.items())),
-                            plan.max_registers)
-                if v not in seen:
-                    seen.add(v)
-                    yield v, plan.num_warps
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
@@ -152,26 +296,36 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
     return fields["REG"], fields["STACK"], fields["SHARED"]
 
 
-def compile_variant(variant: Variant, target: str, num_warps: int = 4) -> Report:
-    report = Report(variant, target)
-    fn = getattr(sae_triton, variant.kernel)
-    signature, constants = _signature(fn, variant.dtype, variant.layout, dict(variant.constexprs))
+def compile_build(build: Build) -> Report:
+    """Compile ``build`` as ``JITFunction.run`` would, and read its resource usage."""
+    report = Report(build)
+    source = ASTSource(_kernel(build.kernel), build.signature, build.constexprs, build.attrs)
     try:
-        options = {"num_warps": num_warps}
-        if variant.max_registers is not None:
-            options["maxnreg"] = variant.max_registers
-        compiled = triton.compile(ASTSource(fn, signature, constants), target=TARGETS[target],
-                                  options=options)
+        compiled = triton.compile(source, target=TARGETS[build.target], options=build.options)
         report.registers, report.stack, report.shared = _resource_usage(compiled.asm["cubin"])
     except Exception as e:  # a compile failure is a finding to report, not a crash
-        while e.__cause__ is not None:
-            e = e.__cause__
-        report.error = f"{type(e).__name__}: {e}"
+        report.error = _failure(e)
     return report
 
 
-def compile_all(targets: Iterable[str] = TARGETS) -> list[Report]:
+def _failure(e: BaseException) -> str:
+    """The innermost cause of a compile failure, and where in the kernels it arose."""
+    where = ""
+    while e.__cause__ is not None:
+        if isinstance(e, CompilationError):
+            where = " ".join(str(e).splitlines()[:2])
+        e = e.__cause__
+    message = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return message + (f" ({where})" if where else "")
+
+
+def compile_all(targets: Iterable[str] = TARGETS,
+                gpus: Iterable[gpu_plan.GpuSpec] = gpu_plan.GPUS.values(),
+                dtypes: Iterable[str] = DTYPES) -> Iterator[Report]:
+    """Each build of :func:`builds`, compiled, in order; one thread per core, as much of a
+    build's time is spent in ptxas."""
     if sae_triton.INTERPRETED:
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset when "
                            "triton is imported")
-    return [compile_variant(v, t, warps) for t in targets for v, warps in variants()]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        yield from pool.map(compile_build, builds(targets, gpus, dtypes))
