@@ -28,6 +28,7 @@ the launch overhead and the bandwidth to measured times.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -290,9 +291,11 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
     return plans
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_launch(problem: Problem, spec: GpuSpec, strategy: str = "auto") -> LaunchPlan:
     """The plan of least modelled forward time (``single`` only if asked or cheaper; the
-    split's options by the forward and backward together, since one plan serves both)."""
+    split's options by the forward and backward together, since one plan serves both).
+    Cached: weighing the candidates costs about 100 us of Python, every call asks."""
     check_strategy(strategy)
     plans = _candidates(problem, spec, strategy)
     best_split = min((pl for pl in plans if pl.strategy == "split"),
