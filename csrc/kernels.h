@@ -194,24 +194,29 @@ void rescale_pixels_impl(const Rows<T>& t, const A* s) {
   }
 }
 
-// Picks the instantiation for the run-time epilogue flags (outside the loops).
+// Calls f with the run-time epilogue flags as template arguments (outside the loops: a
+// flag tested per element keeps the loop scalar where the vectors have no mask registers)
+template <typename F>
+inline void with_epilogue(Epilogue e, const F& f) {
+  auto relu = [&](auto residual, auto identity) {
+    if (e.relu) f(residual, identity, std::true_type{});
+    else f(residual, identity, std::false_type{});
+  };
+  auto identity = [&](auto residual) {
+    if (e.identity) relu(residual, std::true_type{});
+    else relu(residual, std::false_type{});
+  };
+  if (e.residual) identity(std::true_type{});
+  else identity(std::false_type{});
+}
+
 template <bool PIXELS, typename T, typename A>
 void rescale(const Rows<T>& t, const A* s, Epilogue e) {
-#define SAE_RESCALE(R, I, U)                                 \
-  if (e.residual == R && e.identity == I && e.relu == U) {   \
-    if (PIXELS) rescale_pixels_impl<R, I, U, T, A>(t, s);    \
-    else rescale_rows_impl<R, I, U, T, A>(t, s);             \
-    return;                                                  \
-  }
-  SAE_RESCALE(false, false, false)
-  SAE_RESCALE(false, false, true)
-  SAE_RESCALE(false, true, false)
-  SAE_RESCALE(false, true, true)
-  SAE_RESCALE(true, false, false)
-  SAE_RESCALE(true, false, true)
-  SAE_RESCALE(true, true, false)
-  SAE_RESCALE(true, true, true)
-#undef SAE_RESCALE
+  with_epilogue(e, [&](auto residual, auto identity, auto relu) {
+    constexpr bool R = residual.value, I = identity.value, U = relu.value;
+    if (PIXELS) rescale_pixels_impl<R, I, U, T, A>(t, s);
+    else rescale_rows_impl<R, I, U, T, A>(t, s);
+  });
 }
 
 // ---------------------------------------------------------------- backward passes
@@ -381,17 +386,6 @@ inline void with_prologue_act(int64_t act, const F& f) {
   }
 }
 
-// The epilogue of `rescaled` with its flags as values: uniform per call, so the branches
-// are predictable, and the pass stays bound by memory.
-template <typename A>
-inline A rescaled_with(A x, A s, A identity, Epilogue e) {
-  A v = x * s;
-  if (e.residual) v += x;
-  if (e.identity) v += identity;
-  if (e.relu) v = v < A(0) ? A(0) : v;
-  return v;
-}
-
 template <int64_t ACT, typename T, typename A>
 void prologue_sum_rows_impl(const T* x, int64_t rows, int64_t row_stride, int64_t len,
                             const Prologue<A>& p, A* out) {
@@ -476,10 +470,10 @@ void prologue_sum(const T* x, int64_t rows, int64_t row_stride, int64_t len, con
   });
 }
 
-// y = act_out(x' * s [+ x'] [+ identity]), x' = act(x * scale + shift). IDENTITY is a
-// template argument: a load under a run-time condition would keep the loop scalar.
-template <bool PIXELS, int64_t ACT, bool IDENTITY, typename T, typename A>
-void prologue_rescale_impl(const Rows<T>& t, const A* s, Epilogue e, const Prologue<A>& p) {
+// y = act_out(x' * s [+ x'] [+ identity]), x' = act(x * scale + shift)
+template <bool PIXELS, int64_t ACT, bool RESIDUAL, bool IDENTITY, bool RELU, typename T,
+          typename A>
+void prologue_rescale_impl(const Rows<T>& t, const A* s, const Prologue<A>& p) {
   for (int64_t r = 0; r < t.rows; ++r) {
     const T* x = t.x + r * t.x_stride;
     const T* id = IDENTITY ? t.identity + r * t.identity_stride : nullptr;
@@ -491,7 +485,8 @@ void prologue_rescale_impl(const Rows<T>& t, const A* s, Epilogue e, const Prolo
       A a = PIXELS ? p.scale[i] : row_a, b = PIXELS ? p.shift[i] : row_b;
       A xp = prologue_act<ACT>(to_acc(x[i]) * a + b);
       A identity = IDENTITY ? to_acc(id[i]) : A(0);
-      y[i] = from_acc<T, A>(rescaled_with(xp, PIXELS ? s[i] : row_s, identity, e));
+      A scale = PIXELS ? s[i] : row_s;
+      y[i] = from_acc<T, A>(rescaled<RESIDUAL, IDENTITY, RELU>(xp, scale, identity));
     }
   }
 }
@@ -499,8 +494,10 @@ void prologue_rescale_impl(const Rows<T>& t, const A* s, Epilogue e, const Prolo
 template <bool PIXELS, typename T, typename A>
 void prologue_rescale(const Rows<T>& t, const A* s, Epilogue e, const Prologue<A>& p) {
   with_prologue_act(p.act, [&](auto act) {
-    if (e.identity) prologue_rescale_impl<PIXELS, act.value, true, T, A>(t, s, e, p);
-    else prologue_rescale_impl<PIXELS, act.value, false, T, A>(t, s, e, p);
+    with_epilogue(e, [&](auto residual, auto identity, auto relu) {
+      prologue_rescale_impl<PIXELS, act.value, residual.value, identity.value, relu.value, T,
+                            A>(t, s, p);
+    });
   });
 }
 

@@ -154,7 +154,7 @@ class SchemaDefinitions {
   SchemaDefinitions() {
     if (c10::Dispatcher::singleton().findSchema({"sae_kernels::cpu_sae", ""})) return;
     library_.emplace(torch::Library::FRAGMENT, "sae_kernels", std::nullopt, __FILE__, __LINE__);
-    for (const char* schema : kSchemas) library_->def(schema);
+    for (const char* schema : kSchemas) library_->def(schema, {at::Tag::flexible_layout});
   }
 
  private:

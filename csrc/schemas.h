@@ -13,6 +13,10 @@
 //               that was not asked for is an empty tensor
 // cpu_copy_like_output  x copied into an output allocated as the operator's are
 // cpu_isa       the instruction set the kernels run with
+//
+// Both places define every op with the flexible_layout tag: the kernels read each tensor
+// through its strides and return y in x's layout, so torch.compile need not copy a
+// channels_last convolution's output to NCHW before the op, and back after it.
 
 SAE_SCHEMA("cpu_sae(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor? fc2_weight, "
            "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, "

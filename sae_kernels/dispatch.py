@@ -95,14 +95,16 @@ def runs_composite(backend: str) -> bool:
     Under torch.compile and torch.export: the C++ CPU op yes, the Triton op no. On a CPU
     inductor generates the same two passes over x from the composite (the pool with the
     prologue folded in, the rescale with the epilogue) as vectorised loops of its own, fuses
-    them with the ops around the block, and runs the FCs as addmm; an opaque op would split
-    its fusion groups and cost a dispatch per call. Measured in the README (torch.compile
-    section). On a GPU the Triton op takes one, three or four launches where inductor's
-    code for the composite takes five (a reduction, two GEMMs, the activation, the
-    rescale with the gate and tail), and reads less of x twice from HBM: by the model of
-    ``gpu_plan`` (``sae-kernels plan``) the op is the cheaper at every SE site of the
-    README's table (a model, until a GPU measures it). ``SAE_KERNELS_UNDER_COMPILE``
-    overrides this rule (not the two above).
+    them with the ops around the block, and runs the FCs as addmm. The op itself (laid out
+    as inductor chooses, by its flexible_layout tag) measured within noise of that in
+    whole compiled networks; the composite stays, as inductor can fuse it and exports it
+    as standard ops. Measured in the README (torch.compile section). On a GPU the Triton
+    op takes one, three or four launches where inductor's code for the composite takes
+    five (a reduction, two GEMMs, the activation, the rescale with the gate and tail),
+    and reads less of x twice from HBM: by the model of ``gpu_plan`` (``sae-kernels
+    plan``) the op is the cheaper at 58 of the README table's 64 rows (a model, until a
+    GPU measures it). ``SAE_KERNELS_UNDER_COMPILE`` overrides this rule (not the two
+    above).
 
     Otherwise no. The fused modules ask on every call: an eager call pays about 0.15 us
     for the three queries (torch.func, torch.compile, a trace being recorded).

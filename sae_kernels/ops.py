@@ -19,8 +19,13 @@ from .layout import output_like
 from .options import accumulation_dtype
 from .reference import TORCH_ACTIVATIONS
 
+#: The kernels read every tensor through its strides and return y in x's layout: under
+#: torch.compile, inputs stay in the layout inductor chose (channels_last around its
+#: convolutions) instead of being copied to the layout eager would have had.
+_TAGS = (torch.Tag.flexible_layout,)
 
-@torch.library.custom_op("sae_kernels::sae_forward", mutates_args=())
+
+@torch.library.custom_op("sae_kernels::sae_forward", mutates_args=(), tags=_TAGS)
 def sae_forward(
     x: Tensor,
     fc1_weight: Tensor,
@@ -53,7 +58,7 @@ def _sae_forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, a
             x.new_empty((n, fc1_weight.shape[0]), dtype=acc), x.new_empty((n, c), dtype=acc))
 
 
-@torch.library.custom_op("sae_kernels::sae_backward", mutates_args=())
+@torch.library.custom_op("sae_kernels::sae_backward", mutates_args=(), tags=_TAGS)
 def sae_backward(
     grad: Tensor,
     x: Tensor,

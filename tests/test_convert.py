@@ -243,21 +243,29 @@ def test_real_models(source, name):
                          ids=lambda v: v)
 def test_real_models_in_fp32(source, name):
     """In fp32 (eval) the converted model is as accurate as the original: against the
-    float64 original, at most twice the original's own fp32 error (measured: 0.95-1.26x)
-    plus a few ulps of the output's scale."""
-    assert_as_accurate_as_original(randomize(build(source, name)).eval(), torch.randn(2, 3, 64, 64))
+    float64 original, at most twice the original's own fp32 error plus a few ulps of the
+    output's scale."""
+    assert_as_accurate_as_original(randomize(build(source, name)).eval(), torch.randn(8, 3, 64, 64))
 
 
 def assert_as_accurate_as_original(model: nn.Module, x: torch.Tensor) -> None:
-    """The converted fp32 ``model`` against the float64 original: at most twice the
-    original's own fp32 error plus a few ulps of the output's scale."""
+    """The converted fp32 ``model`` against the float64 original: the median over the
+    samples of its error at most twice the original's own, plus a few ulps of the output's
+    scale. Per sample, not one maximum: with random BatchNorm statistics a network can
+    amplify a rounding difference anywhere in it tenfold, so one sample's error is a draw
+    from a wide distribution (for regnety_016 the ratio of two fp32 computations' maxima
+    ranged 0.5-4.8 over four inputs); the medians over independent samples compare the
+    distributions. In eval mode the samples do not interact."""
     with torch.no_grad():
         truth = copy.deepcopy(model).double()(x.double())
         original = model(x)
         converted = convert(model)[0](x)
+
+    def error(y: torch.Tensor) -> torch.Tensor:
+        return (y.double() - truth).abs().flatten(1).amax(dim=1).median()
+
     scale = truth.abs().max()
-    own_error = (original.double() - truth).abs().max()
-    assert (converted.double() - truth).abs().max() <= 2 * own_error + 2.0**-20 * scale
+    assert error(converted) <= 2 * error(original) + 2.0**-20 * scale
 
 
 # Residual tails: relu(se(y) + shortcut) in the fused SE's pass
@@ -368,7 +376,7 @@ def test_real_models_absorb_the_tails(name):
         m.train()
     assert_same_function(model, converted, x)
     assert_as_accurate_as_original(randomize(build("timm", name)).eval(),
-                                   torch.randn(2, 3, 64, 64))
+                                   torch.randn(8, 3, 64, 64))
 
 
 @pytest.mark.parametrize("block_args,reason", [
@@ -480,7 +488,7 @@ def test_absorbed_normalisation_in_fp32_and_train_mode():
     """fp32 as accurate as the original; in train mode the norms use batch statistics
     themselves (not absorbed) and update the same running statistics."""
     model = randomize(build("timm", "efficientnet_b0")).eval()
-    assert_as_accurate_as_original(model, torch.randn(2, 3, 64, 64))
+    assert_as_accurate_as_original(model, torch.randn(8, 3, 64, 64))
     model = model.double().train()
     converted = convert(model)[0]
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)

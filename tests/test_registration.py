@@ -4,6 +4,8 @@ import itertools
 
 import pytest
 import torch
+from torch._inductor import config as inductor_config
+from torch._inductor.utils import run_and_get_code
 
 from helpers import DEVICE
 from sae_kernels import FusedSaE, SaE, sae
@@ -135,7 +137,9 @@ def test_gradcheck_single_fc(backend, strategy):
     ("triton", "single", "aot_eager"), ("triton", "split", "aot_eager"),
     ("triton", "split", "inductor"), ("cpu", "auto", "aot_eager")])
 def test_compile_fullgraph_forward_backward(backend, strategy, compiler, monkeypatch):
-    """The fused op itself under torch.compile (traced as the op, not as its composite)."""
+    """The fused op itself under torch.compile (traced as the op, not as its composite),
+    the same bits as eager. Inductor's layout optimisation stays off: in a layout of its
+    choosing (channels_last) the op sums in another order, as the convolution does."""
     if backend == "cpu" and (DEVICE.type != "cpu" or not cpu_kernels.available()):
         pytest.skip("needs the C++ CPU kernels")
     monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", "op")
@@ -146,7 +150,8 @@ def test_compile_fullgraph_forward_backward(backend, strategy, compiler, monkeyp
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), fused).to(DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
-    compiled(x).square().sum().backward()
+    with inductor_config.patch(layout_optimization=False):
+        compiled(x).square().sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model(x).square().sum().backward()
@@ -245,6 +250,31 @@ def test_compile_keeps_the_triton_op(monkeypatch):
     fused = FusedSaE.from_module(SaE(16, reduction=4, cardinality=2), backend="triton")
     ops = _traced_ops(fused.to(DEVICE), torch.randn(2, 16, 5, 5, device=DEVICE))
     assert any(op.startswith("sae_kernels.sae_forward") for op in ops), ops
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_compiled_op_keeps_inductors_layout(backend, monkeypatch):
+    """The ops carry the flexible_layout tag: where inductor lays the convolutions out
+    channels_last, the op reads the convolution's output as it is and returns y
+    channels_last, with no copy to NCHW before it and back after it."""
+    if backend == "cpu" and not cpu_kernels.available():
+        pytest.skip("needs the C++ CPU kernels")
+    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", "op")
+    torch.manual_seed(0)
+    se = FusedSaE.from_module(SaE(16, reduction=4, cardinality=1), backend=backend)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), se, torch.nn.Conv2d(16, 8, 1))
+    model = model.to(DEVICE).eval()
+    x = torch.randn(2, 8, 6, 5, device=DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(force_layout_optimization=True,
+                                                         fx_graph_cache=False):
+        out, codes = run_and_get_code(torch.compile(model, fullgraph=True), x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    op = "sae_kernels.cpu_sae" if backend == "cpu" else "sae_kernels.sae_forward"
+    checks = [line for code in codes for line in code.splitlines()
+              if "assert_tensor_metadata" in line and op in line and "(2, 16, 6, 5)" in line]
+    channels_last = str(torch.empty(2, 16, 6, 5).to(memory_format=torch.channels_last).stride())
+    assert checks and all(channels_last in line for line in checks), checks
 
 
 def test_under_compile_setting_is_checked(monkeypatch):
