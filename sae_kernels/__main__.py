@@ -280,8 +280,9 @@ def _compile_report(args) -> int:
         status = "ok" if r.ok else (r.error or f"spills: {r.stack} bytes of stack")
         builds += 1
         bad += not r.ok
-        print(f"{r.build.target:<6} REG {r.registers:>4} STACK {r.stack:>4} SHARED {r.shared:>6}  "
-              f"{r.build.describe()}  {status}", flush=True)
+        pipelined = {None: "-", True: "yes", False: "no"}[r.pipelined]
+        print(f"{r.build.target:<6} REG {r.registers:>4} STACK {r.stack:>4} SHARED {r.shared:>6} "
+              f"PIPELINED {pipelined:<3}  {r.build.describe()}  {status}", flush=True)
     print(f"\n{builds} kernel builds, {bad} failed or spilled")
     return 1 if bad else 0
 

@@ -88,6 +88,9 @@ MAX_FC_SAMPLES = 64
 MIN_DOT = 16
 #: The fewest HW chunks a split plan is offered beside the grid-filling count.
 MAX_CHUNKS = 16
+#: Triton's default ``num_stages`` on sm_80 / sm_90: a loop its pipeliner transforms keeps
+#: the loads of NUM_STAGES - 1 steps ahead in flight (``fc_pipelined``).
+NUM_STAGES = 3
 #: Elements of one flat-rescale vector step.
 FLAT_BLOCK = 2048
 
@@ -345,41 +348,56 @@ def launch_seconds(launch: Launch, spec: GpuSpec) -> float:
                                      waves * program)
 
 
+def fc_pipelined(kernel: str, one_chunk: bool) -> bool:
+    """Whether Triton software-pipelines the reduction loop of the batched FC launch
+    ``kernel`` ("fc1", "fc2", "fc2_backward", "fc1_backward"). fc1 and fc2_backward add up
+    the HW-chunk slots in a loop nested in it, which the pipeliner leaves alone; with
+    ``one_chunk`` (an argument equal to 1, compiled in as a constant) that loop is gone.
+    ``sae-kernels compile-report`` checks this against every build's TTGIR."""
+    return kernel not in ("fc1", "fc2_backward") or one_chunk
+
+
 def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, p: Problem,
-               extra_in: int = 0) -> Launch:
-    """A batched FC over ``n`` samples: each program reads its weight slice and its samples'
-    inputs over its share of the reduction (``extra_in`` more fp32 values per input, e.g.
-    the chunk slots); split reductions write (and the next launch reads) their parts. The
-    products run on tensor cores (3xTF32; fp64 MMA): at these sizes they are not the bound."""
+               inputs: int, chunks: int = 1) -> Launch:
+    """A batched FC over ``n`` samples: each program reads its weight slice and, over its
+    share of the reduction, ``inputs`` fp32 values per sample and reduction element (the
+    chunk slots, the split parts of the launch before, u or p); its first output tile
+    stores the finished input (z, du, p or dp). Split reductions write their parts, which
+    the next launch reads. The products run on tensor cores (3xTF32; fp64 MMA): at these
+    sizes they are not the bound. A pipelined loop (:func:`fc_pipelined`) keeps
+    NUM_STAGES - 1 steps' loads in flight, else one."""
     we = p.weight_element_size or p.element_size
     rows, cols, splits = tiles.grid(n, outputs)
     share = tiles.per_split(reduction) if splits > 1 else reduction
-    parts = n * outputs * ACC_BYTES * (2 * splits if splits > 1 else 1)
+    parts = n * outputs * ACC_BYTES * splits
     samples = min(n, tiles.block_n)  # masked-off rows of a tile load nothing
+    steps = NUM_STAGES - 1 if fc_pipelined(name, chunks == 1) else 1
     return Launch(
         name, rows * cols * splits, program_hbm_bytes=tiles.block_m * share * we,
-        program_l2_bytes=samples * share * ACC_BYTES * (1 + extra_in),
-        in_flight=tiles.block_r * (tiles.block_m * we + tiles.block_n * ACC_BYTES),
-        hbm_bytes=outputs * reduction * we + n * reduction * (1 + extra_in) * ACC_BYTES + parts)
+        program_l2_bytes=samples * share * ACC_BYTES * inputs,
+        in_flight=steps * tiles.block_r * (tiles.block_m * we + tiles.block_n * ACC_BYTES),
+        hbm_bytes=outputs * reduction * we + n * reduction * (inputs + 1) * ACC_BYTES + parts)
 
 
 def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_streams: float,
-                   l2_streams: float, gemv: bool, flat: bool = False) -> Launch:
+                   l2_streams: float, gemv: int = 0, flat: bool = False) -> Launch:
     """A sample-major pass over ``group`` samples: per element, ``hbm_streams`` tensors of
-    x's dtype to or from HBM and ``l2_streams`` from L2; ``gemv``: each program also reads
-    its channels' weight slice (from L2) and runs that GEMV; ``flat``: 1-D vectors over
-    contiguous rows instead of 2-D tiles."""
+    x's dtype to or from HBM and ``l2_streams`` from L2; ``gemv`` > 0: each program also
+    runs the GEMV for its channels, reading their weight slice and ``gemv`` fp32 vectors
+    of K of its sample (p or its split parts; dp's parts and p) from L2; ``flat``: 1-D
+    vectors over contiguous rows instead of 2-D tiles."""
     programs = group * plan.blocks(p.c) * plan.hw_chunks(p.hw)
     elements = plan.block_c * min(plan.hw_chunk, p.hw)
     e = p.element_size
     we = p.weight_element_size or e
-    slice_bytes = plan.block_c * p.k * we if gemv else 0
+    slice_bytes = (plan.block_c * we + gemv * ACC_BYTES) * p.k if gemv else 0
     return Launch(
         name, programs, program_hbm_bytes=elements * e * hbm_streams,
         program_l2_bytes=elements * e * l2_streams + slice_bytes,
         in_flight=(plan.block_c * plan.block_hw * e * max(1.0, hbm_streams + l2_streams)
                    * (1.0 if flat else _row_efficiency(p, plan))),
-        hbm_bytes=group * p.c * p.hw * e * hbm_streams + p.weight_bytes * gemv,
+        hbm_bytes=(group * p.c * p.hw * e * hbm_streams
+                   + (p.weight_bytes + group * gemv * p.k * ACC_BYTES) * (gemv > 0)),
         program_flops=2.0 * plan.block_c * p.k if gemv else 0.0)
 
 
@@ -393,7 +411,7 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
         in_flight = min(p.n, spec.sms * spec.programs_per_sm) * p.sample_bytes
         reread = in_flight > spec.l2_bytes // 2
         single = _stream_launch("single", p, plan, p.n, 2 + reread + p.has_identity,
-                                float(not reread), False)
+                                float(not reread))
         # one program: the whole sample, and both GEMVs over the whole weights (from L2)
         return [dataclasses.replace(
             single, programs=p.n,
@@ -405,12 +423,14 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
     for n in _groups(p.n, plan.sample_group):
         chunks = plan.hw_chunks(p.hw)
         in_l2 = _share_in_l2(n * p.sample_bytes, spec)
-        launches.append(_stream_launch("pool", p, plan, n, 1, 0, False))
-        launches.append(_fc_launch("fc1", n, p.k, p.c, plan.fc_to_k, p, extra_in=chunks))
+        p_parts = plan.fc_to_k.splits
+        launches.append(_stream_launch("pool", p, plan, n, 1, 0))
+        launches.append(_fc_launch("fc1", n, p.k, p.c, plan.fc_to_k, p, chunks, chunks))
         if fcs == 2 and not plan.gemv_in_stream:
-            launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p))
-        launches.append(_stream_launch("rescale", p, plan, n, 2 - in_l2 + p.has_identity, in_l2,
-                                       plan.gemv_in_stream and fcs == 2, plan.flat_rescale))
+            launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p, p_parts))
+        launches.append(_stream_launch(
+            "rescale", p, plan, n, 2 - in_l2 + p.has_identity, in_l2,
+            p_parts * (plan.gemv_in_stream and fcs == 2), plan.flat_rescale))
     return launches
 
 
@@ -428,14 +448,16 @@ def backward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launc
     for n in _groups(p.n, plan.sample_group):
         chunks = plan.hw_chunks(p.hw)
         in_l2 = _share_in_l2(n * p.sample_bytes * reads, spec)
-        launches.append(_stream_launch("reduce", p, plan, n, reads, 0, False))
-        launches.append(_fc_launch("fc2_backward", n, p.k, p.c, plan.fc_to_k, p,
-                                   extra_in=chunks + 1))
+        # dp's split parts, and p for act' when there are several
+        dp_inputs = plan.fc_to_k.splits + (plan.fc_to_k.splits > 1)
+        launches.append(_stream_launch("reduce", p, plan, n, reads, 0))
+        launches.append(_fc_launch("fc2_backward", n, p.k, p.c, plan.fc_to_k, p, chunks + 1,
+                                   chunks))
         if fcs == 2 and not plan.gemv_in_stream:
-            launches.append(_fc_launch("fc1_backward", n, p.c, p.k, plan.fc_to_c, p))
+            launches.append(_fc_launch("fc1_backward", n, p.c, p.k, plan.fc_to_c, p, dp_inputs))
         launches.append(_stream_launch(
             "dx", p, plan, n, writes + second_reads * (1 - in_l2), second_reads * in_l2,
-            plan.gemv_in_stream and fcs == 2))
+            dp_inputs * (plan.gemv_in_stream and fcs == 2)))
     vectors = p.n * (p.k + p.c) * ACC_BYTES
     for name in ("dW1", "dW2")[:fcs]:
         launches.append(_device_wide(name, spec, vectors + p.weight_bytes))
@@ -514,7 +536,7 @@ def compile_launches(p: Problem, spec: GpuSpec, backward: bool = False) -> list[
         return _device_wide(name, spec, p.weight_bytes + vectors)
 
     def stream(name: str, hbm: float, l2: float, flat: bool) -> Launch:
-        return _stream_launch(name, p, tiles, p.n, hbm, l2, False, flat)
+        return _stream_launch(name, p, tiles, p.n, hbm, l2, flat=flat)
 
     launches = [stream("reduction", 1, 0, False)]
     launches += [gemm(f"gemm{i + 1}") for i in range(fcs)]

@@ -103,6 +103,7 @@ import torch
 import triton
 import triton.language as tl
 from sae_kernels import __main__ as cli
+from sae_kernels import gpu_plan
 from sae_kernels.kernels import sae_triton
 from sae_kernels.tools import aot
 
@@ -121,20 +122,34 @@ def spills_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
     tl.store(y_ptr + rows[:, None] * N + rows[None, :], scaled)
 
 
+def launch_fc1():
+    """The operator's own FC1 launch over one chunk of slots, which Triton pipelines."""
+    w = torch.empty(16, 64)
+    sae_triton.sae_fc1_kernel[(1, 1, 1)](x, w, 64, 1, w, x, x, x, 16, 64, 16, 49, 1, 64,
+                                         HAS_B1=False, HAS_FC2=True, BLOCK_N=16, BLOCK_M=16,
+                                         BLOCK_R=16, num_warps=4)
+
+
 # host code launching them, recorded as the operator's host code is
 sae_triton.fails_kernel, sae_triton.spills_kernel = fails_kernel, spills_kernel
 x = torch.empty(128 * 128)
 calls = {"fails": lambda: sae_triton.fails_kernel[(1,)](x, x, 128),
-         "spills": lambda: sae_triton.spills_kernel[(1,)](x, x, 128, BLOCK=128, num_warps=1)}
+         "spills": lambda: sae_triton.spills_kernel[(1,)](x, x, 128, BLOCK=128, num_warps=1),
+         "pipelined unlike the model": launch_fc1}
+if sys.argv[1] == "pipelined unlike the model":
+    gpu_plan.fc_pipelined = lambda kernel, one_chunk: False
 aot.host_calls = lambda dtypes: iter([(sys.argv[1], calls[sys.argv[1]])])
 sys.exit(cli.main(["compile-report", "--target", "sm_80"]))
 '''
 
 
-@pytest.mark.parametrize("kind, status", [("fails", "arange's range must be a power of 2"),
-                                          ("spills", "spills: ")])
-def test_exit_code_on_a_kernel_that_fails_or_spills(kind, status, tmp_path):
-    """The real command on fixture kernels launched in place of the operator's."""
+@pytest.mark.parametrize("kind, status", [
+    ("fails", "arange's range must be a power of 2"), ("spills", "spills: "),
+    ("pipelined unlike the model", "loop pipelined, the model (gpu_plan.fc_pipelined) says "
+                                   "not pipelined")])
+def test_exit_code_on_a_build_that_fails_spills_or_is_not_as_modelled(kind, status, tmp_path):
+    """The real command on fixture kernels launched in place of the operator's, and on the
+    operator's FC1 under a model that expects its loop not to be pipelined."""
     script = tmp_path / "fixture.py"  # Triton reads a kernel's source from its file
     script.write_text(FIXTURE)
     result = run_python(str(script), kind, timeout=600)

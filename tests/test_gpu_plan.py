@@ -81,6 +81,32 @@ def test_the_model_counts_every_byte():
     assert len(gpu_plan.forward_launches(base, in_stream, spec)) == len(
         gpu_plan.forward_launches(base, fc2_launch, spec)) - 1
 
+    def rescale_l2_bytes(p_splits):
+        """A rescale program's L2 bytes when it computes FC2 from p's split parts."""
+        split = dataclasses.replace(in_stream, fc_to_k=dataclasses.replace(
+            in_stream.fc_to_k, splits=p_splits))
+        return next(launch.program_l2_bytes for launch in
+                    gpu_plan.forward_launches(base, split, spec) if launch.kernel == "rescale")
+
+    assert rescale_l2_bytes(8) - rescale_l2_bytes(1) == 7 * base.k * gpu_plan.ACC_BYTES
+
+
+def test_pipelining_is_credited_where_triton_pipelines():
+    """An FC loop keeps NUM_STAGES - 1 steps in flight where Triton pipelines it: not in
+    FC1 over several HW-chunk slots (summed in a nested loop). ``compile-report`` checks
+    this against each build's TTGIR."""
+    p = _problem(128, 2048, 49, 256)
+    plan = plan_launch(p, H100, "split")
+
+    def fc1_in_flight(hw_chunk):
+        launches = gpu_plan.forward_launches(p, dataclasses.replace(plan, hw_chunk=hw_chunk),
+                                             H100)
+        return next(launch.in_flight for launch in launches if launch.kernel == "fc1")
+
+    assert plan.hw_chunks(p.hw) == 1
+    assert fc1_in_flight(plan.hw_chunk) == (gpu_plan.NUM_STAGES - 1) * fc1_in_flight(16)
+    assert gpu_plan.fc_pipelined("fc2", one_chunk=False)
+
 
 def test_large_batches_are_offered_groups_that_fit_l2():
     """A batch whose x is larger than half the L2 is offered in groups whose x and g fit

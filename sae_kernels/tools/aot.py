@@ -271,12 +271,14 @@ def builds(targets: Iterable[str] = TARGETS,
 
 @dataclasses.dataclass
 class Report:
-    """A build's registers, stack and shared memory per thread, or why it failed."""
+    """A build's registers, stack and shared memory per thread, whether its loop is
+    software-pipelined (FC builds with a loop; None for the others), or why it failed."""
 
     build: Build
     registers: int = -1
     stack: int = -1
     shared: int = -1
+    pipelined: bool | None = None
     error: str = ""
 
     @property
@@ -296,13 +298,34 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
     return fields["REG"], fields["STACK"], fields["SHARED"]
 
 
+#: The batched FC kernels, by the names the model gives their launches.
+FC_KERNELS = {f"sae_{name}_kernel": name
+              for name in ("fc1", "fc2", "fc2_backward", "fc1_backward")}
+
+
+def _pipelining(build: Build, ttgir: str) -> tuple[bool | None, str]:
+    """(Whether an FC build's loop is software-pipelined: async copies in its TTGIR, None
+    for other builds and loop-free ones; a mismatch with what the model credits, or "")."""
+    if build.kernel not in FC_KERNELS or "scf.for" not in ttgir:
+        return None, ""
+    pipelined = "async_copy_global_to_local" in ttgir
+    modelled = gpu_plan.fc_pipelined(FC_KERNELS[build.kernel],
+                                     build.specialised.get("chunks") == 1)
+    if pipelined == modelled:
+        return pipelined, ""
+    return pipelined, (f"loop {'' if pipelined else 'not '}pipelined, the model "
+                       f"(gpu_plan.fc_pipelined) says {'' if modelled else 'not '}pipelined")
+
+
 def compile_build(build: Build) -> Report:
-    """Compile ``build`` as ``JITFunction.run`` would, and read its resource usage."""
+    """Compile ``build`` as ``JITFunction.run`` would; read its resource usage and check its
+    pipelining against the model."""
     report = Report(build)
     source = ASTSource(_kernel(build.kernel), build.signature, build.constexprs, build.attrs)
     try:
         compiled = triton.compile(source, target=TARGETS[build.target], options=build.options)
         report.registers, report.stack, report.shared = _resource_usage(compiled.asm["cubin"])
+        report.pipelined, report.error = _pipelining(build, compiled.asm["ttgir"])
     except Exception as e:  # a compile failure is a finding to report, not a crash
         report.error = _failure(e)
     return report
