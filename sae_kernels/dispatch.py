@@ -102,9 +102,10 @@ def runs_composite(backend: str) -> bool:
     op takes one, three or four launches where inductor's code for the composite takes
     five (a reduction, two GEMMs, the activation, the rescale with the gate and tail),
     and reads less of x twice from HBM: by the model of ``gpu_plan`` (``sae-kernels
-    plan``) the op is the cheaper at every SE site of SE-ResNet-50 and SENetV2-ResNet-50
-    at N = 1-128 (a model, until a GPU measures it). ``SAE_KERNELS_UNDER_COMPILE``
-    overrides this rule (not the two above).
+    plan``) the op is the cheaper, forward and backward, at all but a few SE sites of
+    SE-ResNet-50 and SENetV2-ResNet-50 at N = 1-128 (the README says which; a model,
+    until a GPU measures it). ``SAE_KERNELS_UNDER_COMPILE`` overrides this rule (not the
+    two above).
 
     Otherwise no. The fused modules ask on every call: an eager call pays about 0.15 us
     for the three queries (torch.func, torch.compile, a trace being recorded).

@@ -15,20 +15,23 @@ Plans (kernels in ``kernels/sae_triton.py``):
                 larger than half the L2 run in ``sample_group``-sized groups, so that a
                 group's second pass finds its x (and g) in L2.
 
-The model (:func:`launch_seconds`): each launch costs a fixed overhead plus the larger of
-its HBM bytes at the device's bandwidth and its serial tail: waves of programs, each
-program moving its bytes at what Little's law allows for the bytes it keeps in flight,
-plus its CUDA-core FLOPs. Every byte counted: x, y, identity and g, the weights (per
-program for the GEMVs, once from HBM for the batched FCs), the slots, z, p and u. The
-same terms model what torch.compile generates for the block (:func:`compile_launches`).
+The model (:func:`call_seconds`): on the device each launch costs the gap between
+dependent kernels plus the larger of its HBM bytes at the device's bandwidth and its
+serial tail: waves of programs, each program moving its bytes at what Little's law allows
+for the bytes it keeps in flight, plus its CUDA-core FLOPs (:func:`device_seconds`). The
+host issues the launches while the device runs them, so a call takes the longer of the
+two. Every byte counted: x, y, identity and g, the weights (per program for the GEMVs,
+once from HBM for the batched FCs), the slots, the split parts, z, p and u. The same
+terms model what torch.compile generates for the block (:func:`compile_launches`).
 Constants are per GPU in :data:`GPUS`, with their sources; ``sae-kernels gpu-check`` fits
-the launch overhead and the bandwidth to measured times.
+the kernel gap and the bandwidth to measured times.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -50,8 +53,11 @@ class GpuSpec:
     memory_latency_seconds: float
     #: fp32 FMA throughput of one SM (2 * FP32 lanes * boost clock), FLOP/s.
     sm_flops: float
-    #: One kernel launch in a stream: host launch cost and the device's drain and fill.
-    launch_seconds: float
+    #: The host's cost to issue one kernel launch (PyTorch's dispatch, the launcher).
+    host_launch_seconds: float
+    #: Device time between two dependent kernels on one stream while the host keeps the
+    #: queue filled: one grid drains, the next is fetched and fills the SMs.
+    kernel_gap_seconds: float
     #: 4-warp programs resident per SM (registers allow 4 at <= 128 per thread).
     programs_per_sm: int = 4
     #: Elements of x in one streaming tile (BLOCK_C * BLOCK_HW).
@@ -63,12 +69,16 @@ class GpuSpec:
 # Sources: NVIDIA H100 / A100 datasheets and whitepapers (SMs, HBM bandwidth, L2 size,
 # FP32 lanes and clocks); the latencies are those of published microbenchmarks
 # (Jia et al. 2018 method; Luo et al. 2024, "Benchmarking and Dissecting the Nvidia Hopper
-# GPU Architecture": ~480-700 ns loaded); the launch overhead is PyTorch's usual few
-# microseconds per kernel in eager mode. ``gpu-check`` refits launch and bandwidth.
+# GPU Architecture": ~480-700 ns loaded); the host's launch cost is PyTorch's usual few
+# microseconds per kernel in eager mode; the gap is NVIDIA's "Getting Started with CUDA
+# Graphs" (2019): about 1 us per kernel left once launches overlap execution, 0.5 with a
+# graph. ``gpu-check`` refits the gap and the bandwidth.
 H100 = GpuSpec("H100 SXM", sms=132, hbm_bytes_per_second=3.35e12, l2_bytes=50 << 20,
-               memory_latency_seconds=600e-9, sm_flops=2 * 128 * 1.98e9, launch_seconds=3e-6)
+               memory_latency_seconds=600e-9, sm_flops=2 * 128 * 1.98e9,
+               host_launch_seconds=3e-6, kernel_gap_seconds=1e-6)
 A100 = GpuSpec("A100 SXM", sms=108, hbm_bytes_per_second=2.0e12, l2_bytes=40 << 20,
-               memory_latency_seconds=600e-9, sm_flops=2 * 64 * 1.41e9, launch_seconds=3e-6)
+               memory_latency_seconds=600e-9, sm_flops=2 * 64 * 1.41e9,
+               host_launch_seconds=3e-6, kernel_gap_seconds=1e-6)
 GPUS = {"h100": H100, "a100": A100}
 
 #: Triton's interpreter runs programs one after another and pays per tile step, so CPU
@@ -229,39 +239,41 @@ def _streaming_tiles(p: Problem, spec: GpuSpec) -> tuple[list[tuple[int, int]], 
     return [(min(_pow2(p.c), max(1, tile // block_hw)), block_hw)], tile
 
 
-def _fc_tiles(n: int, outputs: int, reduction: int, wide: bool, spec: GpuSpec,
-              min_m: int, may_split: bool) -> FcTiles:
-    """Samples per tile up to 64; outputs per tile as small as ``min_m`` while that still
-    leaves the device short of programs (an FC over few samples is bound by how many
-    programs stream the weight and the partial sums); then, where allowed, the reduction
-    split until the grid covers every SM. The reduction side keeps both operand tiles
-    near 512 elements (256 in fp64; larger tiles spill under 3xTF32), and no larger than a
-    split's share."""
+def _fc_tile_options(n: int, outputs: int, reduction: int, wide: bool, spec: GpuSpec,
+                     min_m: int, may_split: bool) -> list[FcTiles]:
+    """The tiles of a batched FC to choose from: samples per tile up to 64; outputs per
+    tile from 64 down to ``min_m`` (narrow tiles put more programs on a small FC; wide ones
+    read each sample's inputs fewer times); for each, where allowed, the reduction split
+    until the grid covers every SM. The reduction side keeps both operand tiles near 512
+    elements (256 in fp64; larger tiles spill under 3xTF32), and no larger than a split's
+    share; an fp64 accumulator tile holds at most 2048 values (64 x 64 spills)."""
     block_n = min(MAX_FC_SAMPLES, max(MIN_DOT, _pow2(n)))
-    block_m = 64
-    tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
-    while block_m > min_m and tiles < spec.sms:
-        block_m //= 2
+    widest = min(64, _pow2(outputs), 2048 // block_n if wide else 64)
+    options = []
+    for block_m in sorted({max(min_m, widest >> i) for i in range(3)}, reverse=True):
         tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
-    budget = (256 if wide else 512) // max(block_n, block_m)
-    wanted = triton_cdiv(spec.sms, tiles) if may_split else 1
-    block_r = max(MIN_DOT, min(_pow2(triton_cdiv(reduction, wanted)), 128, budget))
-    # no empty split: each takes whole BLOCK_R steps
-    splits = triton_cdiv(reduction, FcTiles(block_n, block_m, block_r, wanted).per_split(
-        reduction)) if may_split else 1
-    return FcTiles(block_n, block_m, block_r, splits)
+        budget = (256 if wide else 512) // max(block_n, block_m)
+        wanted = triton_cdiv(spec.sms, tiles) if may_split else 1
+        block_r = max(MIN_DOT, min(_pow2(triton_cdiv(reduction, wanted)), 128, budget))
+        # no empty split: each takes whole BLOCK_R steps
+        splits = triton_cdiv(reduction, FcTiles(block_n, block_m, block_r, wanted).per_split(
+            reduction)) if may_split else 1
+        options.append(FcTiles(block_n, block_m, block_r, splits))
+    return options
 
 
 def _hw_chunks(p: Problem, group: int, block_c: int, block_hw: int,
                spec: GpuSpec) -> list[int]:
     """HW elements per program of the split grids to choose from: enough chunks for
-    PROGRAMS_PER_SM programs per SM, or at most MAX_CHUNKS (more tile steps per program,
-    fewer partial sums for FC1 to add up)."""
+    PROGRAMS_PER_SM programs per SM, one more or twice as many (the last wave is then
+    shorter or fuller), or at most MAX_CHUNKS (more tile steps per program, fewer partial
+    sums for FC1 to add up)."""
     programs_per_chunk = max(1, group * triton_cdiv(p.c, block_c))
-    most = max(1, min(triton_cdiv(p.hw, block_hw),
-                      triton_cdiv(PROGRAMS_PER_SM * spec.sms, programs_per_chunk)))
+    steps = triton_cdiv(p.hw, block_hw)
+    most = max(1, min(steps, triton_cdiv(PROGRAMS_PER_SM * spec.sms, programs_per_chunk)))
     return sorted({triton_cdiv(triton_cdiv(p.hw, chunks), block_hw) * block_hw
-                   for chunks in (most, min(most, MAX_CHUNKS))})
+                   for chunks in (most, min(steps, most + 1), min(steps, 2 * most),
+                                  min(most, MAX_CHUNKS))})
 
 
 def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
@@ -282,34 +294,34 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
         if strategy not in ("auto", "split"):
             continue
         for group in groups:
-            fcs = dict(fc_to_k=_fc_tiles(group, p.k, p.c, wide, spec, 16, not p.single_fc),
-                       fc_to_c=_fc_tiles(group, p.c, p.k, wide, spec, 32, False))
-            for hw_chunk in _hw_chunks(p, group, block_c, block_hw, spec):
-                for in_stream in (False, True) if not p.single_fc else (False,):
-                    # the flat rescale computes FC2 itself only over whole channel blocks
-                    flat = p.flat and (not in_stream or hw_chunk >= p.hw)
+            to_k = _fc_tile_options(group, p.k, p.c, wide, spec, 16, not p.single_fc)
+            to_c = _fc_tile_options(group, p.c, p.k, wide, spec, 32, False)
+            for hw_chunk, in_stream, fc_to_k in itertools.product(
+                    _hw_chunks(p, group, block_c, block_hw, spec),
+                    (False, True) if not p.single_fc else (False,), to_k):
+                # the flat rescale computes FC2 itself only over whole channel blocks
+                flat = p.flat and (not in_stream or hw_chunk >= p.hw)
+                # FC2 (FC1-backward) tiles matter only when it has a launch of its own
+                for fc_to_c in to_c[:1] if in_stream or p.single_fc else to_c:
                     plans.append(LaunchPlan(
                         "split", hw_chunk=hw_chunk, gemv_in_stream=in_stream, flat_rescale=flat,
-                        sample_group=max(1, group), **fcs, **base))
+                        sample_group=max(1, group), fc_to_k=fc_to_k, fc_to_c=fc_to_c, **base))
     return plans
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_launch(problem: Problem, spec: GpuSpec, strategy: str = "auto") -> LaunchPlan:
-    """The plan of least modelled forward time (``single`` only if asked or cheaper; the
-    split's options by the forward and backward together, since one plan serves both).
-    Cached: weighing the candidates costs about 100 us of Python, every call asks."""
+def plan_launch(problem: Problem, spec: GpuSpec, strategy: str = "auto",
+                backward: bool = False) -> LaunchPlan:
+    """The plan of least modelled forward time among ``strategy``'s candidates, or with
+    ``backward`` the split plan of least modelled backward time: the backward reads only
+    z, p and u of the forward, whatever its plan, so each pass takes its own. Cached:
+    weighing the candidates costs milliseconds of Python, every call asks."""
     check_strategy(strategy)
-    plans = _candidates(problem, spec, strategy)
-    best_split = min((pl for pl in plans if pl.strategy == "split"),
-                     key=lambda pl: model_seconds(problem, pl, spec, backward=True), default=None)
-    choices = [pl for pl in plans if pl.strategy == "single"] + ([best_split] if best_split else [])
-    return min(choices, key=lambda pl: model_seconds(problem, pl, spec, backward=False))
-
-
-def backward_plan(problem: Problem, spec: GpuSpec, forward: LaunchPlan) -> LaunchPlan:
-    """The split plan of the backward: the forward's if it is one, else the model's."""
-    return forward if forward.strategy == "split" else plan_launch(problem, spec, "split")
+    if backward:
+        return min(_candidates(problem, spec, "split"),
+                   key=lambda pl: call_seconds(backward_launches(problem, pl, spec), spec))
+    return min(_candidates(problem, spec, strategy),
+               key=lambda pl: call_seconds(forward_launches(problem, pl, spec), spec))
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,15 +349,24 @@ class Launch:
     program_flops: float = 0.0
 
 
-def launch_seconds(launch: Launch, spec: GpuSpec) -> float:
-    """Overhead + max(HBM bytes / bandwidth, waves x one program's time)."""
+def device_seconds(launch: Launch, spec: GpuSpec) -> float:
+    """A launch's time on the device: the kernel gap + max(HBM bytes / bandwidth, waves x
+    one program's time)."""
     resident = spec.sms * spec.programs_per_sm
     waves = math.ceil(launch.programs / resident)
     per_program_bw = launch.in_flight / spec.memory_latency_seconds
     program = ((launch.program_hbm_bytes + launch.program_l2_bytes / 2) / per_program_bw
                + launch.program_flops / (spec.sm_flops / spec.programs_per_sm))
-    return spec.launch_seconds + max(launch.hbm_bytes / spec.hbm_bytes_per_second,
-                                     waves * program)
+    return spec.kernel_gap_seconds + max(launch.hbm_bytes / spec.hbm_bytes_per_second,
+                                         waves * program)
+
+
+def call_seconds(launches: list[Launch], spec: GpuSpec) -> float:
+    """A call among others, as a network's layers run: the host issues the launches while
+    the device runs them, so the slower of the two sets the pace (the host at small
+    sizes, the device at large ones; a CUDA graph takes the host out)."""
+    return max(len(launches) * spec.host_launch_seconds,
+               sum(device_seconds(launch, spec) for launch in launches))
 
 
 def fc_pipelined(kernel: str, one_chunk: bool) -> bool:
@@ -490,11 +511,13 @@ def _row_efficiency(p: Problem, plan: LaunchPlan) -> float:
 
 
 def model_seconds(p: Problem, plan: LaunchPlan, spec: GpuSpec, backward: bool = False) -> float:
-    """Modelled seconds of the forward, or of forward + backward."""
-    launches = forward_launches(p, plan, spec)
+    """Modelled seconds of the forward under ``plan``, or of it and the backward under
+    its own plan (two calls)."""
+    seconds = call_seconds(forward_launches(p, plan, spec), spec)
     if backward:
-        launches += backward_launches(p, backward_plan(p, spec, plan), spec)
-    return sum(launch_seconds(launch, spec) for launch in launches)
+        backward_plan = plan_launch(p, spec, "split", backward=True)
+        seconds += call_seconds(backward_launches(p, backward_plan, spec), spec)
+    return seconds
 
 
 def floor_seconds(p: Problem, spec: GpuSpec, backward: bool = False) -> float:
@@ -520,13 +543,17 @@ def compile_launches(p: Problem, spec: GpuSpec, backward: bool = False) -> list[
     the dx kernel (g, y for the ReLU mask, x with a prologue).
 
     How: inductor's reductions take [rows, HW] tiles as the fused pool does, so they are
-    modelled with the pool's tiles and grid; its pointwise kernels are flat 1-D blocks,
-    modelled as the flat rescale; the GEMMs (cuBLAS) stream at the device's bandwidth.
+    modelled with the fastest of the pool's tiles and grids over the whole batch; its
+    pointwise kernels are flat 1-D blocks, modelled as the flat rescale; the GEMMs
+    (cuBLAS) stream at the device's bandwidth.
     """
     if p.n == 0:
         return []
-    tiles = dataclasses.replace(_candidates(p, spec, "split")[0], flat_rescale=True,
-                                gemv_in_stream=False, sample_group=p.n)
+    tiles = min((dataclasses.replace(plan, flat_rescale=True, gemv_in_stream=False,
+                                     sample_group=p.n)
+                 for plan in _candidates(p, spec, "split")),
+                key=lambda plan: device_seconds(_stream_launch("reduction", p, plan, p.n, 1, 0),
+                                                spec))
     tensor = p.n * p.sample_bytes
     x_in_l2 = tensor <= spec.l2_bytes // 2
     fcs = 1 if p.single_fc else 2
@@ -560,4 +587,8 @@ def compile_launches(p: Problem, spec: GpuSpec, backward: bool = False) -> list[
 
 
 def compile_seconds(p: Problem, spec: GpuSpec, backward: bool = False) -> float:
-    return sum(launch_seconds(launch, spec) for launch in compile_launches(p, spec, backward))
+    forward = compile_launches(p, spec)
+    seconds = call_seconds(forward, spec)
+    if backward:
+        seconds += call_seconds(compile_launches(p, spec, backward)[len(forward):], spec)
+    return seconds

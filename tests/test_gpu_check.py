@@ -37,7 +37,7 @@ from sae_kernels.tools.gpu_check import (
 from sae_kernels.tools.timing import Stats
 
 #: The constants the synthetic measurements are generated with.
-TRUE_LAUNCH = 5.5e-6
+TRUE_GAP = 5.5e-6
 TRUE_BANDWIDTH = 2.4e12
 
 
@@ -50,7 +50,7 @@ def _row(site, n, mode, layout="nchw", **medians) -> dict:
                 launches={"fused": 4})
 
 
-def _synthetic_rows(spec=H100, launch=TRUE_LAUNCH, bandwidth=TRUE_BANDWIDTH) -> list[dict]:
+def _synthetic_rows(spec=H100, gap=TRUE_GAP, bandwidth=TRUE_BANDWIDTH) -> list[dict]:
     """Every site, N and mode, NCHW: fused times from the model itself with other constants
     (the plan still the one ``spec`` picks), torch.compile 20% slower, the floor at half."""
     rows = []
@@ -59,7 +59,7 @@ def _synthetic_rows(spec=H100, launch=TRUE_LAUNCH, bandwidth=TRUE_BANDWIDTH) -> 
             for mode in bench.MODES:
                 row = _row(site, n, mode)
                 terms = fused_terms(bench_problem(row), spec, mode == "forward+backward")
-                fused = 1e6 * terms.seconds(launch, bandwidth)
+                fused = 1e6 * terms.seconds(gap, bandwidth)
                 rows.append(_row(site, n, mode, fused=fused, eager=3 * fused, compile=1.2 * fused,
                                  floor=fused / 2))
     return rows
@@ -125,29 +125,39 @@ def test_help_documents_the_exit_status(capsys):
 @pytest.mark.parametrize("backward", [False, True])
 @pytest.mark.parametrize("n", [1, 32, 128])
 def test_terms_are_the_models_time(n, backward):
-    """The fit's split of the model (overhead + max(bytes / bandwidth, tail) per launch)
-    gives ``model_seconds``, with the datasheet constants and with others."""
+    """The fit's split of the model (gap + max(bytes / bandwidth, tail) per launch) gives
+    the device time of the dispatcher's launches, with the datasheet constants and with
+    others; ``model_seconds`` takes, per pass, the longer of that and the host's
+    launches."""
     site = resnet50_sites()[1]
     problem = bench_problem(_row(site, n, "forward"))
     assert not (problem.has_identity or problem.prologue or problem.relu_out)
     assert problem.flat and problem.k == site.stacked_width
     terms = fused_terms(problem, H100, backward)
-    plan = gpu_plan.plan_launch(problem, H100)
-    assert terms.seconds(H100.launch_seconds, H100.hbm_bytes_per_second) == pytest.approx(
-        gpu_plan.model_seconds(problem, plan, H100, backward), rel=1e-12)
-    split = gpu_plan.plan_launch(problem, H100, "split")
-    other = dataclasses.replace(H100, launch_seconds=TRUE_LAUNCH,
+    forward = gpu_plan.forward_launches(problem, gpu_plan.plan_launch(problem, H100), H100)
+    passes = [forward]
+    if backward:
+        passes.append(gpu_plan.backward_launches(
+            problem, gpu_plan.plan_launch(problem, H100, "split", backward=True), H100))
+    other = dataclasses.replace(H100, kernel_gap_seconds=TRUE_GAP,
                                 hbm_bytes_per_second=TRUE_BANDWIDTH)
-    if plan == split:  # the backward's plan is the forward's whatever the constants
-        assert terms.seconds(TRUE_LAUNCH, TRUE_BANDWIDTH) == pytest.approx(
-            gpu_plan.model_seconds(problem, plan, other, backward), rel=1e-12)
+    for spec in (H100, other):
+        assert terms.seconds(spec.kernel_gap_seconds, spec.hbm_bytes_per_second) == (
+            pytest.approx(sum(gpu_plan.device_seconds(launch, spec)
+                              for launches in passes for launch in launches), rel=1e-12))
+    assert sum(gpu_plan.call_seconds(launches, H100) for launches in passes) == pytest.approx(
+        gpu_plan.model_seconds(problem, gpu_plan.plan_launch(problem, H100), H100, backward),
+        rel=1e-12)
+    assert gpu_plan.call_seconds(forward, H100) == max(
+        len(forward) * H100.host_launch_seconds,
+        sum(gpu_plan.device_seconds(launch, H100) for launch in forward))
 
 
 def test_the_fit_recovers_the_constants_of_synthetic_measurements():
     rows = _synthetic_rows()
     model = model_report(rows, H100)
     fitted = model["fitted"]
-    assert fitted["launch_seconds"] == pytest.approx(TRUE_LAUNCH, rel=1e-3)
+    assert fitted["kernel_gap_seconds"] == pytest.approx(TRUE_GAP, rel=1e-3)
     assert fitted["hbm_bytes_per_second"] == pytest.approx(TRUE_BANDWIDTH, rel=1e-3)
     assert model["error_after"]["worst_abs_pct"] < 0.1
     assert model["error_before"]["median_abs_pct"] > 5
@@ -158,17 +168,17 @@ def test_the_fit_is_deterministic_and_starts_anywhere_near():
     rows = _synthetic_rows()
     first = model_report(rows, H100)["fitted"]
     assert model_report(rows, H100)["fitted"] == first
-    far = dataclasses.replace(H100, launch_seconds=1e-6, hbm_bytes_per_second=5e12)
+    far = dataclasses.replace(H100, kernel_gap_seconds=0.3e-6, hbm_bytes_per_second=5e12)
     other = _synthetic_rows(spec=far)
     fitted = model_report(other, far)["fitted"]
-    assert fitted["launch_seconds"] == pytest.approx(TRUE_LAUNCH, rel=1e-3)
+    assert fitted["kernel_gap_seconds"] == pytest.approx(TRUE_GAP, rel=1e-3)
     assert fitted["hbm_bytes_per_second"] == pytest.approx(TRUE_BANDWIDTH, rel=1e-3)
 
 
 def test_model_rows_carry_the_measurements_the_model_and_its_errors():
     site = resnet50_sites()[0]
     problem = bench_problem(_row(site, 8, "forward"))
-    modelled = 1e6 * fused_terms(problem, H100, False).seconds(H100.launch_seconds,
+    modelled = 1e6 * fused_terms(problem, H100, False).seconds(H100.kernel_gap_seconds,
                                                               H100.hbm_bytes_per_second)
     rows = [_row(site, 8, "forward", fused=modelled / 1.25, eager=100.0, compile=80.0,
                  floor=40.0),
@@ -177,7 +187,8 @@ def test_model_rows_carry_the_measurements_the_model_and_its_errors():
     assert row["model_error_pct"] == pytest.approx(25.0, abs=0.1)
     assert row["fused_per_compile"] == pytest.approx(modelled / 1.25 / 80, rel=1e-2)
     assert row["fused_per_floor"] == pytest.approx(modelled / 1.25 / 40, rel=1e-2)
-    compiled = 1e6 * gpu_plan.compile_seconds(problem, H100)
+    compiled = 1e6 * sum(gpu_plan.device_seconds(launch, H100)
+                         for launch in gpu_plan.compile_launches(problem, H100))
     assert row["compile_model_us"] == pytest.approx(compiled, abs=0.01)
     assert row["compile_model_error_pct"] == pytest.approx(100 * (compiled - 80) / 80, abs=0.1)
     assert row["launches_modelled"] == len(fused_terms(problem, H100, False).hbm_bytes)
@@ -222,7 +233,7 @@ def test_the_report_is_json_and_passes_only_when_every_test_did():
     assert lines[-1] == "PASS"
     report["summary"] = summary
     loaded = json.loads(json.dumps(report))
-    assert loaded["model"]["fitted"]["launch_seconds"] == pytest.approx(TRUE_LAUNCH, rel=1e-3)
+    assert loaded["model"]["fitted"]["kernel_gap_seconds"] == pytest.approx(TRUE_GAP, rel=1e-3)
     assert len(loaded["bench"]["rows"]) == len(loaded["model"]["rows"]) == len(rows)
     row = loaded["model"]["rows"][0]
     for key in ("fused_us", "eager_us", "compile_us", "floor_us", "fused_per_compile",

@@ -63,8 +63,9 @@ def test_the_weights_come_from_hbm_about_once_per_call(spec, n):
 
 
 def test_the_model_counts_every_byte():
-    """More of anything costs more: bytes of x, weights, an identity, a launch."""
-    spec = H100
+    """More of anything costs more: bytes of x, weights, an identity, a launch on the
+    device and on the host."""
+    spec = dataclasses.replace(H100, host_launch_seconds=0.0)  # the device's time alone
     base = _problem(8, 1024, 196, 64)
     plan = plan_launch(base, spec, "split")
 
@@ -75,8 +76,9 @@ def test_the_model_counts_every_byte():
     assert seconds(dataclasses.replace(base, k=256)) > seconds(base)
     assert seconds(dataclasses.replace(base, has_identity=True)) > seconds(base)
     assert seconds(base, backward=True) > seconds(base)
-    slower_launch = dataclasses.replace(spec, launch_seconds=2 * spec.launch_seconds)
-    assert gpu_plan.model_seconds(base, plan, slower_launch) > seconds(base)
+    for constant in ("kernel_gap_seconds", "host_launch_seconds"):
+        slower = dataclasses.replace(spec, **{constant: 10 * getattr(H100, constant)})
+        assert gpu_plan.model_seconds(base, plan, slower) > seconds(base), constant
     fc2_launch, in_stream = (dataclasses.replace(plan, gemv_in_stream=g) for g in (False, True))
     assert len(gpu_plan.forward_launches(base, in_stream, spec)) == len(
         gpu_plan.forward_launches(base, fc2_launch, spec)) - 1
@@ -153,8 +155,8 @@ def _forcing(monkeypatch, **options):
     """Make every split plan take ``options`` (where the shape allows them)."""
     plan_for = gpu_plan.plan_launch
 
-    def forced(problem, spec, strategy="auto"):
-        plan = plan_for(problem, spec, strategy)
+    def forced(problem, spec, strategy="auto", backward=False):
+        plan = plan_for(problem, spec, strategy, backward)
         if plan.strategy != "split":
             return plan
         chosen = dict(options)

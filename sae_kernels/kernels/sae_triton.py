@@ -700,8 +700,9 @@ def _problem(x: torch.Tensor, x_strides: tuple[int, int, int], fc1_weight: torch
                    flat=x.is_contiguous() and (identity is None or identity.is_contiguous()))
 
 
-def _plan(x: torch.Tensor, problem: Problem, strategy: str) -> LaunchPlan:
-    return gpu_plan.plan_launch(problem, gpu_plan.device_spec(x.device), strategy)
+def _plan(x: torch.Tensor, problem: Problem, strategy: str, backward: bool = False
+          ) -> LaunchPlan:
+    return gpu_plan.plan_launch(problem, gpu_plan.device_spec(x.device), strategy, backward)
 
 
 def _fc_launch(tiles: gpu_plan.FcTiles) -> dict:
@@ -875,7 +876,7 @@ def backward(
     has_fc2 = fc2_weight is not None
     identity = x if has_identity else None  # only its presence and layout matter to the plan
     plan = _plan(x, _problem(x, xs, fc1_weight, identity, relu_out, prologue, not has_fc2),
-                 "split")
+                 "split", backward=True)
     blocks_c, chunks = plan.blocks(c), plan.hw_chunks(hw)
     w2 = fc2_weight if has_fc2 else fc1_weight  # not read without fc2
     fc1_here = plan.gemv_in_stream and has_fc2

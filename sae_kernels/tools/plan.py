@@ -13,9 +13,9 @@ import torch
 from ..gpu_plan import (
     GPUS,
     GpuSpec,
+    LaunchPlan,
     Problem,
     backward_launches,
-    backward_plan,
     compile_seconds,
     device_spec,
     floor_seconds,
@@ -35,17 +35,24 @@ def site_problem(channels: int, hw: int, k: int, n: int, channels_last: bool,
                    relu_out=True, prologue=True, flat=not channels_last)
 
 
-def _describe(problem: Problem, spec: GpuSpec) -> tuple[str, int, int]:
-    """(plan in words, forward launches, backward launches)."""
-    plan = plan_launch(problem, spec)
-    words = plan.strategy
+def _words(plan: LaunchPlan, problem: Problem, backward: bool) -> str:
+    """A plan in words; the backward's has no flat pass."""
+    text = plan.strategy
     if plan.strategy == "split":
-        words += "+gemv" if plan.gemv_in_stream else ""
-        words += "+flat" if plan.flat_rescale else ""
+        text += "+gemv" if plan.gemv_in_stream else ""
+        text += "+flat" if plan.flat_rescale and not backward else ""
         if plan.sample_group < problem.n:
-            words += f"/groups of {plan.sample_group}"
-    backward = backward_launches(problem, backward_plan(problem, spec, plan), spec)
-    return words, len(forward_launches(problem, plan, spec)), len(backward)
+            text += f"/groups of {plan.sample_group}"
+    return text
+
+
+def _describe(problem: Problem, spec: GpuSpec) -> tuple[str, int, int]:
+    """(the forward's and the backward's plans in words, forward launches, backward
+    launches)."""
+    forward, backward = plan_launch(problem, spec), plan_launch(problem, spec, "split", True)
+    return (f"{_words(forward, problem, False)} / {_words(backward, problem, True)}",
+            len(forward_launches(problem, forward, spec)),
+            len(backward_launches(problem, backward, spec)))
 
 
 def plan_rows(spec: GpuSpec, batch_sizes=BATCH_SIZES, layouts=("nchw",)) -> list[dict]:
