@@ -365,8 +365,12 @@ def call_seconds(launches: list[Launch], spec: GpuSpec) -> float:
     """A call among others, as a network's layers run: the host issues the launches while
     the device runs them, so the slower of the two sets the pace (the host at small
     sizes, the device at large ones; a CUDA graph takes the host out)."""
-    return max(len(launches) * spec.host_launch_seconds,
-               sum(device_seconds(launch, spec) for launch in launches))
+    return max(len(launches) * spec.host_launch_seconds, device_total(launches, spec))
+
+
+def device_total(launches: list[Launch], spec: GpuSpec) -> float:
+    """The launches' time on the device, back to back."""
+    return sum(device_seconds(launch, spec) for launch in launches)
 
 
 def fc_pipelined(kernel: str, one_chunk: bool) -> bool:
@@ -531,9 +535,10 @@ def floor_seconds(p: Problem, spec: GpuSpec, backward: bool = False) -> float:
     return (compulsory + identity) / spec.hbm_bytes_per_second
 
 
-def compile_launches(p: Problem, spec: GpuSpec, backward: bool = False) -> list[Launch]:
+def compile_passes(p: Problem, spec: GpuSpec, backward: bool = False) -> list[list[Launch]]:
     """What torch.compile (inductor, default mode) generates for the same block on a GPU,
-    modelled in the same terms as the fused op's launches.
+    modelled in the same terms as the fused op's launches: the forward's launches, and
+    the backward's.
 
     Forward: a reduction kernel with the prologue folded in (x read once, z written), the
     FCs as cuBLAS GEMMs with the activation a pointwise kernel between them, and one
@@ -548,7 +553,7 @@ def compile_launches(p: Problem, spec: GpuSpec, backward: bool = False) -> list[
     (cuBLAS) stream at the device's bandwidth.
     """
     if p.n == 0:
-        return []
+        return [[] for _ in range(1 + backward)]
     tiles = min((dataclasses.replace(plan, flat_rescale=True, gemv_in_stream=False,
                                      sample_group=p.n)
                  for plan in _candidates(p, spec, "split")),
@@ -565,30 +570,33 @@ def compile_launches(p: Problem, spec: GpuSpec, backward: bool = False) -> list[
     def stream(name: str, hbm: float, l2: float, flat: bool) -> Launch:
         return _stream_launch(name, p, tiles, p.n, hbm, l2, flat=flat)
 
-    launches = [stream("reduction", 1, 0, False)]
-    launches += [gemm(f"gemm{i + 1}") for i in range(fcs)]
+    forward = [stream("reduction", 1, 0, False)]
+    forward += [gemm(f"gemm{i + 1}") for i in range(fcs)]
     if fcs == 2:
-        launches.append(_device_wide("act", spec, vectors))
-    launches.append(stream("rescale", 1 + (not x_in_l2) + p.has_identity, x_in_l2, True))
-    if backward:
-        reads = 2 + p.relu_out
-        launches.append(stream("reduction g*x", reads, 0, False))
-        launches += [gemm(f"gemm{i + 1} backward") for i in range(fcs)]
-        if fcs == 2:
-            launches.append(_device_wide("act backward", spec, vectors))
-        launches += [gemm(f"dW{i + 1}") for i in range(fcs)]
-        launches.append(_device_wide("bias sums", spec, vectors))
-        in_l2 = tensor * reads <= spec.l2_bytes // 2
-        second_reads = 1 + p.relu_out + p.prologue
-        writes = 1 + (p.has_identity and p.relu_out)
-        launches.append(stream("dx", writes + second_reads * (not in_l2), second_reads * in_l2,
-                               True))
-    return launches
+        forward.append(_device_wide("act", spec, vectors))
+    forward.append(stream("rescale", 1 + (not x_in_l2) + p.has_identity, x_in_l2, True))
+    if not backward:
+        return [forward]
+    reads = 2 + p.relu_out
+    launches = [stream("reduction g*x", reads, 0, False)]
+    launches += [gemm(f"gemm{i + 1} backward") for i in range(fcs)]
+    if fcs == 2:
+        launches.append(_device_wide("act backward", spec, vectors))
+    launches += [gemm(f"dW{i + 1}") for i in range(fcs)]
+    launches.append(_device_wide("bias sums", spec, vectors))
+    in_l2 = tensor * reads <= spec.l2_bytes // 2
+    second_reads = 1 + p.relu_out + p.prologue
+    writes = 1 + (p.has_identity and p.relu_out)
+    launches.append(stream("dx", writes + second_reads * (not in_l2), second_reads * in_l2,
+                           True))
+    return [forward, launches]
+
+
+def compile_launches(p: Problem, spec: GpuSpec, backward: bool = False) -> list[Launch]:
+    """:func:`compile_passes`' launches in one list."""
+    return [launch for launches in compile_passes(p, spec, backward) for launch in launches]
 
 
 def compile_seconds(p: Problem, spec: GpuSpec, backward: bool = False) -> float:
-    forward = compile_launches(p, spec)
-    seconds = call_seconds(forward, spec)
-    if backward:
-        seconds += call_seconds(compile_launches(p, spec, backward)[len(forward):], spec)
-    return seconds
+    """torch.compile's modelled seconds: the forward, or it and the backward (two calls)."""
+    return sum(call_seconds(launches, spec) for launches in compile_passes(p, spec, backward))

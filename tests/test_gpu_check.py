@@ -143,8 +143,8 @@ def test_terms_are_the_models_time(n, backward):
                                 hbm_bytes_per_second=TRUE_BANDWIDTH)
     for spec in (H100, other):
         assert terms.seconds(spec.kernel_gap_seconds, spec.hbm_bytes_per_second) == (
-            pytest.approx(sum(gpu_plan.device_seconds(launch, spec)
-                              for launches in passes for launch in launches), rel=1e-12))
+            pytest.approx(sum(gpu_plan.device_total(launches, spec) for launches in passes),
+                          rel=1e-12))
     assert sum(gpu_plan.call_seconds(launches, H100) for launches in passes) == pytest.approx(
         gpu_plan.model_seconds(problem, gpu_plan.plan_launch(problem, H100), H100, backward),
         rel=1e-12)
@@ -187,8 +187,7 @@ def test_model_rows_carry_the_measurements_the_model_and_its_errors():
     assert row["model_error_pct"] == pytest.approx(25.0, abs=0.1)
     assert row["fused_per_compile"] == pytest.approx(modelled / 1.25 / 80, rel=1e-2)
     assert row["fused_per_floor"] == pytest.approx(modelled / 1.25 / 40, rel=1e-2)
-    compiled = 1e6 * sum(gpu_plan.device_seconds(launch, H100)
-                         for launch in gpu_plan.compile_launches(problem, H100))
+    compiled = 1e6 * gpu_plan.device_total(gpu_plan.compile_launches(problem, H100), H100)
     assert row["compile_model_us"] == pytest.approx(compiled, abs=0.01)
     assert row["compile_model_error_pct"] == pytest.approx(100 * (compiled - 80) / 80, abs=0.1)
     assert row["launches_modelled"] == len(fused_terms(problem, H100, False).hbm_bytes)

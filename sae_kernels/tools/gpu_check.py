@@ -504,8 +504,8 @@ def model_rows(bench_rows: list[dict], spec: GpuSpec, fitted: GpuSpec | None) ->
             fit_us = 1e6 * terms.seconds(fitted.kernel_gap_seconds,
                                          fitted.hbm_bytes_per_second)
             row |= dict(fit_us=round(fit_us, 2), fit_error_pct=round(error_pct(fit_us, fused), 1))
-        compile_model_us = 1e6 * sum(gpu_plan.device_seconds(launch, spec) for launch in
-                                     gpu_plan.compile_launches(problem, spec, backward))
+        compile_model_us = 1e6 * gpu_plan.device_total(
+            gpu_plan.compile_launches(problem, spec, backward), spec)
         row["compile_model_us"] = round(compile_model_us, 2)
         row["compile_model_error_pct"] = (round(error_pct(compile_model_us, latency["compile"]), 1)
                                           if "compile" in latency else None)
