@@ -33,10 +33,13 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
                                 : nullptr,
                        div.row, rows, xv.pixels ? c : hw};
   };
+  std::vector<A> partial(channel_sums_scratch(xv, chunk, c, hw, sizeof(T), values));
+  Forking loops;  // ATen's calls between the loops run on this thread alone
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     int64_t count = std::min(chunk, n - n0);
     // ds = sum g' * x', per channel
-    channel_sums(xv, count, c, hw, sizeof(T), data<A>(sums),
+    SumsTarget<A> to{data<A>(sums), partial.data(), values};
+    channel_sums(loops, xv, count, c, hw, sizeof(T), to,
                  [&](int64_t i, int64_t p0, int64_t pixels, int64_t c0, int64_t width, A* dst) {
                    if (xv.pixels) {
                      GradRows<T> t = rows_at(n0 + i, p0, pixels);
@@ -49,7 +52,7 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
                                                                   pro.from(c0), pro_sums);
                      else kern.grad_dot_rows(t, dst, o.relu_out);
                    }
-                 }, values);
+                 });
     Tensor ds = sums.narrow(0, 0, count).select(1, 0);
     Tensor u_c = u.narrow(0, n0, count), p_c = p.narrow(0, n0, count);
     Tensor s = gate(u_c, o.gate);
@@ -80,7 +83,7 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
         }
       }
     }
-    for_rows(xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
+    for_rows(loops, xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
       GradRows<T> t = rows_at(n0 + i, r0, rows);
       if (pro.present) {
         if (xv.pixels) kern.prologue_grad_input_pixels(t, scale_p + i * c, shift + i * c,

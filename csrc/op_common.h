@@ -159,17 +159,19 @@ const FcKernels<A>& fc_kernels() {
   else return kernels().fc_f32;
 }
 
-// out (rows, outs) = in (rows, ins) @ w^T + bias, split over output columns.
-template <typename A>
-void linear(const A* in, int64_t rows, int64_t ins, const A* const* w, const A* bias, A* out,
-            int64_t outs) {
+// out (rows, outs) = in (rows, ins) @ w^T + bias, split over output columns; then
+// finish(o0, o1) on each piece's columns [o0, o1), by the thread that computed them.
+template <typename A, typename Loops, typename F>
+void linear(Loops& loops, const A* in, int64_t rows, int64_t ins, const A* const* w,
+            const A* bias, A* out, int64_t outs, const F& finish) {
   // whole tiles of kLinearOutputs per piece
   int64_t tiles = (outs + kLinearOutputs - 1) / kLinearOutputs;
-  parallel(tiles, kGrainElements / std::max<int64_t>(1, rows * ins * kLinearOutputs),
-           [&](int64_t b, int64_t e) {
-             fc_kernels<A>().linear(in, rows, ins, w, bias, out, outs, b * kLinearOutputs,
-                                    std::min(outs, e * kLinearOutputs));
-           });
+  loops.loop(tiles, kGrainElements / std::max<int64_t>(1, rows * ins * kLinearOutputs),
+             [&](int64_t b, int64_t e) {
+               int64_t o0 = b * kLinearOutputs, o1 = std::min(outs, e * kLinearOutputs);
+               fc_kernels<A>().linear(in, rows, ins, w, bias, out, outs, o0, o1);
+               finish(o0, o1);
+             });
 }
 
 // d_in (rows, ins) = d_out (rows, outs) @ w (outs, ins), split over columns of d_in.
@@ -226,50 +228,81 @@ inline Tensor gate(const Tensor& u, int64_t g) {
   return elementwise(u, [&](const auto& fc, auto in, auto out) { fc.gate(in, u.numel(), g, out); });
 }
 
-// Per-channel sums over the pixels of `count` samples: out[i * c + channel] for sample i.
-// sum(i, p0, pixels, c0, width, dst) writes the sums over pixels [p0, p0 + pixels) of
-// channels [c0, c0 + width) of sample i to dst[0, width).
+// Where channel_sums writes: `values` sums per channel, sample i's at
+// out[i * values * c, (i + 1) * values * c), each divided by `divisor` once complete;
+// `partial` holds channel_sums_scratch() values (channels_last blocks' sums).
+template <typename A>
+struct SumsTarget {
+  A* out;
+  A* partial;
+  int64_t values = 1;
+  A divisor = 1;
+};
+
+// Consecutive pixels per task of the channels_last per-channel sums, and tasks per sample.
+inline int64_t pixels_per_block(int64_t c, int64_t element_bytes) {
+  return std::max<int64_t>(1, kPixelBlockBytes / (c * element_bytes));
+}
+
+inline int64_t pixel_blocks(int64_t c, int64_t hw, int64_t element_bytes) {
+  int64_t per_block = pixels_per_block(c, element_bytes);
+  return (hw + per_block - 1) / per_block;
+}
+
+// Values of SumsTarget::partial that channel_sums needs for `count` samples.
+inline int64_t channel_sums_scratch(const View& v, int64_t count, int64_t c, int64_t hw,
+                                    int64_t element_bytes, int64_t values) {
+  int64_t blocks = pixel_blocks(c, hw, element_bytes);
+  return v.pixels && blocks > 1 ? count * blocks * values * c : 0;
+}
+
+// Per-channel sums over the pixels of `count` samples into `to`. sum(i, p0, pixels, c0,
+// width, dst) writes the sums over pixels [p0, p0 + pixels) of channels [c0, c0 + width)
+// of sample i to dst[0, width), the k-th of `values` at dst[k * c + ...].
 // NCHW: a task sums whole channel rows. channels_last: a task sums one block of
 // kPixelBlockBytes of consecutive pixels across all channels (reading memory in order:
 // a task per channel slice would stride a whole pixel per step), and the blocks' partial
 // sums are then added in block order. Blocks are fixed by the shape, so the result does
 // not depend on the thread count.
-// With `values` > 1 the sum writes that many sums per channel, the k-th at dst[k * c + ...]:
-// sample i's sums are out[i * values * c, (i + 1) * values * c).
-template <typename A, typename F>
-void channel_sums(const View& v, int64_t count, int64_t c, int64_t hw, int64_t element_bytes,
-                  A* out, const F& sum, int64_t values = 1) {
+template <typename A, typename Loops, typename F>
+void channel_sums(Loops& loops, const View& v, int64_t count, int64_t c, int64_t hw,
+                  int64_t element_bytes, const SumsTarget<A>& to, const F& sum) {
+  auto complete = [&](A* first, int64_t width) {
+    if (to.divisor != A(1))
+      for (int64_t i = 0; i < width; ++i) first[i] /= to.divisor;
+  };
+  int64_t stride = to.values * c;
   if (!v.pixels) {
-    parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
+    loops.loop(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e;) {
         int64_t c0 = i % c, width = std::min(e - i, c - c0);
-        sum(i / c, 0, hw, c0, width, out + (i / c) * values * c + c0);
+        A* dst = to.out + (i / c) * stride + c0;
+        sum(i / c, 0, hw, c0, width, dst);
+        for (int64_t k = 0; k < to.values; ++k) complete(dst + k * c, width);
         i += width;
       }
     });
     return;
   }
-  int64_t per_block = std::max<int64_t>(1, kPixelBlockBytes / (c * element_bytes));
-  int64_t blocks = (hw + per_block - 1) / per_block;
-  int64_t stride = values * c;
-  auto block_sums = [&](A* dst) {
-    parallel(count * blocks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        int64_t p0 = (t % blocks) * per_block;
-        sum(t / blocks, p0, std::min(per_block, hw - p0), 0, c, dst + t * stride);
-      }
-    });
-  };
-  if (blocks == 1) return block_sums(out);
-  std::vector<A> partial(count * blocks * stride);
-  block_sums(partial.data());
-  parallel(count, 1, [&](int64_t b, int64_t e) {
+  int64_t per_block = pixels_per_block(c, element_bytes);
+  int64_t blocks = pixel_blocks(c, hw, element_bytes);
+  A* dst = blocks == 1 ? to.out : to.partial;
+  loops.loop(count * blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      int64_t p0 = (t % blocks) * per_block;
+      sum(t / blocks, p0, std::min(per_block, hw - p0), 0, c, dst + t * stride);
+      if (blocks == 1) complete(dst + t * stride, stride);
+    }
+  });
+  if (blocks == 1) return;
+  loops.loop(count, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const A* first = partial.data() + i * blocks * stride;
-      A* row = out + i * stride;
+      const A* first = to.partial + i * blocks * stride;
+      A* row = to.out + i * stride;
       std::copy(first, first + stride, row);
       for (int64_t j = 1; j < blocks; ++j)
         for (int64_t ch = 0; ch < stride; ++ch) row[ch] += first[j * stride + ch];
+      complete(row, stride);
     }
   });
 }
@@ -302,19 +335,19 @@ PrologueValues<A> prologue_values(int64_t c, const optional<Tensor>& scale,
 }
 
 // Rows of samples [n0, n0 + count) split across threads: pixel blocks or channel rows.
-template <typename F>
-void for_rows(const View& v, int64_t count, int64_t c, int64_t hw, const F& f) {
+template <typename Loops, typename F>
+void for_rows(Loops& loops, const View& v, int64_t count, int64_t c, int64_t hw, const F& f) {
   if (v.pixels) {
     int64_t per_task = std::max<int64_t>(1, kGrainElements / c);
     int64_t blocks = (hw + per_task - 1) / per_task;
-    parallel(count * blocks, 1, [&](int64_t b, int64_t e) {
+    loops.loop(count * blocks, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         int64_t n = i / blocks, r0 = (i % blocks) * per_task;
         f(n, r0, std::min(per_task, hw - r0));
       }
     });
   } else {
-    parallel(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
+    loops.loop(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e;) {
         int64_t n = i / c, r0 = i % c, len = std::min(e - i, c - r0);
         f(n, r0, len);

@@ -1,4 +1,6 @@
-// Threading of the operator's passes: one OpenMP loop shape, used everywhere.
+// Threading of the operator's passes: one way of cutting a loop across threads, run either
+// by threads forked for that loop alone or by a team forked once for a run of dependent
+// loops.
 
 #pragma once
 
@@ -15,20 +17,39 @@ namespace sae_cpu {
 // Most pieces per thread a parallel loop is cut into, for balance.
 constexpr int64_t kPiecesPerThread = 4;
 
-// One thread's contiguous run of pieces, [front, back) packed in one word: its owner takes
-// pieces from the front, other threads, once their own run is done, from the back.
+// Threads this call may use: none beside itself inside another parallel region.
+inline int64_t available_threads() {
+  if (at::in_parallel_region() || omp_in_parallel()) return 1;
+  return at::get_num_threads();
+}
+
+// Threads worth cutting n elements of work across, in pieces of at least `grain`.
+inline int64_t loop_threads(int64_t n, int64_t grain, int64_t threads) {
+  grain = std::max<int64_t>(1, grain);
+  return std::clamp<int64_t>((n + grain - 1) / grain, 1, threads);
+}
+
+// One thread's contiguous run of pieces in one loop, packed in one word: the loop's number
+// (32 bits), then [front, back) (16 bits each). Its owner takes pieces from the front,
+// other threads, once their own run is done, from the back. A word still holding an
+// earlier loop's number is that loop's run, finished: whichever thread reaches it first
+// in this loop starts it at this loop's bounds, so no barrier is needed to set it up.
 struct alignas(64) PieceRun {
-  std::atomic<uint64_t> bounds{0};
+  std::atomic<uint64_t> word{0};
 
-  static uint64_t pack(uint64_t front, uint64_t back) { return front | back << 32; }
+  static uint64_t pack(uint64_t loop, uint64_t front, uint64_t back) {
+    return loop << 32 | back << 16 | front;
+  }
 
-  bool take(bool owner, int64_t& piece) {
-    uint64_t now = bounds.load(std::memory_order_relaxed);
+  bool take(bool owner, uint32_t loop, uint64_t first, uint64_t last, int64_t& piece) {
+    uint64_t now = word.load(std::memory_order_relaxed);
     while (true) {
-      uint64_t front = now & 0xffffffffu, back = now >> 32;
+      bool current = now >> 32 == loop;
+      uint64_t front = current ? now & 0xffffu : first;
+      uint64_t back = current ? now >> 16 & 0xffffu : last;
       if (front >= back) return false;
-      uint64_t next = owner ? pack(front + 1, back) : pack(front, back - 1);
-      if (bounds.compare_exchange_weak(now, next, std::memory_order_relaxed)) {
+      uint64_t next = owner ? pack(loop, front + 1, back) : pack(loop, front, back - 1);
+      if (word.compare_exchange_weak(now, next, std::memory_order_relaxed)) {
         piece = static_cast<int64_t>(owner ? front : back - 1);
         return true;
       }
@@ -36,40 +57,91 @@ struct alignas(64) PieceRun {
   }
 };
 
-// Runs f(begin, end) over [0, n) in parallel, in pieces of at least `grain`. Thread t owns
-// the t-th contiguous run of pieces and works through it in order, so the passes over a
-// chunk of x (pool, then rescale) give each thread the rows it pooled to rescale, from its
-// own core's cache: handing pieces out as threads came free moved them between cores and
-// cost up to a third of the operator at N = 1 (SE-ResNet-50's sites, 2 threads). A thread
-// done with its run takes pieces from the back of the others' runs, so a thread slowed by
-// the machine is not waited for (a split without it was 3-7 % slower at N = 32). Each
-// output is still computed by one thread in a fixed order. Serial inside another parallel
-// region.
+// One member of a team of threads that runs a sequence of loops, each reading what the
+// ones before it wrote. Every member calls every loop in the same order.
+class Team {
+ public:
+  Team(PieceRun* runs, int64_t size, int64_t me) : runs_(runs), size_(size), me_(me) {}
+
+  // The member that forked the team (the caller's own thread).
+  bool leader() const { return me_ == 0; }
+
+  // Runs f(begin, end) over [0, n) in pieces of at least `grain`, and returns on every
+  // member once all of them are done. Thread t owns the t-th contiguous run of pieces and
+  // works through it in order, so the loops over a chunk of x (pool, then rescale) give
+  // each thread the rows it pooled to rescale, from its own core's cache: handing pieces
+  // out as threads came free moved them between cores and cost up to a third of the
+  // operator at N = 1 (SE-ResNet-50's sites, 2 threads). A thread done with its run takes
+  // pieces from the back of the others' runs, so a thread slowed by the machine is not
+  // waited for (a split without it was 3-7 % slower at N = 32). Each output is still
+  // computed by one thread in a fixed order. A call runs far fewer than 2^32 loops.
+  template <typename F>
+  void loop(int64_t n, int64_t grain, const F& f) {
+    ++loop_;
+    int64_t threads = loop_threads(n, grain, size_);
+    if (threads == 1) {
+      if (leader() && n > 0) f(0, n);
+    } else {
+      int64_t per_thread =
+          std::clamp<int64_t>(n / (std::max<int64_t>(1, grain) * threads), 1, kPiecesPerThread);
+      int64_t size = (n + threads * per_thread - 1) / (threads * per_thread), piece;
+      for (int64_t j = 0; j < threads; ++j) {
+        int64_t owner = (me_ + j) % threads;
+        uint64_t first = owner * per_thread;
+        while (runs_[owner].take(owner == me_, loop_, first, first + per_thread, piece)) {
+          int64_t begin = piece * size;
+          if (begin < n) f(begin, std::min(n, begin + size));
+        }
+      }
+    }
+    if (size_ > 1) {
+#pragma omp barrier
+    }
+  }
+
+ private:
+  PieceRun* runs_;
+  int64_t size_, me_;
+  uint32_t loop_ = 0;
+};
+
+// Forks `size` threads once (none where size is 1) and calls body(team) on each.
+template <typename Body>
+void run_team(int64_t size, const Body& body) {
+  // pieces are numbered in 16 bits: at most kPiecesPerThread per thread
+  size = std::clamp<int64_t>(size, 1, (int64_t(1) << 16) / kPiecesPerThread - 1);
+  if (size == 1) {
+    PieceRun run;
+    Team team(&run, 1, 0);
+    body(team);
+    return;
+  }
+  std::vector<PieceRun> runs(size);
+#pragma omp parallel num_threads(size)
+  {
+    Team team(runs.data(), omp_get_num_threads(), omp_get_thread_num());
+    body(team);
+  }
+}
+
+// One loop with a fork and join of its own, for passes that run one loop between ATen calls.
 template <typename F>
 void parallel(int64_t n, int64_t grain, const F& f) {
-  grain = std::max<int64_t>(1, grain);
-  int64_t threads = at::get_num_threads();
-  int64_t team = std::min((n + grain - 1) / grain, threads);
-  if (team <= 1 || at::in_parallel_region() || omp_in_parallel()) {
+  int64_t threads = loop_threads(n, grain, available_threads());
+  if (threads == 1) {
     if (n > 0) f(0, n);
     return;
   }
-  int64_t per_thread = std::clamp<int64_t>(n / (grain * team), 1, kPiecesPerThread);
-  int64_t pieces = team * per_thread, size = (n + pieces - 1) / pieces;
-  std::vector<PieceRun> runs(team);
-  for (int64_t t = 0; t < team; ++t)
-    runs[t].bounds.store(PieceRun::pack(t * per_thread, (t + 1) * per_thread));
-#pragma omp parallel num_threads(team)
-  {
-    int64_t me = omp_get_thread_num(), piece;
-    for (int64_t j = 0; j < team; ++j) {
-      PieceRun& run = runs[(me + j) % team];
-      while (run.take(j == 0, piece)) {
-        int64_t begin = piece * size;
-        if (begin < n) f(begin, std::min(n, begin + size));
-      }
-    }
-  }
+  run_team(threads, [&](Team& team) { team.loop(n, grain, f); });
 }
+
+// The loops of passes that fork for each loop (Team's interface, for code shared with a team).
+struct Forking {
+  bool leader() const { return true; }
+  template <typename F>
+  void loop(int64_t n, int64_t grain, const F& f) const {
+    parallel(n, grain, f);
+  }
+};
 
 }  // namespace sae_cpu

@@ -59,10 +59,19 @@ def test_single_fc(shape, dtype, layout):
                     channels_last=LAYOUTS[layout], backend="cpu"))
 
 
-def test_chunks_of_samples(monkeypatch):
-    """A batch larger than one chunk (a few samples per chunk, a partial last one)."""
-    check_case(Case(7, 64, 30, 30, channels_last=True, backend="cpu", with_identity=True,
-                    act_out="relu"))
+def test_chunks_of_samples():
+    """A batch larger than one chunk: 2 samples of 230 KB per chunk, a partial last one,
+    every loop of the forward run by one team of threads across the chunks."""
+    code = ("import torch, sys; sys.path.insert(0, 'tests'); from helpers import Case, check_case\n"
+            "torch.set_num_threads(2)\n"
+            "for cl in (False, True):\n"
+            "    check_case(Case(7, 64, 30, 30, channels_last=cl, backend='cpu',\n"
+            "                    with_identity=True, act_out='relu'))\n"
+            "print('checked')\n")
+    env = {**os.environ, "SAE_KERNELS_CPU_CHUNK_BYTES": str(500_000)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "checked"
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
