@@ -272,18 +272,22 @@ def _compile_report(args) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "sae_kernels", *sys.argv[1:]],
                   {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     from .gpu_plan import GPUS
-    from .tools.aot import DTYPES, TARGETS, compile_all
+    from .tools.aot import DTYPES, TARGETS, compile_all, operator_kernels
 
     builds = bad = 0
+    launched = set()
     for r in compile_all(args.target or TARGETS, [GPUS[gpu] for gpu in args.gpu or GPUS],
                          args.dtype or DTYPES):
         status = "ok" if r.ok else (r.error or f"spills: {r.stack} bytes of stack")
         builds += 1
         bad += not r.ok
+        launched.add(r.build.kernel)
         pipelined = {None: "-", True: "yes", False: "no"}[r.pipelined]
         print(f"{r.build.target:<6} REG {r.registers:>4} STACK {r.stack:>4} SHARED {r.shared:>6} "
               f"PIPELINED {pipelined:<3}  {r.build.describe()}  {status}", flush=True)
-    print(f"\n{builds} kernel builds, {bad} failed or spilled")
+    missed = sorted(operator_kernels() - launched)
+    print(f"\nkernels no launch reached: {', '.join(missed) or 'none'}")
+    print(f"{builds} kernel builds, {bad} failed or spilled")
     return 1 if bad else 0
 
 

@@ -32,27 +32,8 @@ def test_every_kernel_launch_builds_without_spills(target, dtypes):
     failed = [line for line in lines if line.startswith(target) and not line.endswith("  ok")]
     assert result.returncode == 0 and not failed, "\n".join(failed[:20]) + result.stderr[-3000:]
     assert lines[-1].endswith("builds, 0 failed or spilled")
+    assert lines[-2] == "kernels no launch reached: none"  # each half reaches every kernel
     assert sum(line.startswith(target) for line in lines) > 100
-
-
-LAUNCHED = '''
-import json
-from triton.runtime.jit import JITFunction
-from sae_kernels.kernels import sae_triton
-from sae_kernels.tools import aot
-
-# the kernels: the module's own public jit functions (its device functions are private)
-kernels = {name for name, fn in vars(sae_triton).items() if isinstance(fn, JITFunction)
-           and fn.module == sae_triton.__name__ and not name.startswith("_")}
-print(json.dumps(sorted(kernels - {build.kernel for build in aot.builds(["sm_90"])})))
-'''
-
-
-def test_every_kernel_is_launched_by_some_configuration():
-    """The report's configurations reach every kernel of ``sae_triton``."""
-    result = run_python("-c", LAUNCHED, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout) == []
 
 
 SPECIALISATION = '''

@@ -159,6 +159,13 @@ class Build:
         ])
 
 
+def operator_kernels() -> set[str]:
+    """The kernels of ``sae_triton``: its own public jit functions (its device functions
+    are private)."""
+    return {name for name, fn in vars(sae_triton).items() if isinstance(fn, JITFunction)
+            and fn.module == sae_triton.__name__ and not name.startswith("_")}
+
+
 def _kernel(name: str) -> JITFunction:
     return getattr(sae_triton, name)
 
