@@ -59,17 +59,25 @@ def test_single_fc(shape, dtype, layout):
                     channels_last=LAYOUTS[layout], backend="cpu"))
 
 
+#: A script's preamble: the test helpers, importable from the repository root.
+CHECKS = "import torch, sys; sys.path.insert(0, 'tests'); from helpers import Case, check_case\n"
+
+
+def run_checks(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``CHECKS + code`` in a fresh interpreter with ``env`` added: the kernels read these
+    variables once per process."""
+    return subprocess.run([sys.executable, "-c", CHECKS + code], env={**os.environ, **env},
+                          capture_output=True, text=True)
+
+
 def test_chunks_of_samples():
     """A batch larger than one chunk: 2 samples of 230 KB per chunk, a partial last one,
     every loop of the forward run by one team of threads across the chunks."""
-    code = ("import torch, sys; sys.path.insert(0, 'tests'); from helpers import Case, check_case\n"
-            "torch.set_num_threads(2)\n"
-            "for cl in (False, True):\n"
-            "    check_case(Case(7, 64, 30, 30, channels_last=cl, backend='cpu',\n"
-            "                    with_identity=True, act_out='relu'))\n"
-            "print('checked')\n")
-    env = {**os.environ, "SAE_KERNELS_CPU_CHUNK_BYTES": str(500_000)}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    result = run_checks("torch.set_num_threads(2)\n"
+                        "for cl in (False, True):\n"
+                        "    check_case(Case(7, 64, 30, 30, channels_last=cl, backend='cpu',\n"
+                        "                    with_identity=True, act_out='relu'))\n"
+                        "print('checked')\n", SAE_KERNELS_CPU_CHUNK_BYTES=str(500_000))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "checked"
 
@@ -77,14 +85,12 @@ def test_chunks_of_samples():
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_every_instruction_set(isa):
     """Each compiled instruction set (where the CPU has it) within the accuracy contract."""
-    code = ("import torch, sys; sys.path.insert(0, 'tests'); from helpers import Case, check_case\n"
-            "from sae_kernels.kernels import cpu\n"
-            "check_case(Case(3, 40, 9, 11, backend='cpu', with_identity=True, act_out='relu'))\n"
-            "check_case(Case(2, 40, 9, 11, backend='cpu', channels_last=True,\n"
-            "                dtype=torch.bfloat16, weight_dtype=torch.float32))\n"
-            "print(cpu.isa())\n")
-    env = {**os.environ, "SAE_KERNELS_CPU_ISA": isa}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    result = run_checks(
+        "from sae_kernels.kernels import cpu\n"
+        "check_case(Case(3, 40, 9, 11, backend='cpu', with_identity=True, act_out='relu'))\n"
+        "check_case(Case(2, 40, 9, 11, backend='cpu', channels_last=True,\n"
+        "                dtype=torch.bfloat16, weight_dtype=torch.float32))\n"
+        "print(cpu.isa())\n", SAE_KERNELS_CPU_ISA=isa)
     if "lacks" in result.stderr:
         pytest.skip(f"this CPU has no {isa}")
     assert result.returncode == 0, result.stderr[-2000:]
