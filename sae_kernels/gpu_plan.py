@@ -373,13 +373,15 @@ def device_total(launches: list[Launch], spec: GpuSpec) -> float:
     return sum(device_seconds(launch, spec) for launch in launches)
 
 
-def fc_pipelined(kernel: str, one_chunk: bool) -> bool:
-    """Whether Triton software-pipelines the reduction loop of the batched FC launch
-    ``kernel`` ("fc1", "fc2", "fc2_backward", "fc1_backward"). fc1 and fc2_backward add up
-    the HW-chunk slots in a loop nested in it, which the pipeliner leaves alone; with
-    ``one_chunk`` (an argument equal to 1, compiled in as a constant) that loop is gone.
-    ``sae-kernels compile-report`` checks this against every build's TTGIR."""
-    return kernel not in ("fc1", "fc2_backward") or one_chunk
+def fc_pipelined(kernel: str, single_fc: bool, one_chunk: bool) -> bool:
+    """Whether Triton software-pipelines the loop of the batched FC launch ``kernel``
+    ("fc1", "fc2", "fc2_backward", "fc1_backward"): every loop with a product, FC1's and
+    FC2-backward's over the HW-chunk slots included (one loop over (channels, chunk)
+    steps). Not the single-FC form's FC2-backward, which has no product (dp = du) and
+    adds up the slots in a plain loop; with ``one_chunk`` (an argument equal to 1,
+    compiled in as a constant) that loop is gone. ``sae-kernels compile-report`` checks
+    this against every build's TTGIR."""
+    return not (kernel == "fc2_backward" and single_fc) or one_chunk
 
 
 def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, p: Problem,
@@ -389,18 +391,20 @@ def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, 
     chunk slots, the split parts of the launch before, u or p); its first output tile
     stores the finished input (z, du, p or dp). Split reductions write their parts, which
     the next launch reads. The products run on tensor cores (3xTF32; fp64 MMA): at these
-    sizes they are not the bound. A pipelined loop (:func:`fc_pipelined`) keeps
-    NUM_STAGES - 1 steps' loads in flight, else one."""
+    sizes they are not the bound. A step loads an input tile and the weight tile, and over
+    ``chunks`` slots one chunk's tile, the weight tile with the last; a pipelined loop
+    (:func:`fc_pipelined`) keeps NUM_STAGES - 1 steps' loads in flight, else one."""
     we = p.weight_element_size or p.element_size
     rows, cols, splits = tiles.grid(n, outputs)
     share = tiles.per_split(reduction) if splits > 1 else reduction
     parts = n * outputs * ACC_BYTES * splits
     samples = min(n, tiles.block_n)  # masked-off rows of a tile load nothing
-    steps = NUM_STAGES - 1 if fc_pipelined(name, chunks == 1) else 1
+    steps = NUM_STAGES - 1 if fc_pipelined(name, p.single_fc, chunks == 1) else 1
     return Launch(
         name, rows * cols * splits, program_hbm_bytes=tiles.block_m * share * we,
         program_l2_bytes=samples * share * ACC_BYTES * inputs,
-        in_flight=steps * tiles.block_r * (tiles.block_m * we + tiles.block_n * ACC_BYTES),
+        in_flight=steps * tiles.block_r * (tiles.block_m * we / chunks
+                                           + tiles.block_n * ACC_BYTES),
         hbm_bytes=outputs * reduction * we + n * reduction * (inputs + 1) * ACC_BYTES + parts)
 
 

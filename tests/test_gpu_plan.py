@@ -94,20 +94,30 @@ def test_the_model_counts_every_byte():
 
 
 def test_pipelining_is_credited_where_triton_pipelines():
-    """An FC loop keeps NUM_STAGES - 1 steps in flight where Triton pipelines it: not in
-    FC1 over several HW-chunk slots (summed in a nested loop). ``compile-report`` checks
-    this against each build's TTGIR."""
+    """Every FC loop with a product keeps NUM_STAGES - 1 steps' loads in flight
+    (``compile-report`` checks each build's TTGIR for the asynchronous copies). Over
+    several HW-chunk slots a step loads one chunk's slots, the weight tile with the last:
+    FC1 reads each further chunk's slots, and its weights once."""
     p = _problem(128, 2048, 49, 256)
     plan = plan_launch(p, H100, "split")
 
-    def fc1_in_flight(hw_chunk):
+    def fc1(hw_chunk):
         launches = gpu_plan.forward_launches(p, dataclasses.replace(plan, hw_chunk=hw_chunk),
                                              H100)
-        return next(launch.in_flight for launch in launches if launch.kernel == "fc1")
+        return next(launch for launch in launches if launch.kernel == "fc1")
 
+    tiles = plan.fc_to_k
+    one, four = fc1(plan.hw_chunk), fc1(13)
     assert plan.hw_chunks(p.hw) == 1
-    assert fc1_in_flight(plan.hw_chunk) == (gpu_plan.NUM_STAGES - 1) * fc1_in_flight(16)
-    assert gpu_plan.fc_pipelined("fc2", one_chunk=False)
+    steps = (gpu_plan.NUM_STAGES - 1) * tiles.block_r
+    assert one.in_flight == steps * (tiles.block_m * 2 + tiles.block_n * 4)
+    assert four.in_flight == steps * (tiles.block_m * 2 / 4 + tiles.block_n * 4)
+    assert four.program_hbm_bytes == one.program_hbm_bytes
+    assert four.program_l2_bytes == 4 * one.program_l2_bytes
+    assert gpu_plan.fc_pipelined("fc2_backward", single_fc=False, one_chunk=False)
+    # the single-FC form's FC2-backward only adds up the slots: a plain loop
+    assert not gpu_plan.fc_pipelined("fc2_backward", single_fc=True, one_chunk=False)
+    assert gpu_plan.fc_pipelined("fc2_backward", single_fc=True, one_chunk=True)
 
 
 def test_large_batches_are_offered_groups_that_fit_l2():

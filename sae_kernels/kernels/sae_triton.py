@@ -274,6 +274,30 @@ def _slot_sums(slots_ptr, offs_n, offs_c, mask, chunks, C):
 
 
 @triton.jit
+def _slot_steps(start, stop, chunks, BLOCK_R: tl.constexpr):
+    """Steps of a reduction over channels [start, stop) whose inputs are the HW-chunk slots
+    (FC1 forward, FC2 backward): one step per (BLOCK_R channels, chunk), chunks fastest.
+    One loop where a loop over the chunks nested in the reduction's would stop Triton's
+    pipeliner from keeping the next steps' loads in flight."""
+    return tl.cdiv(stop - start, BLOCK_R) * chunks
+
+
+@triton.jit
+def _slot_step(slots_ptr, rows_n, mask_n, step, sums, start, stop, chunks, C,
+               BLOCK_R: tl.constexpr):
+    """Step ``step`` of :func:`_slot_steps`: (its channels, their mask, the [samples,
+    channels] mask, the slots summed so far in chunk order (the same bits whatever the
+    launch order), whether that sum is complete)."""
+    chunk = step % chunks
+    offs_r = start + (step // chunks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < stop
+    mask = mask_n[:, None] & mask_r[None, :]
+    slot = tl.load(slots_ptr + (rows_n * chunks + chunk) * C + offs_r[None, :], mask=mask,
+                   other=0.0)
+    return offs_r, mask_r, mask, tl.where(chunk == 0, slot, sums + slot), chunk == chunks - 1
+
+
+@triton.jit
 def _dot(acc, a, w):
     """acc + a @ w on tensor cores, a in the accumulation dtype, w as loaded.
 
@@ -328,15 +352,17 @@ def sae_fc1_kernel(
     mask_n, mask_m = offs_n < N, offs_m < K
     rows_n = offs_n.to(tl.int64)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=slots_ptr.dtype.element_ty)
+    sums = tl.zeros([BLOCK_N, BLOCK_R], dtype=slots_ptr.dtype.element_ty)
     start, stop = _reduction_range(C, C_PER_SPLIT)
-    for r0 in range(start, stop, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < stop
-        mask = mask_n[:, None] & mask_r[None, :]
-        z = _slot_sums(slots_ptr, offs_n, offs_r, mask, chunks, C) / HW
+    for step in range(0, _slot_steps(start, stop, chunks, BLOCK_R)):
+        offs_r, mask_r, mask, sums, complete = _slot_step(slots_ptr, rows_n, mask_n, step, sums,
+                                                          start, stop, chunks, C, BLOCK_R)
+        z = sums / HW
         if tl.program_id(1) == 0:
-            tl.store(z_ptr + rows_n * C + offs_r[None, :], z, mask=mask)
-        acc = _dot(acc, z, _weight_tile(w1_ptr, w1_sc, w1_sk, offs_r, offs_m, mask_r, mask_m))
+            tl.store(z_ptr + rows_n * C + offs_r[None, :], z, mask=mask & complete)
+        # the other steps multiply zeros (no weight bytes loaded): acc keeps its bits
+        acc = _dot(acc, tl.where(complete, z, 0.0),
+                   _weight_tile(w1_ptr, w1_sc, w1_sk, offs_r, offs_m, mask_r & complete, mask_m))
     if HAS_B1:
         if tl.program_id(2) == 0:
             acc += tl.load(b1_ptr + offs_m, mask=mask_m, other=0.0).to(acc.dtype)[None, :]
@@ -515,17 +541,18 @@ def sae_fc2_backward_kernel(
     rows_n = offs_n.to(tl.int64)[:, None]
     if HAS_FC2:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=slots_ptr.dtype.element_ty)
+        sums = tl.zeros([BLOCK_N, BLOCK_R], dtype=slots_ptr.dtype.element_ty)
         start, stop = _reduction_range(C, C_PER_SPLIT)
-        for r0 in range(start, stop, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < stop
-            mask = mask_n[:, None] & mask_r[None, :]
-            u = tl.load(u_ptr + rows_n * C + offs_r[None, :], mask=mask, other=0.0)
-            du = _slot_sums(slots_ptr, offs_n, offs_r, mask, chunks, C) * gate_grad(u, GATE)
+        for step in range(0, _slot_steps(start, stop, chunks, BLOCK_R)):
+            offs_r, mask_r, mask, sums, complete = _slot_step(
+                slots_ptr, rows_n, mask_n, step, sums, start, stop, chunks, C, BLOCK_R)
+            u = tl.load(u_ptr + rows_n * C + offs_r[None, :], mask=mask & complete, other=0.0)
+            du = sums * gate_grad(u, GATE)
             if tl.program_id(1) == 0:
-                tl.store(du_ptr + rows_n * C + offs_r[None, :], du, mask=mask)
-            acc = _dot(acc, du, _weight_tile(w2_ptr, w2_sc, w2_sk, offs_r, offs_m, mask_r,
-                                             mask_m))
+                tl.store(du_ptr + rows_n * C + offs_r[None, :], du, mask=mask & complete)
+            # the other steps multiply zeros (no weight bytes loaded): acc keeps its bits
+            acc = _dot(acc, tl.where(complete, du, 0.0), _weight_tile(
+                w2_ptr, w2_sc, w2_sk, offs_r, offs_m, mask_r & complete, mask_m))
         mask = mask_n[:, None] & mask_m[None, :]
         if DP_SPLITS == 1:
             acc *= activation_grad(tl.load(p_ptr + rows_n * K + offs_m[None, :], mask=mask,

@@ -317,6 +317,7 @@ def _pipelining(build: Build, ttgir: str) -> tuple[bool | None, str]:
         return None, ""
     pipelined = "async_copy_global_to_local" in ttgir
     modelled = gpu_plan.fc_pipelined(FC_KERNELS[build.kernel],
+                                     build.flags.get("HAS_FC2") is False,
                                      build.specialised.get("chunks") == 1)
     if pipelined == modelled:
         return pipelined, ""
