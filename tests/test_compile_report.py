@@ -19,8 +19,8 @@ def run_python(*args: str, timeout: int) -> subprocess.CompletedProcess:
 
 #: Two parts of the report, each GPU's plans built for its own architecture and each dtype
 #: on one of the two, so that every kernel, dtype, shape, layout, batch size and strategy,
-#: both GPUs' plans and both architectures are built: 1,878 builds, where
-#: ``sae-kernels compile-report`` builds the whole product (5,058: each plan on both).
+#: both GPUs' plans and both architectures are built (``sae-kernels compile-report``
+#: builds the whole product: each plan for both architectures, in every dtype).
 PARTS = [("sm_80", "a100", ["fp32", "bf16"]), ("sm_90", "h100", ["fp16", "fp64"])]
 
 
