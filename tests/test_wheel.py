@@ -1,5 +1,6 @@
-"""A wheel carries the C++ sources: installed into a fresh environment, it builds and runs
-the CPU kernels as a checkout does. The build cache is keyed on the sources' content."""
+"""A wheel carries the C++ sources: installed into a fresh environment, it finds and runs
+the CPU kernels a checkout of the same sources built. The build cache is keyed on the
+sources' content."""
 
 import os
 import shutil
@@ -31,8 +32,11 @@ def test_cache_key_follows_the_sources(tmp_path, monkeypatch):
                     reason="no C++ compiler")
 def test_wheel_in_a_fresh_environment_runs_the_cpu_kernels(tmp_path):
     """Build the wheel, install it (no dependencies: torch comes from this environment
-    through a path file) into a new virtual environment, and run the fused op there from
-    a freshly built library."""
+    through a path file) into a new virtual environment, and run the fused op there. The
+    installed package digests its own copy of the sources, so it finds this checkout's
+    library (built here first) only if the wheel carries every source and header byte for
+    byte: a missing or changed file gives another digest, and a library built elsewhere."""
+    checkout_library = cpu.build()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True,
                    capture_output=True)
@@ -63,11 +67,12 @@ def test_wheel_in_a_fresh_environment_runs_the_cpu_kernels(tmp_path):
         torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-6)
         print(cpu.isa())
         """)
+    env = {**os.environ, "SAE_KERNELS_BUILD_DIR": str(cpu.build_dir().parent)}
     result = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "SAE_KERNELS_BUILD_DIR": str(tmp_path / "build")})
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     package, sources, library, isa = result.stdout.split()[-4:]
     assert package.startswith(fresh_site)
     assert sources == str(Path(fresh_site) / "sae_kernels" / "csrc")
-    assert library.startswith(str(tmp_path / "build")) and Path(library).is_file()
+    assert library == str(checkout_library)
     assert isa in ("avx512", "avx2", "generic")

@@ -320,11 +320,13 @@ def _weight_tile(w_ptr, w_s_rows, w_s_cols, offs_r, offs_m, mask_r, mask_m):
 
 
 @triton.jit
-def _split_sums(ptrs, mask, split_stride, SPLITS: tl.constexpr):
-    """The SPLITS partial results of an FC whose reduction was split (``ptrs`` into the
-    first, the others ``split_stride`` apart), added in split order."""
+def _split_sums(ptrs, mask, split_stride, splits):
+    """The ``splits`` partial results of an FC whose reduction was split (``ptrs`` into the
+    first, the others ``split_stride`` apart), added in split order. The batched FC
+    kernels pass a constexpr count: their reduction loop, which holds this one, is
+    software-pipelined only while this loop's trip count is a constant."""
     acc = tl.load(ptrs, mask=mask, other=0.0)
-    for split in range(1, SPLITS):
+    for split in range(1, splits):
         acc += tl.load(ptrs + split * split_stride, mask=mask, other=0.0)
     return acc
 
@@ -404,8 +406,8 @@ def sae_fc2_kernel(
 
 @triton.jit
 def _fc2_rows(p_parts_row, p_row, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c, mask_c, K,
-              STORE_P, ACT: tl.constexpr, HAS_B2: tl.constexpr, P_SPLITS: tl.constexpr,
-              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+              STORE_P, ACT: tl.constexpr, HAS_B2: tl.constexpr, p_splits,
+              P_IN_PARTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """u of one sample for the channels ``offs_c``: act(p) W2[offs_c]^T + b2 (a GEMV on the
     program's own channels, for plans that give FC2 no launch of its own); p is summed from
     its split parts, and stored under ``STORE_P`` when there are several."""
@@ -414,8 +416,8 @@ def _fc2_rows(p_parts_row, p_row, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c, mask_
     for r0 in range(0, K, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < K
-        p = _split_sums(p_parts_row + offs_r, mask_r, N * K, P_SPLITS)
-        if P_SPLITS > 1:
+        p = _split_sums(p_parts_row + offs_r, mask_r, N * K, p_splits)
+        if P_IN_PARTS:
             if STORE_P:
                 tl.store(p_row + offs_r, p, mask=mask_r)
         w = tl.load(w2_ptr + offs_c[:, None] * w2_sc + offs_r[None, :] * w2_sk,
@@ -427,11 +429,12 @@ def _fc2_rows(p_parts_row, p_row, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c, mask_
     return u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["p_splits"])
 def sae_rescale_kernel(
     x_ptr, x_sn, x_sc, x_shw, prologue_ptr, id_ptr, id_sn, id_sc, id_shw, y_ptr, y_sn, y_sc,
     y_shw, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, u_ptr, N, C, HW, K, HW_PER_CHUNK,
-    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_SPLITS: tl.constexpr,
+    p_splits,
+    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_IN_PARTS: tl.constexpr,
     GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -448,8 +451,8 @@ def sae_rescale_kernel(
     u_row = u_ptr + n * C
     if FC2_HERE:
         u = _fc2_rows(p_parts_ptr + n * K, p_ptr + n * K, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c,
-                      mask_c, K, (block == 0) & (chunk == 0), ACT, HAS_B2, P_SPLITS, BLOCK_C,
-                      BLOCK_R)
+                      mask_c, K, (block == 0) & (chunk == 0), ACT, HAS_B2, p_splits, P_IN_PARTS,
+                      BLOCK_C, BLOCK_R)
         if chunk == 0:
             tl.store(u_row + offs_c, u, mask=mask_c)
     else:
@@ -461,11 +464,11 @@ def sae_rescale_kernel(
              HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_HW)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["p_splits"])
 def sae_rescale_flat_kernel(
     x_ptr, x_sn, prologue_ptr, id_ptr, y_ptr, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr,
-    u_ptr, N, C, HW, K, PER_CHUNK,
-    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_SPLITS: tl.constexpr,
+    u_ptr, N, C, HW, K, PER_CHUNK, p_splits,
+    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_IN_PARTS: tl.constexpr,
     GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -489,7 +492,7 @@ def sae_rescale_flat_kernel(
         offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         u = _fc2_rows(p_parts_ptr + n * K, p_ptr + n * K, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c,
-                      mask_c, K, chunk == 0, ACT, HAS_B2, P_SPLITS, BLOCK_C, BLOCK_R)
+                      mask_c, K, chunk == 0, ACT, HAS_B2, p_splits, P_IN_PARTS, BLOCK_C, BLOCK_R)
         tl.store(u_row + offs_c, u, mask=mask_c)
         tl.debug_barrier()
     for e0 in range(start, stop, BLOCK):
@@ -513,12 +516,12 @@ def sae_rescale_flat_kernel(
 
 
 @triton.jit
-def _finished_dp(parts_ptrs, p_ptrs, mask, split_stride, ACT: tl.constexpr,
-                 SPLITS: tl.constexpr):
+def _finished_dp(parts_ptrs, p_ptrs, mask, split_stride, ACT: tl.constexpr, splits,
+                 IN_PARTS: tl.constexpr):
     """dp from the split parts of du W2: summed in split order, times act'(p); with one
     split the parts are dp already."""
-    dp = _split_sums(parts_ptrs, mask, split_stride, SPLITS)
-    if SPLITS > 1:
+    dp = _split_sums(parts_ptrs, mask, split_stride, splits)
+    if IN_PARTS:
         dp *= activation_grad(tl.load(p_ptrs, mask=mask, other=0.0), ACT)
     return dp
 
@@ -527,7 +530,7 @@ def _finished_dp(parts_ptrs, p_ptrs, mask, split_stride, ACT: tl.constexpr,
 def sae_fc2_backward_kernel(
     slots_ptr, u_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, du_ptr, dp_parts_ptr, N, C, K, chunks,
     C_PER_SPLIT,
-    ACT: tl.constexpr, GATE: tl.constexpr, HAS_FC2: tl.constexpr, DP_SPLITS: tl.constexpr,
+    ACT: tl.constexpr, GATE: tl.constexpr, HAS_FC2: tl.constexpr, DP_IN_PARTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Split backward 2, grid (sample tiles, K tiles, C splits): du = ds * gate'(u) over the
@@ -554,7 +557,7 @@ def sae_fc2_backward_kernel(
             acc = _dot(acc, tl.where(complete, du, 0.0), _weight_tile(
                 w2_ptr, w2_sc, w2_sk, offs_r, offs_m, mask_r & complete, mask_m))
         mask = mask_n[:, None] & mask_m[None, :]
-        if DP_SPLITS == 1:
+        if not DP_IN_PARTS:
             acc *= activation_grad(tl.load(p_ptr + rows_n * K + offs_m[None, :], mask=mask,
                                            other=0.0), ACT)
         tl.store(dp_parts_ptr + tl.program_id(2) * N * K + rows_n * K + offs_m[None, :], acc,
@@ -586,7 +589,8 @@ def sae_fc1_backward_kernel(
         mask_r = offs_r < K
         mask = mask_n[:, None] & mask_r[None, :]
         offsets = rows_n * K + offs_r[None, :]
-        dp = _finished_dp(dp_parts_ptr + offsets, p_ptr + offsets, mask, N * K, ACT, DP_SPLITS)
+        dp = _finished_dp(dp_parts_ptr + offsets, p_ptr + offsets, mask, N * K, ACT, DP_SPLITS,
+                          DP_SPLITS > 1)
         if DP_SPLITS > 1:
             if tl.program_id(1) == 0:
                 tl.store(dp_ptr + offsets, dp, mask=mask)
@@ -596,7 +600,7 @@ def sae_fc1_backward_kernel(
 
 @triton.jit
 def _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, offs_c, mask_c, K,
-                       STORE_DP, ACT: tl.constexpr, DP_SPLITS: tl.constexpr,
+                       STORE_DP, ACT: tl.constexpr, dp_splits, DP_IN_PARTS: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """dz of one sample for the channels ``offs_c``: dp W1[:, offs_c] (a GEMV on the
     program's own channels, for plans that give it no launch of its own); dp is finished
@@ -606,8 +610,9 @@ def _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, off
     for r0 in range(0, K, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < K
-        dp = _finished_dp(dp_parts_row + offs_r, p_row + offs_r, mask_r, N * K, ACT, DP_SPLITS)
-        if DP_SPLITS > 1:
+        dp = _finished_dp(dp_parts_row + offs_r, p_row + offs_r, mask_r, N * K, ACT, dp_splits,
+                          DP_IN_PARTS)
+        if DP_IN_PARTS:
             if STORE_DP:
                 tl.store(dp_row + offs_r, dp, mask=mask_r)
         w = tl.load(w1_ptr + offs_r[:, None] * w1_sk + offs_c[None, :] * w1_sc,
@@ -616,13 +621,13 @@ def _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, off
     return tl.sum(acc, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dp_splits"])
 def sae_backward_dx_kernel(
     x_ptr, x_sn, x_sc, x_shw, prologue_ptr, g_ptr, g_sn, g_sc, g_shw, y_ptr, y_sn, y_sc, y_shw,
     dx_ptr, dx_sn, dx_sc, dx_shw, did_ptr, did_sn, did_sc, did_shw, u_ptr, dp_parts_ptr, p_ptr,
-    dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, d_prologue_ptr, N, C, HW, K, HW_PER_CHUNK,
+    dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, d_prologue_ptr, N, C, HW, K, HW_PER_CHUNK, dp_splits,
     ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
-    FC1_HERE: tl.constexpr, DP_SPLITS: tl.constexpr,
+    FC1_HERE: tl.constexpr, DP_IN_PARTS: tl.constexpr,
     WRITE_D_IDENTITY: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     PROLOGUE_GRADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -651,7 +656,7 @@ def sae_backward_dx_kernel(
     if FC1_HERE:
         dz = _fc1_backward_rows(dp_parts_ptr + n * K, p_ptr + n * K, dp_ptr + n * K, N, w1_ptr,
                                 w1_sk, w1_sc, offs_c, mask_c, K, (block == 0) & (chunk == 0),
-                                ACT, DP_SPLITS, BLOCK_C, BLOCK_R)
+                                ACT, dp_splits, DP_IN_PARTS, BLOCK_C, BLOCK_R)
     else:
         dz = tl.load(dz_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     dz_mean = dz / HW
@@ -737,6 +742,14 @@ def _fc_launch(tiles: gpu_plan.FcTiles) -> dict:
     thread can have (without the limit ptxas trades a few spilled bytes for occupancy)."""
     return dict(BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_r,
                 num_warps=4, maxnreg=gpu_plan.MAX_REGISTERS)
+
+
+def _splits(name: str, tiles: gpu_plan.FcTiles) -> dict:
+    """How many split parts of p (``name`` "p") or dp ("dp") an FC left, for the streaming
+    kernels (whose FC loops are not pipelined either way): the count is a plain argument,
+    compiled in only as whether there are several, so that a new split count (a new batch
+    size or width) builds nothing new."""
+    return {f"{name}_splits": tiles.splits, f"{name.upper()}_IN_PARTS": tiles.splits > 1}
 
 
 def _groups(n: int, plan: LaunchPlan) -> list[slice]:
@@ -840,14 +853,14 @@ def forward(
             sae_rescale_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
                 xg, c * hw, pro_arg, idg, yg, p_parts, pg, w2, *w2.stride(), b2, ug, samples, c,
                 hw, k, per_chunk, ACT=act_code, HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here,
-                P_SPLITS=fc1.splits, **epilogue, **prologue, BLOCK=FLAT_BLOCK,
+                **_splits("p", fc1), **epilogue, **prologue, BLOCK=FLAT_BLOCK,
                 BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options(),
             )
         else:
             sae_rescale_kernel[(samples * blocks_c * chunks,)](
                 xg, *xs, pro_arg, idg, *ids, yg, *ys, p_parts, pg, w2, *w2.stride(), b2, ug,
                 samples, c, hw, k, plan.hw_chunk, ACT=act_code, HAS_B2=fc2_bias is not None,
-                FC2_HERE=fc2_here, P_SPLITS=fc1.splits, **epilogue, BLOCK_R=plan.block_r,
+                FC2_HERE=fc2_here, **_splits("p", fc1), **epilogue, BLOCK_R=plan.block_r,
                 **streaming,
             )
     return y, z, p, u
@@ -927,7 +940,7 @@ def backward(
         sae_fc2_backward_kernel[fc2.grid(samples, k)](
             slots, ug, pg, w2, *w2.stride(), dug, dp_parts, samples, c, k, chunks,
             fc2.per_split(c), ACT=act_code, GATE=GATES.index(gate), HAS_FC2=has_fc2,
-            DP_SPLITS=fc2.splits, **_fc_launch(fc2),
+            DP_IN_PARTS=fc2.splits > 1, **_fc_launch(fc2),
         )
         if not fc1_here:
             sae_fc1_backward_kernel[plan.fc_to_c.grid(samples, c)](
@@ -938,7 +951,7 @@ def backward(
             xg, *xs, pro_arg, gg, *gs, yg, *ys, dxg, *dxs, didg, *dids, ug, dp_parts, pg, dpg,
             fc1_weight, *fc1_weight.stride(), dzg, partsg, samples, c, hw, k, plan.hw_chunk,
             ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
-            FC1_HERE=fc1_here, DP_SPLITS=fc2.splits, WRITE_D_IDENTITY=write_d_identity,
+            FC1_HERE=fc1_here, **_splits("dp", fc2), WRITE_D_IDENTITY=write_d_identity,
             PROLOGUE_GRADS=prologue_grads, BLOCK_R=plan.block_r, **streaming,
         )
     d_prologue = d_prologue_parts.sum((0, 1)) if prologue_grads else u.new_empty((0,))

@@ -267,13 +267,25 @@ def builds(targets: Iterable[str] = TARGETS,
     """The distinct builds of the launches of every host call in ``dtypes``, planned for
     each of ``gpus``, in the order first launched."""
     found: dict[str, Build] = {}
+    seen: set[tuple] = set()  # launches already specialised (a sample group's repeat, ...)
     for gpu, (where, call) in itertools.product(gpus, host_calls(dtypes)):
         with recording(gpu) as launches:
             call()
         for launch, target in itertools.product(launches, targets):
+            if (_launch_key(launch), target) in seen:
+                continue
+            seen.add((_launch_key(launch), target))
             build = specialise(launch, target, f"{where} ({gpu.name})")
             found.setdefault(build.key, build)
     return sorted(found.values(), key=lambda b: list(TARGETS).index(b.target))
+
+
+def _launch_key(launch: Launch) -> tuple:
+    """Equal for launches that specialise alike: what Triton's launcher reads of each
+    argument (a tensor's dtype and 16-byte alignment, any other value as it is)."""
+    args = tuple((str(a.dtype), a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a
+                 for a in launch.args)
+    return (launch.kernel, args, tuple(launch.kwargs.items()), tuple(launch.options.items()))
 
 
 @dataclasses.dataclass
