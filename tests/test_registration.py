@@ -130,7 +130,8 @@ def test_gradcheck_single_fc(backend, strategy):
         return sae(x, w1, b1, None, None, identity, gate="sigmoid", residual=True,
                    act_out="relu", backend=backend, strategy=strategy)
 
-    assert torch.autograd.gradcheck(fn, (x, w1, b1, identity))
+    # the interpreter's launches are slow: random projections of the Jacobian for Triton
+    assert torch.autograd.gradcheck(fn, (x, w1, b1, identity), fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend, strategy, compiler", [
