@@ -12,7 +12,11 @@ element of any output or gradient may differ from the truth by at most
   their rounding, so their rtol is one eps (twice the rounding alone);
 - atol (times the tensor's largest magnitude, a fraction of eps) covers gradients that
   are sums over the batch (dW, db) or that cancel (dx = g*s + dz/HW): they lose relative
-  accuracy on elements far below the tensor's largest.
+  accuracy on elements far below the tensor's largest. A sum over the batch can also
+  cancel as a whole (a bias gradient of one element, two samples' terms of 1.91 and
+  -1.91 summing to -5.6e-4): its rounding follows the terms, not the sum, so for such
+  gradients the magnitude atol applies to is the larger of the tensor's and its largest
+  per-sample term's (``scale``).
 """
 
 import torch
@@ -26,11 +30,13 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
-def error_ratio(actual: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Elementwise |actual - truth| / bound, in float64 on truth's device; <= 1 passes."""
+def error_ratio(actual: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype,
+                scale: float = 0.0) -> torch.Tensor:
+    """Elementwise |actual - truth| / bound, in float64 on truth's device; <= 1 passes.
+    ``scale``: for a sum over the batch, the largest magnitude of its per-sample terms."""
     rtol, atol = TOLERANCES[dtype]
     a, t = actual.detach().double().to(truth.device), truth.detach().double()
-    scale = t.abs().max() if t.numel() else t.new_zeros(())
+    scale = max(t.abs().max().item() if t.numel() else 0.0, scale)
     bound = rtol * t.abs() + atol * scale
     err = (a - t).abs()
     # an exact match is within any bound, including a zero one
