@@ -15,7 +15,8 @@ def _sae_forward(x, fc1_weight, fc1_bias, fc2_weight, *args, out_shape=None, **k
     return fc_flops(x[0], x[1], fc1_weight[0], fc2_weight is None)
 
 
-def _sae_backward(grad, x, y, fc1_weight, fc2_weight, *args, out_shape=None, **kwargs) -> int:
+def _sae_backward(grad, x, relu_mask, fc1_weight, fc2_weight, *args, out_shape=None,
+                  **kwargs) -> int:
     # dh and dz run in the kernels; ops.py computes the weight gradients as aten.mm,
     # which the counter sees by itself
     return fc_flops(x[0], x[1], fc1_weight[0], fc2_weight is None)

@@ -56,9 +56,14 @@ def sae(
                                       identity, ACTIVATIONS.index(act), GATES.index(gate),
                                       residual, act_out == "relu", prologue_scale,
                                       prologue_shift, PROLOGUE_ACTIVATIONS.index(prologue_act))
+    # the ReLU tail's backward reads a mask the forward writes only where a gradient is due
+    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, prologue_scale,
+               prologue_shift)
+    save_relu_mask = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
     return ops.sae_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
                            residual, act_out, strategy, prologue_scale, prologue_shift,
-                           prologue_act)[0]
+                           prologue_act, save_relu_mask)[0]
 
 
 def _composite_in_x_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *options

@@ -20,9 +20,9 @@ dependent kernels plus the larger of its HBM bytes at the device's bandwidth and
 serial tail: waves of programs, each program moving its bytes at what Little's law allows
 for the bytes it keeps in flight, plus its CUDA-core FLOPs (:func:`device_seconds`). The
 host issues the launches while the device runs them, so a call takes the longer of the
-two. Every byte counted: x, y, identity and g, the weights (per program for the GEMVs,
-once from HBM for the batched FCs), the slots, the split parts, z, p and u. The same
-terms model what torch.compile generates for the block (:func:`compile_launches`).
+two. Every byte counted: x, y, identity, g and the ReLU mask, the weights (per program
+for the GEMVs, once from HBM for the batched FCs), the slots, the split parts, z, p and
+u. The same terms model what torch.compile generates for the block (:func:`compile_launches`).
 Constants are per GPU in :data:`GPUS`, with their sources; ``sae-kernels gpu-check`` fits
 the kernel gap and the bandwidth to measured times.
 """
@@ -39,6 +39,7 @@ import torch
 
 from .cost import sae_cost
 from .dispatch import check_strategy
+from .layout import MASK_BITS
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,10 @@ class Problem:
     channels_last: bool
     weight_element_size: int = 0
     has_identity: bool = False
-    #: the ReLU tail (its backward reads y for the mask)
+    #: the ReLU tail (its backward reads the mask of ``layout.relu_mask``)
     relu_out: bool = False
+    #: the forward writes that mask (for a backward to come)
+    writes_mask: bool = False
     prologue: bool = False
     #: the single-FC form (one C x C FC, no FC2)
     single_fc: bool = False
@@ -152,6 +155,17 @@ class Problem:
     def weight_bytes(self) -> int:
         """Bytes of one FC's weight (FC1 K x C; FC2 C x K)."""
         return self.k * self.c * (self.weight_element_size or self.element_size)
+
+    @property
+    def flat_rescale_fits(self) -> bool:
+        """Whether the flat rescale can run: x, identity and y in rows, and where it writes
+        the ReLU mask, whole bytes of it per channel."""
+        return self.flat and (not self.writes_mask or self.hw % MASK_BITS == 0)
+
+    @property
+    def mask_streams(self) -> float:
+        """The ReLU mask's bytes per element of x, in elements of x (one bit each)."""
+        return 1 / (MASK_BITS * self.element_size)
 
 
 @dataclass(frozen=True)
@@ -228,14 +242,17 @@ def _streaming_tiles(p: Problem, spec: GpuSpec) -> tuple[list[tuple[int, int]], 
 
     fp64 accumulates in fp64, and the prologue keeps more values live per element (its
     backward a second input stream and two sums): each halves the elements per tile,
-    which keeps the registers per thread.
+    which keeps the registers per thread. Where the forward writes the ReLU mask the
+    contiguous side holds whole bytes of it.
     """
     wide = p.element_size == 8
     tile = spec.tile_elements // (2 if wide else 1) // (2 if p.prologue else 1)
+    shortest = MASK_BITS if p.writes_mask else 1  # the mask's whole bytes
     if p.channels_last:
-        widths = {min(_pow2(p.c), spec.max_contiguous_block), min(_pow2(p.c), 64)}
+        widths = {max(shortest, min(_pow2(p.c), width))
+                  for width in (spec.max_contiguous_block, 64)}
         return [(c, min(_pow2(p.hw), max(1, tile // c))) for c in sorted(widths)], tile
-    block_hw = min(_pow2(p.hw), spec.max_contiguous_block)
+    block_hw = max(shortest, min(_pow2(p.hw), spec.max_contiguous_block))
     return [(min(_pow2(p.c), max(1, tile // block_hw)), block_hw)], tile
 
 
@@ -276,12 +293,23 @@ def _hw_chunks(p: Problem, group: int, block_c: int, block_hw: int,
                                   min(most, MAX_CHUNKS))})
 
 
+def _sample_groups(p: Problem, spec: GpuSpec) -> list[int]:
+    """Samples per group to offer: the whole batch, and for each first pass the largest
+    group whose streams fit in half the L2, so that the second pass finds them there: the
+    forward's x; the backward's g and x (and the ReLU tail's mask). Each is evened out
+    over the batch (128 in groups of 65 runs as 64 + 64), no group a small remainder."""
+    groups = {p.n}
+    for streams in sorted({1, 2 + p.relu_out * p.mask_streams}):
+        fits = max(1, int(spec.l2_bytes // 2 // max(1, streams * p.sample_bytes)))
+        if fits < p.n:
+            groups.add(triton_cdiv(p.n, triton_cdiv(p.n, fits)))
+    return sorted(groups)
+
+
 def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
     tiles, tile = _streaming_tiles(p, spec)
     wide = p.element_size == 8
-    # the largest group whose x (and g) fits in half the L2, or the whole batch
-    fits = max(1, (spec.l2_bytes // 2) // max(1, 2 * p.sample_bytes))
-    groups = sorted({p.n, min(p.n, fits)}) if p.n else [p.n]
+    groups = _sample_groups(p, spec)
     plans = []
     for block_c, block_hw in tiles:
         base = dict(block_c=block_c, block_hw=block_hw,
@@ -300,7 +328,7 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
                     _hw_chunks(p, group, block_c, block_hw, spec),
                     (False, True) if not p.single_fc else (False,), to_k):
                 # the flat rescale computes FC2 itself only over whole channel blocks
-                flat = p.flat and (not in_stream or hw_chunk >= p.hw)
+                flat = p.flat_rescale_fits and (not in_stream or hw_chunk >= p.hw)
                 # FC2 (FC1-backward) tiles matter only when it has a launch of its own
                 for fc_to_c in to_c[:1] if in_stream or p.single_fc else to_c:
                     plans.append(LaunchPlan(
@@ -318,6 +346,7 @@ def plan_launch(problem: Problem, spec: GpuSpec, strategy: str = "auto",
     weighing the candidates costs milliseconds of Python, every call asks."""
     check_strategy(strategy)
     if backward:
+        problem = dataclasses.replace(problem, writes_mask=False)
         return min(_candidates(problem, spec, "split"),
                    key=lambda pl: call_seconds(backward_launches(problem, pl, spec), spec))
     return min(_candidates(problem, spec, strategy),
@@ -439,7 +468,8 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
         # one program per sample: x from HBM, again from L2 if the samples in flight fit
         in_flight = min(p.n, spec.sms * spec.programs_per_sm) * p.sample_bytes
         reread = in_flight > spec.l2_bytes // 2
-        single = _stream_launch("single", p, plan, p.n, 2 + reread + p.has_identity,
+        single = _stream_launch("single", p, plan, p.n,
+                                2 + reread + p.has_identity + p.writes_mask * p.mask_streams,
                                 float(not reread))
         # one program: the whole sample, and both GEMVs over the whole weights (from L2)
         return [dataclasses.replace(
@@ -457,8 +487,9 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
         launches.append(_fc_launch("fc1", n, p.k, p.c, plan.fc_to_k, p, chunks, chunks))
         if fcs == 2 and not plan.gemv_in_stream:
             launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p, p_parts))
+        hbm_streams = 2 - in_l2 + p.has_identity + p.writes_mask * p.mask_streams
         launches.append(_stream_launch(
-            "rescale", p, plan, n, 2 - in_l2 + p.has_identity, in_l2,
+            "rescale", p, plan, n, hbm_streams, in_l2,
             p_parts * (plan.gemv_in_stream and fcs == 2), plan.flat_rescale))
     return launches
 
@@ -470,9 +501,10 @@ def backward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launc
         return []
     fcs = 1 if p.single_fc else 2
     launches = []
-    reads = 2 + p.relu_out  # g, x, and y for the ReLU tail's mask
-    # the dx pass reads g (and y) again, and x with a prologue; writes dx (and d_identity)
-    second_reads = 1 + p.relu_out + p.prologue
+    reads = 2 + p.relu_out * p.mask_streams  # g, x, and the ReLU tail's mask
+    # the dx pass reads g (and the mask) again, and x with a prologue; writes dx (and
+    # d_identity)
+    second_reads = 1 + p.relu_out * p.mask_streams + p.prologue
     writes = 1 + (p.has_identity and p.relu_out)
     for n in _groups(p.n, plan.sample_group):
         chunks = plan.hw_chunks(p.hw)
@@ -518,9 +550,14 @@ def _row_efficiency(p: Problem, plan: LaunchPlan) -> float:
     return 1.0 if p.channels_last else min(1.0, p.hw / plan.block_hw)
 
 
+def training_forward(p: Problem) -> Problem:
+    """The forward's problem where a backward follows: it writes the ReLU tail's mask."""
+    return dataclasses.replace(p, writes_mask=p.relu_out)
+
+
 def model_seconds(p: Problem, plan: LaunchPlan, spec: GpuSpec, backward: bool = False) -> float:
     """Modelled seconds of the forward under ``plan``, or of it and the backward under
-    its own plan (two calls)."""
+    its own plan (two calls; ``p`` then the :func:`training_forward`'s)."""
     seconds = call_seconds(forward_launches(p, plan, spec), spec)
     if backward:
         backward_plan = plan_launch(p, spec, "split", backward=True)

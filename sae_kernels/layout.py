@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+#: Elements of the ReLU tail's mask per byte, along x's contiguous axis (``relu_mask``).
+MASK_BITS = 8
+
 
 def nc_hw_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(stride_n, stride_c, stride_hw) of ``t`` read as (N, C, H*W); None if H, W don't flatten."""
@@ -40,3 +43,28 @@ def output_like(x: torch.Tensor) -> torch.Tensor:
 def is_channels_last(strides: tuple[int, int, int], channels: int) -> bool:
     """Whether channels are the contiguous axis, which decides the tile shape."""
     return channels > 1 and strides[1] == 1
+
+
+def relu_mask(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised mask of the ReLU tail for ``x``: which elements the forward kept
+    (the backward's ``y > 0``), a bit each, eight to a byte along x's contiguous axis as
+    read (``readable``), bit i the i-th: (N, C, ceil(HW / 8)) bytes, or (N, HW, ceil(C / 8))
+    for channels_last. Tiles that write it are whole bytes long on that axis
+    (``gpu_plan``)."""
+    n, c, h, w = x.shape
+    if _packs_channels(x):
+        return x.new_empty((n, h * w, -(-c // MASK_BITS)), dtype=torch.uint8)
+    return x.new_empty((n, c, -(-(h * w) // MASK_BITS)), dtype=torch.uint8)
+
+
+def relu_mask_strides(mask: torch.Tensor, x: torch.Tensor) -> tuple[tuple[int, int, int], bool]:
+    """The (N, C, HW) strides of ``relu_mask(x)``, its packed axis counted in bytes, and
+    whether it packs channels."""
+    if _packs_channels(x):
+        return (mask.stride(0), 1, mask.stride(1)), True
+    return (mask.stride(0), mask.stride(1), 1), False
+
+
+def _packs_channels(x: torch.Tensor) -> bool:
+    strides = nc_hw_strides(x)
+    return strides is not None and is_channels_last(strides, x.shape[1])

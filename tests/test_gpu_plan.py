@@ -76,6 +76,18 @@ def test_the_model_counts_every_byte():
     assert seconds(dataclasses.replace(base, k=256)) > seconds(base)
     assert seconds(dataclasses.replace(base, has_identity=True)) > seconds(base)
     assert seconds(base, backward=True) > seconds(base)
+    # the ReLU tail: the training forward writes a bit per element, the backward reads it
+    relu = dataclasses.replace(base, relu_out=True)
+    x_bytes = base.n * base.sample_bytes
+
+    def hbm_bytes(p, launches):
+        return sum(x.hbm_bytes for x in launches(p, plan, spec))
+
+    for launches, p in ((gpu_plan.forward_launches, gpu_plan.training_forward(relu)),
+                        (gpu_plan.backward_launches, relu)):
+        added = hbm_bytes(p, launches) - hbm_bytes(base, launches)
+        assert added == pytest.approx(x_bytes / 16, rel=0.01), launches.__name__
+    assert hbm_bytes(relu, gpu_plan.forward_launches) == hbm_bytes(base, gpu_plan.forward_launches)
     for constant in ("kernel_gap_seconds", "host_launch_seconds"):
         slower = dataclasses.replace(spec, **{constant: 10 * getattr(H100, constant)})
         assert gpu_plan.model_seconds(base, plan, slower) > seconds(base), constant
@@ -121,20 +133,30 @@ def test_pipelining_is_credited_where_triton_pipelines():
 
 
 def test_large_batches_are_offered_groups_that_fit_l2():
-    """A batch whose x is larger than half the L2 is offered in groups whose x and g fit
-    in it; grouped, the second pass reads x from L2, which the model counts (whether the
-    saved bytes pay for the extra launches is the model's choice)."""
-    p = _problem(128, 256, 3136, 16)  # 205 MB of bf16: four times the L2
-    grouped = [plan for plan in gpu_plan._candidates(p, H100, "split")
-               if plan.sample_group < p.n]
-    assert grouped and all(2 * plan.sample_group * p.sample_bytes <= H100.l2_bytes // 2
-                           for plan in grouped)
-    whole = dataclasses.replace(grouped[0], sample_group=p.n)
+    """A batch whose x is larger than half the L2 is offered in groups whose first pass's
+    streams fit in it: x alone (the forward), and g, x and the ReLU tail's mask (the
+    backward); grouped, the second pass reads them from L2, which the model counts
+    (whether the saved bytes pay for the extra launches is the model's choice)."""
+    p = _problem(128, 256, 3136, 16, relu_out=True)  # 205 MB of bf16: four times the L2
+    half_l2 = H100.l2_bytes // 2
+    offered = {plan.sample_group for plan in gpu_plan._candidates(p, H100, "split")}
+    assert p.n in offered and all(g * p.sample_bytes <= half_l2 for g in offered - {p.n})
+    backward = plan_launch(p, H100, "split", backward=True)
+    assert backward.sample_group < p.n
 
-    def hbm_bytes(plan):
-        return sum(x.hbm_bytes for x in gpu_plan.forward_launches(p, plan, H100))
+    def hbm_bytes(plan, launches):
+        return sum(x.hbm_bytes for x in launches(p, plan, H100))
 
-    assert hbm_bytes(grouped[0]) < 0.75 * hbm_bytes(whole)
+    # x; g, x and the mask (a bit per element of 16-bit x)
+    for streams, launches in ((1, gpu_plan.forward_launches),
+                              (2 + 1 / 16, gpu_plan.backward_launches)):
+        largest = max(g for g in offered if streams * g * p.sample_bytes <= half_l2)
+        assert streams * (largest + 1) * p.sample_bytes > half_l2, streams
+        grouped = dataclasses.replace(backward, sample_group=largest)
+        whole = dataclasses.replace(backward, sample_group=p.n)
+        # most of the second pass's read of x (g) no longer reaches HBM
+        saved = hbm_bytes(whole, launches) - hbm_bytes(grouped, launches)
+        assert saved > 0.8 * p.n * p.sample_bytes, streams
 
 
 def test_a_second_read_comes_from_hbm_only_where_x_left_l2():
@@ -170,7 +192,7 @@ def _forcing(monkeypatch, **options):
         if plan.strategy != "split":
             return plan
         chosen = dict(options)
-        chosen["flat_rescale"] = chosen.get("flat_rescale", False) and problem.flat
+        chosen["flat_rescale"] = chosen.get("flat_rescale", False) and problem.flat_rescale_fits
         chosen["gemv_in_stream"] = chosen.get("gemv_in_stream", False) and not problem.single_fc
         if chosen["flat_rescale"] and chosen["gemv_in_stream"]:  # one chunk spans HW
             chosen["hw_chunk"] = -(-problem.hw // plan.block_hw) * plan.block_hw
@@ -200,17 +222,20 @@ SPLIT_OPTIONS = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_split_option(monkeypatch, options, single_fc, dtype, layout):
+    """7 x 9 without the ReLU tail, 7 x 8 with it: the flat rescale writes its mask only
+    where each channel is whole bytes of it."""
     _forcing(monkeypatch, **SPLIT_OPTIONS[options])
     tail = dict(residual=True, with_identity=True, act_out="relu") if not single_fc else {}
-    check_case(Case(3, 19, 7, 9, cardinality=3, act="silu", channels_last=LAYOUTS[layout],
-                    dtype=DTYPES[dtype], strategy="split", single_fc=single_fc, **tail))
+    check_case(Case(3, 19, 7, 9 - bool(tail), cardinality=3, act="silu",
+                    channels_last=LAYOUTS[layout], dtype=DTYPES[dtype], strategy="split",
+                    single_fc=single_fc, **tail))
 
 
 @pytest.mark.parametrize("options", SPLIT_OPTIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_split_option_with_a_prologue(monkeypatch, options, layout):
     _forcing(monkeypatch, **SPLIT_OPTIONS[options])
-    check_prologue(3, 19, 7, 9, act="hardswish", epilogue="residual_identity_relu",
+    check_prologue(3, 19, 7, 8, act="hardswish", epilogue="residual_identity_relu",
                    channels_last=LAYOUTS[layout], backend="triton", strategy="split")
 
 

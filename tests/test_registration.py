@@ -27,6 +27,11 @@ def _operands(n=2, c=5, h=3, w=4, k=6, dtype=torch.float64, identity=True, chann
     return x, make(k, c), make(k), make(c, k), make(c), (make(n, c, h, w) if identity else None)
 
 
+#: The forward as training runs it: behind the ReLU tail it writes the mask the backward
+#: reads (``sae()`` asks for it wherever a gradient is due).
+SAVE_MASK = {"save_relu_mask": True}
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("options", [("relu", "sigmoid", False, "relu"),
                                      ("gelu", "hardsigmoid", True, "none")])
@@ -35,16 +40,16 @@ def test_opcheck(strategy, options, channels_last):
     act, gate, residual, act_out = options
     args = (*_operands(dtype=torch.float32, channels_last=channels_last), act, gate, residual,
             act_out, strategy)
-    torch.library.opcheck(sae_forward, args)
+    torch.library.opcheck(sae_forward, args, SAVE_MASK)
 
 
 @pytest.mark.parametrize("strategy", ["single", "split"])
 def test_opcheck_single_fc(strategy):
     x, w1, b1, _, _, identity = _operands(k=5, dtype=torch.float32)
     torch.library.opcheck(sae_forward, (x, w1, b1, None, None, identity, "relu", "hardsigmoid",
-                                        True, "relu", strategy))
-    y, _, p, u = sae_forward(x, w1, b1, None, None, None, "relu", "sigmoid", False, "none",
-                             strategy)
+                                        True, "relu", strategy), SAVE_MASK)
+    y, _, p, u, _ = sae_forward(x, w1, b1, None, None, None, "relu", "sigmoid", False, "none",
+                                strategy)
     torch.library.opcheck(sae_backward, (torch.randn_like(y), x.detach(), None, w1.detach(), None,
                                          p, u, "relu", "sigmoid", False, "none", False))
 
@@ -54,10 +59,35 @@ def test_opcheck_single_fc(strategy):
 def test_opcheck_backward(act_out, has_identity):
     x, w1, b1, w2, b2, identity = _operands(dtype=torch.float32, identity=has_identity)
     args = (x, w1, b1, w2, b2, identity, "silu", "sigmoid", True, act_out, "split")
-    y, _, p, u = sae_forward(*args)
+    y, _, p, u, mask = sae_forward(*args, **SAVE_MASK)
     grad = torch.randn_like(y)
-    torch.library.opcheck(sae_backward, (grad, x.detach(), y.detach(), w1.detach(), w2.detach(),
+    torch.library.opcheck(sae_backward, (grad, x.detach(), mask, w1.detach(), w2.detach(),
                                          p, u, "silu", "sigmoid", True, act_out, has_identity))
+
+
+def test_the_relu_mask_is_written_only_where_a_gradient_is_due(monkeypatch):
+    """``sae()`` asks the forward for the ReLU tail's mask only where autograd will run
+    the backward; a backward without it says what is missing."""
+    asked = []
+
+    def recording(*args):
+        asked.append(args[-1])
+        return sae_forward(*args)
+
+    monkeypatch.setattr("sae_kernels.ops.sae_forward", recording)
+    x, w1, b1, w2, b2, identity = _operands(dtype=torch.float32)
+    with torch.no_grad():
+        sae(x, w1, b1, w2, b2, identity, act_out="relu", backend="triton")
+    sae(x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), identity.detach(),
+        act_out="relu", backend="triton")
+    sae(x, w1, b1, w2, b2, identity, act_out="relu", backend="triton").sum().backward()
+    assert asked == [False, False, True]
+    y, _, p, u, mask = sae_forward(x, w1, b1, w2, b2, identity, "relu", "sigmoid", True, "relu",
+                                   "split")
+    assert mask.numel() == 0
+    with pytest.raises(RuntimeError, match="save_relu_mask=True"):
+        sae_backward(torch.ones_like(y), x.detach(), mask, w1.detach(), w2.detach(), p, u,
+                     "relu", "sigmoid", True, "relu", True)
 
 
 @pytest.mark.parametrize("strategy", ["single", "split"])
@@ -69,9 +99,9 @@ def test_opcheck_prologue(prologue_act, strategy):
     shift = torch.randn(5).to(DEVICE).requires_grad_(True)
     args = (x, w1, b1, w2, b2, identity, "relu", "sigmoid", True, "relu", strategy, scale, shift,
             prologue_act)
-    torch.library.opcheck(sae_forward, args)
-    y, _, p, u = sae_forward(*args)
-    torch.library.opcheck(sae_backward, (torch.randn_like(y), x.detach(), y.detach(),
+    torch.library.opcheck(sae_forward, args, SAVE_MASK)
+    y, _, p, u, mask = sae_forward(*args, **SAVE_MASK)
+    torch.library.opcheck(sae_backward, (torch.randn_like(y), x.detach(), mask,
                                          w1.detach(), w2.detach(), p, u, "relu", "sigmoid", True,
                                          "relu", True, scale.detach(), shift.detach(),
                                          prologue_act, True))

@@ -15,13 +15,16 @@ Plans (which one runs is ``gpu_plan``'s choice):
 ``single``, one launch, one program per sample:
     pool every channel block (store z) -> p = W1 z + b1 -> u = W2 act(p) + b2
     -> rescale every channel block with the epilogue.
+Under ``act_out="relu"`` the rescale also writes the tail's mask (which elements it kept,
+a bit each: ``layout.relu_mask``), and the backward reads it where it would read y, a
+sixteenth of y's bytes in 16-bit dtypes.
 ``split``, sample-major grids (sample, channel block, HW chunk) between batched FCs:
     forward   (1) each program sums its tile into a slot of (N, chunks, C);
               (2) FC1 over sample tiles: z = the slots summed in chunk order / HW, p;
               (3) FC2 over sample tiles: u = act(p) W2^T + b2;
               (4) the rescale with its epilogue (flat rows for contiguous NCHW);
-    backward  (1) the same grid sums g'*x into slots (g' = g * (y > 0) under
-                  ``act_out="relu"``);
+    backward  (1) the same grid sums g'*x into slots (g' = g where the mask kept y,
+                  under ``act_out="relu"``);
               (2) du = ds * gate'(u), dp = (du W2) * act'(p) over sample tiles;
               (3) dz = dp W1 over sample tiles;
               (4) dx = g' * scale + dz / HW, and d_identity = g' for the ReLU tail.
@@ -44,7 +47,7 @@ import triton.language as tl
 
 from .. import gpu_plan
 from ..gpu_plan import FLAT_BLOCK, LaunchPlan, Problem, triton_cdiv
-from ..layout import is_channels_last, output_like, readable
+from ..layout import is_channels_last, output_like, readable, relu_mask, relu_mask_strides
 from ..options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS, accumulation_dtype
 from .activations import (
     activation,
@@ -82,22 +85,63 @@ def _load_input(x_ptr, x_sc, x_shw, offs_c, offs_hw, mask, pro_scale, pro_shift,
 
 
 @triton.jit
-def _load_grad(g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw, offs_c, offs_hw, mask,
-               RELU_OUT: tl.constexpr, acc_ty: tl.constexpr):
-    """g' = dL/dy, zeroed where the ReLU tail clamped (PyTorch's ``y <= 0`` rule)."""
+def _mask_bytes(offs_c, offs_hw, m_sc, m_shw, along_c):
+    """The ReLU mask's byte offsets and bit positions of a tile's elements (see
+    ``layout.relu_mask``), both [BLOCK_C, BLOCK_HW]; ``along_c``: it packs channels."""
+    if along_c:
+        offsets = (offs_c // 8)[:, None] * m_sc + offs_hw[None, :] * m_shw
+        bits = (offs_c % 8)[:, None] + 0 * offs_hw[None, :]
+    else:
+        offsets = offs_c[:, None] * m_sc + (offs_hw // 8)[None, :] * m_shw
+        bits = 0 * offs_c[:, None] + (offs_hw % 8)[None, :]
+    return offsets, bits
+
+
+@triton.jit
+def _store_mask(m_ptr, m_sc, m_shw, stored, offs_c, offs_hw, mask_c, C, hw_stop, along_c,
+                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Store a tile's ReLU mask: 1 where the stored output is kept by the backward (not
+    ``<= 0``, PyTorch's rule: NaN is kept), each bit shifted to its place and summed in
+    groups of eight. The tile starts on a byte of the mask and is whole bytes long along
+    the packed axis; its elements past the tensor put 0 bits in the last byte, which no
+    element reads."""
+    _, places = _mask_bytes(offs_c, offs_hw, 0, 0, along_c)
+    kept = tl.where(stored <= 0, 0, 1) << places
+    # ``along_c`` is a runtime value, so both sides are compiled, each where the tile is
+    # long enough on its axis for it (the plans that write the mask make it so): the
+    # other side never runs. They keep names of their own (a branch's types must agree).
+    if along_c:
+        if BLOCK_C >= 8:
+            c_bytes = tl.max(tl.reshape(offs_c // 8, [BLOCK_C // 8, 8]), axis=1)
+            tl.store(m_ptr + c_bytes[:, None] * m_sc + offs_hw[None, :] * m_shw,
+                     tl.sum(tl.reshape(kept, [BLOCK_C // 8, 8, BLOCK_HW]), axis=1).to(tl.uint8),
+                     mask=(c_bytes * 8 < C)[:, None] & (offs_hw < hw_stop)[None, :])
+    else:
+        if BLOCK_HW >= 8:
+            hw_bytes = tl.max(tl.reshape(offs_hw // 8, [BLOCK_HW // 8, 8]), axis=1)
+            tl.store(m_ptr + offs_c[:, None] * m_sc + hw_bytes[None, :] * m_shw,
+                     tl.sum(tl.reshape(kept, [BLOCK_C, BLOCK_HW // 8, 8]), axis=2).to(tl.uint8),
+                     mask=mask_c[:, None] & (hw_bytes * 8 < hw_stop)[None, :])
+
+
+@triton.jit
+def _load_grad(g_ptr, g_sc, g_shw, m_ptr, m_sc, m_shw, offs_c, offs_hw, mask,
+               RELU_OUT: tl.constexpr, MASK_ALONG_C: tl.constexpr, acc_ty: tl.constexpr):
+    """g' = dL/dy, zeroed where the ReLU tail clamped (its mask, PyTorch's ``y <= 0`` rule)."""
     g = tl.load(g_ptr + offs_c[:, None] * g_sc + offs_hw[None, :] * g_shw, mask=mask, other=0.0)
     g = g.to(acc_ty)
     if RELU_OUT:
-        y = tl.load(y_ptr + offs_c[:, None] * y_sc + offs_hw[None, :] * y_shw, mask=mask, other=0.0)
-        g = tl.where(y.to(acc_ty) <= 0, 0.0, g)
+        offsets, bits = _mask_bytes(offs_c, offs_hw, m_sc, m_shw, MASK_ALONG_C)
+        kept = (tl.load(m_ptr + offsets, mask=mask, other=0).to(tl.int32) >> bits) & 1
+        g = tl.where(kept == 0, 0.0, g)
     return g
 
 
 @triton.jit
-def _channel_sums(x_ptr, x_sc, x_shw, prologue_ptr, g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw,
+def _channel_sums(x_ptr, x_sc, x_shw, prologue_ptr, g_ptr, g_sc, g_shw, m_ptr, m_sc, m_shw,
                   offs_c, C, hw_start, hw_stop,
-                  WITH_GRAD: tl.constexpr, RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr,
-                  PROLOGUE_ACT: tl.constexpr,
+                  WITH_GRAD: tl.constexpr, RELU_OUT: tl.constexpr, MASK_ALONG_C: tl.constexpr,
+                  HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, acc_ty: tl.constexpr):
     """Per channel of the block: sum over hw in [hw_start, hw_stop) of x, or of g'*x
     (x' for x with a prologue)."""
@@ -110,8 +154,8 @@ def _channel_sums(x_ptr, x_sc, x_shw, prologue_ptr, g_ptr, g_sc, g_shw, y_ptr, y
         v = _load_input(x_ptr, x_sc, x_shw, offs_c, offs_hw, mask, pro_scale, pro_shift,
                         HAS_PROLOGUE, PROLOGUE_ACT, acc_ty)
         if WITH_GRAD:
-            v = v * _load_grad(g_ptr, g_sc, g_shw, y_ptr, y_sc, y_shw, offs_c, offs_hw, mask,
-                               RELU_OUT, acc_ty)
+            v = v * _load_grad(g_ptr, g_sc, g_shw, m_ptr, m_sc, m_shw, offs_c, offs_hw, mask,
+                               RELU_OUT, MASK_ALONG_C, acc_ty)
         acc += v
     return tl.sum(acc, axis=1)
 
@@ -164,13 +208,14 @@ def _excite(z_row, p_row, u_row, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2
 
 
 @triton.jit
-def _rescale(x_ptr, x_sc, x_shw, prologue_ptr, id_ptr, id_sc, id_shw, y_ptr, y_sc, y_shw, u,
-             offs_c, C, hw_start, hw_stop,
+def _rescale(x_ptr, x_sc, x_shw, prologue_ptr, id_ptr, id_sc, id_shw, y_ptr, y_sc, y_shw,
+             m_ptr, m_sc, m_shw, u, offs_c, C, hw_start, hw_stop,
              GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
-             RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
-             BLOCK_HW: tl.constexpr):
+             RELU_OUT: tl.constexpr, write_mask, mask_along_c, HAS_PROLOGUE: tl.constexpr,
+             PROLOGUE_ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """y = act_out(x * s [+ x] [+ identity]), s = gate(u), for one channel block over
-    [hw_start, hw_stop) (x' for x with a prologue)."""
+    [hw_start, hw_stop) (x' for x with a prologue), and where ``write_mask`` the ReLU
+    tail's mask (``mask_along_c``: packing channels)."""
     mask_c = offs_c < C
     acc_ty = u.dtype
     scale = gate(u, GATE)
@@ -188,15 +233,23 @@ def _rescale(x_ptr, x_sc, x_shw, prologue_ptr, id_ptr, id_sc, id_shw, y_ptr, y_s
                            other=0.0).to(acc_ty)
         if RELU_OUT:
             out = tl.where(out < 0, 0.0, out)
-        tl.store(y_ptr + offs_c[:, None] * y_sc + offs_hw[None, :] * y_shw,
-                 out.to(y_ptr.dtype.element_ty), mask=mask)
+        stored = out.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs_c[:, None] * y_sc + offs_hw[None, :] * y_shw, stored, mask=mask)
+        if write_mask:
+            _store_mask(m_ptr, m_sc, m_shw, stored.to(acc_ty), offs_c, offs_hw, mask_c, C,
+                        hw_stop, mask_along_c, BLOCK_C, BLOCK_HW)
 
 
-@triton.jit
+#: The forward's ReLU-mask arguments are plain values, never compiled in: training and
+#: inference run one binary (where their plans agree), the mask's store behind a branch.
+MASK_ARGUMENTS = ["m_sn", "m_sc", "m_shw", "write_mask", "mask_along_c"]
+
+
+@triton.jit(do_not_specialize=MASK_ARGUMENTS)
 def sae_forward_single_kernel(
     x_ptr, x_sn, x_sc, x_shw, prologue_ptr, id_ptr, id_sn, id_sc, id_shw, y_ptr, y_sn, y_sc, y_shw,
-    w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, z_ptr, p_ptr, u_ptr,
-    C, HW, K,
+    m_ptr, m_sn, m_sc, m_shw, w1_ptr, w1_sk, w1_sc, b1_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, z_ptr,
+    p_ptr, u_ptr, C, HW, K, write_mask, mask_along_c,
     ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     RELU_OUT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_FC2: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
@@ -211,7 +264,7 @@ def sae_forward_single_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         sums = _channel_sums(x_row, x_sc, x_shw, prologue_ptr, x_row, 0, 0, x_row, 0, 0, offs_c,
-                             C, 0, HW, False, False, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C,
+                             C, 0, HW, False, False, False, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C,
                              BLOCK_HW, acc_ty)
         tl.store(z_row + offs_c, sums / HW, mask=offs_c < C)
     tl.debug_barrier()
@@ -222,8 +275,9 @@ def sae_forward_single_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         u = tl.load(u_row + offs_c, mask=offs_c < C, other=0.0)
         _rescale(x_row, x_sc, x_shw, prologue_ptr, id_ptr + n * id_sn, id_sc, id_shw,
-                 y_ptr + n * y_sn, y_sc, y_shw, u, offs_c, C, 0, HW, GATE, RESIDUAL,
-                 HAS_IDENTITY, RELU_OUT, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_HW)
+                 y_ptr + n * y_sn, y_sc, y_shw, m_ptr + n * m_sn, m_sc, m_shw, u, offs_c, C, 0,
+                 HW, GATE, RESIDUAL, HAS_IDENTITY, RELU_OUT, write_mask, mask_along_c,
+                 HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
@@ -242,9 +296,10 @@ def _sample_major(pid, blocks_c, chunks, N, LAST_FIRST: tl.constexpr):
 
 @triton.jit
 def sae_channel_sums_kernel(
-    x_ptr, x_sn, x_sc, x_shw, prologue_ptr, g_ptr, g_sn, g_sc, g_shw, y_ptr, y_sn, y_sc, y_shw,
+    x_ptr, x_sn, x_sc, x_shw, prologue_ptr, g_ptr, g_sn, g_sc, g_shw, m_ptr, m_sn, m_sc, m_shw,
     slots_ptr, C, HW, HW_PER_CHUNK,
-    WITH_GRAD: tl.constexpr, RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr,
+    WITH_GRAD: tl.constexpr, RELU_OUT: tl.constexpr, MASK_ALONG_C: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,
     PROLOGUE_ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Split pass 1, forward (sum of x) and backward (sum of g'*x): each program sums its
@@ -256,9 +311,9 @@ def sae_channel_sums_kernel(
     hw_start = chunk * HW_PER_CHUNK
     hw_stop = tl.minimum(hw_start + HW_PER_CHUNK, HW)
     sums = _channel_sums(x_ptr + n * x_sn, x_sc, x_shw, prologue_ptr, g_ptr + n * g_sn, g_sc,
-                         g_shw, y_ptr + n * y_sn, y_sc, y_shw, offs_c, C, hw_start, hw_stop,
-                         WITH_GRAD, RELU_OUT, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C, BLOCK_HW,
-                         slots_ptr.dtype.element_ty)
+                         g_shw, m_ptr + n * m_sn, m_sc, m_shw, offs_c, C, hw_start, hw_stop,
+                         WITH_GRAD, RELU_OUT, MASK_ALONG_C, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C,
+                         BLOCK_HW, slots_ptr.dtype.element_ty)
     tl.store(slots_ptr + (n * chunks + chunk) * C + offs_c, sums, mask=offs_c < C)
 
 
@@ -429,11 +484,11 @@ def _fc2_rows(p_parts_row, p_row, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c, mask_
     return u
 
 
-@triton.jit(do_not_specialize=["p_splits"])
+@triton.jit(do_not_specialize=["p_splits", *MASK_ARGUMENTS])
 def sae_rescale_kernel(
     x_ptr, x_sn, x_sc, x_shw, prologue_ptr, id_ptr, id_sn, id_sc, id_shw, y_ptr, y_sn, y_sc,
-    y_shw, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, u_ptr, N, C, HW, K, HW_PER_CHUNK,
-    p_splits,
+    y_shw, m_ptr, m_sn, m_sc, m_shw, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, u_ptr, N,
+    C, HW, K, HW_PER_CHUNK, p_splits, write_mask, mask_along_c,
     ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_IN_PARTS: tl.constexpr,
     GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
@@ -459,15 +514,15 @@ def sae_rescale_kernel(
         u = tl.load(u_row + offs_c, mask=mask_c, other=0.0)
     hw_start = chunk * HW_PER_CHUNK
     _rescale(x_ptr + n * x_sn, x_sc, x_shw, prologue_ptr, id_ptr + n * id_sn, id_sc, id_shw,
-             y_ptr + n * y_sn, y_sc, y_shw, u, offs_c, C, hw_start,
-             tl.minimum(hw_start + HW_PER_CHUNK, HW), GATE, RESIDUAL, HAS_IDENTITY, RELU_OUT,
-             HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_HW)
+             y_ptr + n * y_sn, y_sc, y_shw, m_ptr + n * m_sn, m_sc, m_shw, u, offs_c, C,
+             hw_start, tl.minimum(hw_start + HW_PER_CHUNK, HW), GATE, RESIDUAL, HAS_IDENTITY,
+             RELU_OUT, write_mask, mask_along_c, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C, BLOCK_HW)
 
 
-@triton.jit(do_not_specialize=["p_splits"])
+@triton.jit(do_not_specialize=["p_splits", "write_mask"])
 def sae_rescale_flat_kernel(
-    x_ptr, x_sn, prologue_ptr, id_ptr, y_ptr, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr,
-    u_ptr, N, C, HW, K, PER_CHUNK, p_splits,
+    x_ptr, x_sn, prologue_ptr, id_ptr, y_ptr, m_ptr, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk,
+    b2_ptr, u_ptr, N, C, HW, K, PER_CHUNK, p_splits, write_mask,
     ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_IN_PARTS: tl.constexpr,
     GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
@@ -476,7 +531,9 @@ def sae_rescale_flat_kernel(
     """The rescale of contiguous NCHW x, identity and y read as flat (N, C*HW) rows: each
     program streams PER_CHUNK elements of one sample in BLOCK-element vectors whatever HW
     is (rows of 49 or 196 would break 2-D tiles into scalar accesses); each element's
-    channel picks its gate and prologue values (L1-resident gathers). x_sn = C*HW.
+    channel picks its gate and prologue values (L1-resident gathers). x_sn = C*HW. The
+    ReLU tail's mask, where ``write_mask``, is written as flat rows too: HW is then a
+    whole number of its bytes (``gpu_plan``), and every chunk starts on one.
 
     Under ``FC2_HERE`` a program's chunk is one block of BLOCK_C whole channels
     (PER_CHUNK = BLOCK_C * HW): it computes their u first, as the 2-D rescale does, and
@@ -512,7 +569,14 @@ def sae_rescale_flat_kernel(
             out += tl.load(id_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
         if RELU_OUT:
             out = tl.where(out < 0, 0.0, out)
-        tl.store(y_ptr + base + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        stored = out.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + base + offs, stored, mask=mask)
+        if write_mask:
+            offs_b = e0 // 8 + tl.arange(0, BLOCK // 8)
+            kept = tl.where(stored.to(acc_ty) <= 0, 0, 1) << (offs % 8)
+            tl.store(m_ptr + base // 8 + offs_b,
+                     tl.sum(tl.reshape(kept, [BLOCK // 8, 8]), axis=1).to(tl.uint8),
+                     mask=offs_b * 8 < stop)
 
 
 @triton.jit
@@ -623,11 +687,11 @@ def _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, off
 
 @triton.jit(do_not_specialize=["dp_splits"])
 def sae_backward_dx_kernel(
-    x_ptr, x_sn, x_sc, x_shw, prologue_ptr, g_ptr, g_sn, g_sc, g_shw, y_ptr, y_sn, y_sc, y_shw,
+    x_ptr, x_sn, x_sc, x_shw, prologue_ptr, g_ptr, g_sn, g_sc, g_shw, m_ptr, m_sn, m_sc, m_shw,
     dx_ptr, dx_sn, dx_sc, dx_shw, did_ptr, did_sn, did_sc, did_shw, u_ptr, dp_parts_ptr, p_ptr,
     dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, d_prologue_ptr, N, C, HW, K, HW_PER_CHUNK, dp_splits,
     ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
-    FC1_HERE: tl.constexpr, DP_IN_PARTS: tl.constexpr,
+    MASK_ALONG_C: tl.constexpr, FC1_HERE: tl.constexpr, DP_IN_PARTS: tl.constexpr,
     WRITE_D_IDENTITY: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     PROLOGUE_GRADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -662,7 +726,7 @@ def sae_backward_dx_kernel(
     dz_mean = dz / HW
     x_row = x_ptr + n * x_sn
     g_row = g_ptr + n * g_sn
-    y_row = y_ptr + n * y_sn
+    m_row = m_ptr + n * m_sn
     pro_scale, pro_shift = _prologue_columns(prologue_ptr, offs_c, mask_c, C, HAS_PROLOGUE)
     if PROLOGUE_GRADS:
         d_scale_sums = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_ty)
@@ -670,8 +734,8 @@ def sae_backward_dx_kernel(
     for hw0 in range(hw_start, hw_stop, BLOCK_HW):
         offs_hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = mask_c[:, None] & (offs_hw < hw_stop)[None, :]
-        g = _load_grad(g_row, g_sc, g_shw, y_row, y_sc, y_shw, offs_c, offs_hw, mask, RELU_OUT,
-                       acc_ty)
+        g = _load_grad(g_row, g_sc, g_shw, m_row, m_sc, m_shw, offs_c, offs_hw, mask, RELU_OUT,
+                       MASK_ALONG_C, acc_ty)
         dx = g * scale[:, None] + dz_mean[:, None]
         if HAS_PROLOGUE:
             x = tl.load(x_row + offs_c[:, None] * x_sc + offs_hw[None, :] * x_shw, mask=mask,
@@ -720,7 +784,7 @@ MAX_SAMPLE_ELEMENTS = 2**31 - 1
 
 def _problem(x: torch.Tensor, x_strides: tuple[int, int, int], fc1_weight: torch.Tensor,
              identity: torch.Tensor | None, relu_out: bool, prologue: dict,
-             single_fc: bool) -> Problem:
+             single_fc: bool, writes_mask: bool = False) -> Problem:
     n, c, h, w = x.shape
     if c * h * w > MAX_SAMPLE_ELEMENTS:
         raise ValueError(f"one sample of x has {c * h * w} elements; the Triton kernels take "
@@ -728,7 +792,8 @@ def _problem(x: torch.Tensor, x_strides: tuple[int, int, int], fc1_weight: torch
     return Problem(n, c, h * w, fc1_weight.shape[0], x.element_size(),
                    is_channels_last(x_strides, c), fc1_weight.element_size(),
                    has_identity=identity is not None, relu_out=relu_out,
-                   prologue=prologue["HAS_PROLOGUE"], single_fc=single_fc,
+                   writes_mask=writes_mask, prologue=prologue["HAS_PROLOGUE"],
+                   single_fc=single_fc,
                    flat=x.is_contiguous() and (identity is None or identity.is_contiguous()))
 
 
@@ -788,18 +853,26 @@ def forward(
     prologue_scale: torch.Tensor | None = None,
     prologue_shift: torch.Tensor | None = None,
     prologue_act: str = "none",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y and the saved (z, p, u) of the fused forward; operands already validated
-    (``fc2_weight=None``: the single-FC form)."""
+    save_relu_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y and the saved (z, p, u, ReLU mask) of the fused forward; operands already
+    validated (``fc2_weight=None``: the single-FC form). The mask (``layout.relu_mask``),
+    which the backward needs under ``act_out="relu"``, is written when asked for there;
+    empty otherwise."""
     n, c, h, w = x.shape
     hw, k = h * w, fc1_weight.shape[0]
     acc = accumulation_dtype(x.dtype)
+    relu_out = act_out == "relu"
+    write_mask = relu_out and save_relu_mask
     y = output_like(x)
     z = x.new_empty((n, c), dtype=acc)
     p = x.new_empty((n, k), dtype=acc)
     u = x.new_empty((n, c), dtype=acc)
+    mask = relu_mask(x) if write_mask else x.new_empty((0,), dtype=torch.uint8)
     if n == 0:
-        return y, z, p, u
+        return y, z, p, u, mask
+    ms, along_c = relu_mask_strides(mask, x) if write_mask else ((0, 0, 0), False)
+    masking = dict(write_mask=write_mask, mask_along_c=along_c)
     x, xs = readable(x)
     ys = readable(y)[1]
     ids = (0, 0, 0)
@@ -810,31 +883,32 @@ def forward(
     id_arg = identity if identity is not None else x
     pro_arg, prologue = prologue_args(x, prologue_scale, prologue_shift, prologue_act)
     has_fc2 = fc2_weight is not None
-    plan = _plan(x, _problem(x, xs, fc1_weight, identity, act_out == "relu", prologue,
-                             not has_fc2), strategy)
+    plan = _plan(x, _problem(x, xs, fc1_weight, identity, relu_out, prologue, not has_fc2,
+                             write_mask), strategy)
     act_code = ACTIVATIONS.index(act)
     epilogue = dict(GATE=GATES.index(gate), RESIDUAL=residual, HAS_IDENTITY=identity is not None,
-                    RELU_OUT=act_out == "relu")
+                    RELU_OUT=relu_out)
     streaming = dict(**prologue, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
                      **plan.launch_options())
     w2 = fc2_weight if has_fc2 else fc1_weight  # not read without fc2
     if plan.strategy == "single":
         sae_forward_single_kernel[(n,)](
-            x, *xs, pro_arg, id_arg, *ids, y, *ys, fc1_weight, *fc1_weight.stride(), b1, w2,
-            *w2.stride(), b2, z, p, u, c, hw, k, ACT=act_code, HAS_B1=fc1_bias is not None,
-            HAS_B2=fc2_bias is not None, HAS_FC2=has_fc2, **epilogue, BLOCK_K=plan.block_k,
-            BLOCK_FC=plan.block_fc, **streaming,
+            x, *xs, pro_arg, id_arg, *ids, y, *ys, mask, *ms, fc1_weight, *fc1_weight.stride(),
+            b1, w2, *w2.stride(), b2, z, p, u, c, hw, k, **masking, ACT=act_code,
+            HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None, HAS_FC2=has_fc2,
+            **epilogue, BLOCK_K=plan.block_k, BLOCK_FC=plan.block_fc, **streaming,
         )
-        return y, z, p, u
+        return y, z, p, u, mask
     blocks_c, chunks = plan.blocks(c), plan.hw_chunks(hw)
     fc2_here = plan.gemv_in_stream and has_fc2
     for group in _groups(n, plan):
         xg, yg, idg, zg, pg, ug = (t[group] for t in (x, y, id_arg, z, p, u))
+        mg = mask[group] if write_mask else mask
         samples = xg.shape[0]
         slots = x.new_empty((samples, chunks, c), dtype=acc)
         sae_channel_sums_kernel[(samples * blocks_c * chunks,)](
             xg, *xs, pro_arg, xg, 0, 0, 0, xg, 0, 0, 0, slots, c, hw, plan.hw_chunk,
-            WITH_GRAD=False, RELU_OUT=False, **streaming,
+            WITH_GRAD=False, RELU_OUT=False, MASK_ALONG_C=False, **streaming,
         )
         fc1 = plan.fc_to_k
         p_parts = pg if fc1.splits == 1 else x.new_empty((fc1.splits, samples, k), dtype=acc)
@@ -851,25 +925,26 @@ def forward(
         if plan.flat_rescale:
             per_chunk = plan.block_c * hw if fc2_here else plan.flat_chunk(c, hw)
             sae_rescale_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
-                xg, c * hw, pro_arg, idg, yg, p_parts, pg, w2, *w2.stride(), b2, ug, samples, c,
-                hw, k, per_chunk, ACT=act_code, HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here,
-                **_splits("p", fc1), **epilogue, **prologue, BLOCK=FLAT_BLOCK,
+                xg, c * hw, pro_arg, idg, yg, mg, p_parts, pg, w2, *w2.stride(), b2, ug, samples, c,
+                hw, k, per_chunk, write_mask=write_mask, ACT=act_code,
+                HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **_splits("p", fc1), **epilogue,
+                **prologue, BLOCK=FLAT_BLOCK,
                 BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options(),
             )
         else:
             sae_rescale_kernel[(samples * blocks_c * chunks,)](
-                xg, *xs, pro_arg, idg, *ids, yg, *ys, p_parts, pg, w2, *w2.stride(), b2, ug,
-                samples, c, hw, k, plan.hw_chunk, ACT=act_code, HAS_B2=fc2_bias is not None,
-                FC2_HERE=fc2_here, **_splits("p", fc1), **epilogue, BLOCK_R=plan.block_r,
-                **streaming,
+                xg, *xs, pro_arg, idg, *ids, yg, *ys, mg, *ms, p_parts, pg, w2, *w2.stride(), b2,
+                ug, samples, c, hw, k, plan.hw_chunk, **masking, ACT=act_code,
+                HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **_splits("p", fc1), **epilogue,
+                BLOCK_R=plan.block_r, **streaming,
             )
-    return y, z, p, u
+    return y, z, p, u, mask
 
 
 def backward(
     grad: torch.Tensor,
     x: torch.Tensor,
-    y: torch.Tensor | None,
+    mask: torch.Tensor | None,
     fc1_weight: torch.Tensor,
     fc2_weight: torch.Tensor | None,
     p: torch.Tensor,
@@ -886,7 +961,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx, d_identity, du, dp and d_prologue of the fused backward.
 
-    ``y`` is the forward output, needed (and only read) under ``act_out="relu"``.
+    ``mask`` is the forward's ReLU mask, needed (and only read) under ``act_out="relu"``.
     ``d_identity`` is written only for the ReLU tail; otherwise it is empty and the
     caller passes ``grad`` itself on to identity. ``d_prologue`` is (2, C), the gradients
     of the prologue's scale and shift in the accumulation dtype, under ``prologue_grads``
@@ -905,10 +980,12 @@ def backward(
     dz = torch.empty_like(u)
     x, xs = readable(x)
     grad, gs = readable(grad)
-    ys = (0, 0, 0)
-    if relu_out:
-        y, ys = readable(y)
-    y_arg = y if relu_out else x
+    if relu_out and (mask is None or mask.numel() == 0):
+        raise RuntimeError("the backward of act_out='relu' reads the forward's ReLU mask: run "
+                           "the forward with save_relu_mask=True (sae() does wherever a "
+                           "gradient is needed)")
+    ms, along_c = relu_mask_strides(mask, x) if relu_out else ((0, 0, 0), False)
+    m_arg = mask if relu_out else x
     dxs = readable(dx)[1]
     dids = readable(d_identity)[1] if write_d_identity else (0, 0, 0)
     did_arg = d_identity if write_d_identity else dx
@@ -926,14 +1003,14 @@ def backward(
     # the prologue's gradients as per-(sample, chunk) partial sums, added up below
     d_prologue_parts = u.new_empty((n, chunks, 2, c)) if prologue_grads else dx
     for group in _groups(n, plan):
-        xg, gg, yg, dxg, didg, ug, pg, dug, dpg, dzg = (
-            t[group] for t in (x, grad, y_arg, dx, did_arg, u, p, du, dp, dz))
+        xg, gg, mg, dxg, didg, ug, pg, dug, dpg, dzg = (
+            t[group] for t in (x, grad, m_arg, dx, did_arg, u, p, du, dp, dz))
         partsg = d_prologue_parts[group]
         samples = xg.shape[0]
         slots = x.new_empty((samples, chunks, c), dtype=acc)
         sae_channel_sums_kernel[(samples * blocks_c * chunks,)](
-            xg, *xs, pro_arg, gg, *gs, yg, *ys, slots, c, hw, plan.hw_chunk,
-            WITH_GRAD=True, RELU_OUT=relu_out, **streaming,
+            xg, *xs, pro_arg, gg, *gs, mg, *ms, slots, c, hw, plan.hw_chunk,
+            WITH_GRAD=True, RELU_OUT=relu_out, MASK_ALONG_C=along_c, **streaming,
         )
         fc2 = plan.fc_to_k
         dp_parts = dpg if fc2.splits == 1 else x.new_empty((fc2.splits, samples, k), dtype=acc)
@@ -948,11 +1025,12 @@ def backward(
                 ACT=act_code, DP_SPLITS=fc2.splits, **_fc_launch(plan.fc_to_c),
             )
         sae_backward_dx_kernel[(samples * blocks_c * chunks,)](
-            xg, *xs, pro_arg, gg, *gs, yg, *ys, dxg, *dxs, didg, *dids, ug, dp_parts, pg, dpg,
+            xg, *xs, pro_arg, gg, *gs, mg, *ms, dxg, *dxs, didg, *dids, ug, dp_parts, pg, dpg,
             fc1_weight, *fc1_weight.stride(), dzg, partsg, samples, c, hw, k, plan.hw_chunk,
             ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
-            FC1_HERE=fc1_here, **_splits("dp", fc2), WRITE_D_IDENTITY=write_d_identity,
-            PROLOGUE_GRADS=prologue_grads, BLOCK_R=plan.block_r, **streaming,
+            MASK_ALONG_C=along_c, FC1_HERE=fc1_here, **_splits("dp", fc2),
+            WRITE_D_IDENTITY=write_d_identity, PROLOGUE_GRADS=prologue_grads,
+            BLOCK_R=plan.block_r, **streaming,
         )
     d_prologue = d_prologue_parts.sum((0, 1)) if prologue_grads else u.new_empty((0,))
     return dx, d_identity, du, dp, d_prologue

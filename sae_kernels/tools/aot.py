@@ -216,8 +216,9 @@ class Case:
                 f"K={self.c if self.single_fc else self.k}")
 
     def run(self, strategy: str) -> None:
-        """The forward under ``strategy``, then the backward on its outputs (with and
-        without the prologue's gradients under a prologue)."""
+        """The forward under ``strategy``, for inference and as training runs it (writing
+        the ReLU mask), then the backward on its outputs (with and without the prologue's
+        gradients under a prologue)."""
         dtype = DTYPES[self.dtype]
         k = self.c if self.single_fc else self.k
         x = torch.empty((self.n, self.c, self.h, self.w), dtype=dtype,
@@ -228,11 +229,13 @@ class Case:
                                 else (x.new_empty((self.c, k)), x.new_empty(self.c)))
         prologue = ((None, None, "none") if self.prologue_act is None
                     else (x.new_empty(self.c), x.new_empty(self.c), self.prologue_act))
-        y, _, p, u = sae_triton.forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity,
-                                        self.act, self.gate, True, "relu", strategy, *prologue)
+        operands = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, self.act,
+                    self.gate, True, "relu", strategy, *prologue)
+        sae_triton.forward(*operands)  # inference: no mask
+        y, _, p, u, mask = sae_triton.forward(*operands, save_relu_mask=True)
         grad = torch.empty_like(y)
         for prologue_grads in (False, True) if self.prologue_act is not None else (False,):
-            sae_triton.backward(grad, x, y, fc1_weight, fc2_weight, p, u, self.act, self.gate,
+            sae_triton.backward(grad, x, mask, fc1_weight, fc2_weight, p, u, self.act, self.gate,
                                 True, "relu", True, *prologue, prologue_grads)
 
 
