@@ -15,9 +15,6 @@ Plans (which one runs is ``gpu_plan``'s choice):
 ``single``, one launch, one program per sample:
     pool every channel block (store z) -> p = W1 z + b1 -> u = W2 act(p) + b2
     -> rescale every channel block with the epilogue.
-Under ``act_out="relu"`` the rescale also writes the tail's mask (which elements it kept,
-a bit each: ``layout.relu_mask``), and the backward reads it where it would read y, a
-sixteenth of y's bytes in 16-bit dtypes.
 ``split``, sample-major grids (sample, channel block, HW chunk) between batched FCs:
     forward   (1) each program sums its tile into a slot of (N, chunks, C);
               (2) FC1 over sample tiles: z = the slots summed in chunk order / HW, p;
@@ -34,6 +31,10 @@ sixteenth of y's bytes in 16-bit dtypes.
     (v = x * a + b), and, when asked, writes per-(sample, chunk) partial sums of
     dL/dv * x and dL/dv: the gradients of a and b once summed. Those sums and the weight
     gradients (two small matmuls) are finished over the batch by the caller.
+
+Behind the ReLU tail (``act_out="relu"``) a forward asked to (``save_relu_mask``) also
+writes which elements it kept, a bit each (``layout.relu_mask``), and the backward reads
+that where it would read y: a sixteenth of y's bytes in 16-bit dtypes.
 
 Programs hand work on only at launch boundaries: no counters, no atomics, nothing kept
 between calls, and the same inputs give the same bits. Everything between the loads and
