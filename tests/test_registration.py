@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch._inductor import config as inductor_config
@@ -88,6 +89,25 @@ def test_the_relu_mask_is_written_only_where_a_gradient_is_due(monkeypatch):
     with pytest.raises(RuntimeError, match="save_relu_mask=True"):
         sae_backward(torch.ones_like(y), x.detach(), mask, w1.detach(), w2.detach(), p, u,
                      "relu", "sigmoid", True, "relu", True)
+
+
+@pytest.mark.parametrize("strategy", ["single", "split"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("hw", [(7, 9), (7, 8)], ids=["hw63", "hw56"])
+def test_the_relu_mask_packs_y_above_zero_along_the_contiguous_axis(hw, channels_last,
+                                                                     strategy):
+    """The mask the forward returns is ``layout.relu_mask``'s: bit i of a byte is the i-th
+    element along x's contiguous axis, 1 where y > 0, the last byte padded with 0 bits
+    (HW = 56 lets contiguous NCHW take the flat rescale)."""
+    n, c = 2, 19
+    operands = _operands(n, c, *hw, dtype=torch.float32, channels_last=channels_last)
+    y, _, _, _, mask = sae_forward(*operands, "relu", "sigmoid", True, "relu", strategy,
+                                   **SAVE_MASK)
+    kept = (y > 0).detach().cpu().reshape(n, c, -1)
+    if channels_last:
+        kept = kept.transpose(1, 2)
+    expected = np.packbits(kept.numpy(), axis=-1, bitorder="little")
+    assert torch.equal(mask.cpu(), torch.from_numpy(expected))
 
 
 @pytest.mark.parametrize("strategy", ["single", "split"])
