@@ -45,13 +45,15 @@ def is_channels_last(strides: tuple[int, int, int], channels: int) -> bool:
     return channels > 1 and strides[1] == 1
 
 
-def relu_mask(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised mask of the ReLU tail for ``x``: which elements the forward kept
-    (the backward's ``y > 0``), a bit each, eight to a byte along x's contiguous axis as
-    read (``readable``), bit i the i-th: (N, C, ceil(HW / 8)) bytes, or (N, HW, ceil(C / 8))
-    for channels_last. Tiles that write it are whole bytes long on that axis
-    (``gpu_plan``)."""
+def relu_mask(x: torch.Tensor, saved: bool = True) -> torch.Tensor:
+    """An uninitialised mask of the ReLU tail for ``x`` (empty unless ``saved``): which
+    elements the forward kept (the backward's ``y > 0``), a bit each, eight to a byte along
+    x's contiguous axis as read (``readable``), bit i the i-th: (N, C, ceil(HW / 8)) bytes,
+    or (N, HW, ceil(C / 8)) for channels_last. Tiles that write it are whole bytes long on
+    that axis (``gpu_plan``)."""
     n, c, h, w = x.shape
+    if not saved:
+        return x.new_empty((0,), dtype=torch.uint8)
     if _packs_channels(x):
         return x.new_empty((n, h * w, -(-c // MASK_BITS)), dtype=torch.uint8)
     return x.new_empty((n, c, -(-(h * w) // MASK_BITS)), dtype=torch.uint8)

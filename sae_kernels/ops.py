@@ -55,8 +55,7 @@ def _sae_forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, a
                       prologue_act="none", save_relu_mask=False):
     n, c = x.shape[:2]
     acc = accumulation_dtype(x.dtype)
-    saved = act_out == "relu" and save_relu_mask
-    mask = relu_mask(x) if saved else x.new_empty((0,), dtype=torch.uint8)
+    mask = relu_mask(x, act_out == "relu" and save_relu_mask)
     return (output_like(x), x.new_empty((n, c), dtype=acc),
             x.new_empty((n, fc1_weight.shape[0]), dtype=acc), x.new_empty((n, c), dtype=acc),
             mask)

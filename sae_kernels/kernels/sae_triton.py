@@ -48,7 +48,14 @@ import triton.language as tl
 
 from .. import gpu_plan
 from ..gpu_plan import FLAT_BLOCK, LaunchPlan, Problem, triton_cdiv
-from ..layout import is_channels_last, output_like, readable, relu_mask, relu_mask_strides
+from ..layout import (
+    MASK_BITS,
+    is_channels_last,
+    output_like,
+    readable,
+    relu_mask,
+    relu_mask_strides,
+)
 from ..options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS, accumulation_dtype
 from .activations import (
     activation,
@@ -85,16 +92,20 @@ def _load_input(x_ptr, x_sc, x_shw, offs_c, offs_hw, mask, pro_scale, pro_shift,
     return x
 
 
+#: Elements per byte of the ReLU mask (``layout.relu_mask``), as the kernels see it.
+_BITS = tl.constexpr(MASK_BITS)
+
+
 @triton.jit
 def _mask_bytes(offs_c, offs_hw, m_sc, m_shw, along_c):
     """The ReLU mask's byte offsets and bit positions of a tile's elements (see
     ``layout.relu_mask``), both [BLOCK_C, BLOCK_HW]; ``along_c``: it packs channels."""
     if along_c:
-        offsets = (offs_c // 8)[:, None] * m_sc + offs_hw[None, :] * m_shw
-        bits = (offs_c % 8)[:, None] + 0 * offs_hw[None, :]
+        offsets = (offs_c // _BITS)[:, None] * m_sc + offs_hw[None, :] * m_shw
+        bits = (offs_c % _BITS)[:, None] + 0 * offs_hw[None, :]
     else:
-        offsets = offs_c[:, None] * m_sc + (offs_hw // 8)[None, :] * m_shw
-        bits = 0 * offs_c[:, None] + (offs_hw % 8)[None, :]
+        offsets = offs_c[:, None] * m_sc + (offs_hw // _BITS)[None, :] * m_shw
+        bits = 0 * offs_c[:, None] + (offs_hw % _BITS)[None, :]
     return offsets, bits
 
 
@@ -112,17 +123,19 @@ def _store_mask(m_ptr, m_sc, m_shw, stored, offs_c, offs_hw, mask_c, C, hw_stop,
     # long enough on its axis for it (the plans that write the mask make it so): the
     # other side never runs. They keep names of their own (a branch's types must agree).
     if along_c:
-        if BLOCK_C >= 8:
-            c_bytes = tl.max(tl.reshape(offs_c // 8, [BLOCK_C // 8, 8]), axis=1)
+        if BLOCK_C >= _BITS:
+            c_bytes = tl.max(tl.reshape(offs_c // _BITS, [BLOCK_C // _BITS, _BITS]), axis=1)
+            c_packed = tl.sum(tl.reshape(kept, [BLOCK_C // _BITS, _BITS, BLOCK_HW]), axis=1)
             tl.store(m_ptr + c_bytes[:, None] * m_sc + offs_hw[None, :] * m_shw,
-                     tl.sum(tl.reshape(kept, [BLOCK_C // 8, 8, BLOCK_HW]), axis=1).to(tl.uint8),
-                     mask=(c_bytes * 8 < C)[:, None] & (offs_hw < hw_stop)[None, :])
+                     c_packed.to(tl.uint8),
+                     mask=(c_bytes * _BITS < C)[:, None] & (offs_hw < hw_stop)[None, :])
     else:
-        if BLOCK_HW >= 8:
-            hw_bytes = tl.max(tl.reshape(offs_hw // 8, [BLOCK_HW // 8, 8]), axis=1)
+        if BLOCK_HW >= _BITS:
+            hw_bytes = tl.max(tl.reshape(offs_hw // _BITS, [BLOCK_HW // _BITS, _BITS]), axis=1)
+            hw_packed = tl.sum(tl.reshape(kept, [BLOCK_C, BLOCK_HW // _BITS, _BITS]), axis=2)
             tl.store(m_ptr + offs_c[:, None] * m_sc + hw_bytes[None, :] * m_shw,
-                     tl.sum(tl.reshape(kept, [BLOCK_C, BLOCK_HW // 8, 8]), axis=2).to(tl.uint8),
-                     mask=mask_c[:, None] & (hw_bytes * 8 < hw_stop)[None, :])
+                     hw_packed.to(tl.uint8),
+                     mask=mask_c[:, None] & (hw_bytes * _BITS < hw_stop)[None, :])
 
 
 @triton.jit
@@ -573,11 +586,11 @@ def sae_rescale_flat_kernel(
         stored = out.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + base + offs, stored, mask=mask)
         if write_mask:
-            offs_b = e0 // 8 + tl.arange(0, BLOCK // 8)
-            kept = tl.where(stored.to(acc_ty) <= 0, 0, 1) << (offs % 8)
-            tl.store(m_ptr + base // 8 + offs_b,
-                     tl.sum(tl.reshape(kept, [BLOCK // 8, 8]), axis=1).to(tl.uint8),
-                     mask=offs_b * 8 < stop)
+            offs_b = e0 // _BITS + tl.arange(0, BLOCK // _BITS)
+            kept = tl.where(stored.to(acc_ty) <= 0, 0, 1) << (offs % _BITS)
+            tl.store(m_ptr + base // _BITS + offs_b,
+                     tl.sum(tl.reshape(kept, [BLOCK // _BITS, _BITS]), axis=1).to(tl.uint8),
+                     mask=offs_b * _BITS < stop)
 
 
 @triton.jit
@@ -869,7 +882,7 @@ def forward(
     z = x.new_empty((n, c), dtype=acc)
     p = x.new_empty((n, k), dtype=acc)
     u = x.new_empty((n, c), dtype=acc)
-    mask = relu_mask(x) if write_mask else x.new_empty((0,), dtype=torch.uint8)
+    mask = relu_mask(x, write_mask)
     if n == 0:
         return y, z, p, u, mask
     ms, along_c = relu_mask_strides(mask, x) if write_mask else ((0, 0, 0), False)
