@@ -17,8 +17,9 @@ Plans (kernels in ``kernels/sae_triton.py``):
 
 The model (:func:`call_seconds`): on the device each launch costs the gap between
 dependent kernels plus the larger of its HBM bytes at the device's bandwidth and its
-serial tail: waves of programs, each program moving its bytes at what Little's law allows
-for the bytes it keeps in flight, plus its CUDA-core FLOPs (:func:`device_seconds`). The
+serial tail: waves of programs (as many resident per SM as the launch's warps and register
+limit allow), each program moving its bytes at what Little's law allows for the bytes it
+keeps in flight, plus its CUDA-core FLOPs (:func:`device_seconds`). The
 host issues the launches while the device runs them, so a call takes the longer of the
 two. Every byte counted: x, y, identity, g and the ReLU mask, the weights (per program
 for the GEMVs, once from HBM for the batched FCs), the slots, the split parts, z, p and
@@ -59,8 +60,10 @@ class GpuSpec:
     #: Device time between two dependent kernels on one stream while the host keeps the
     #: queue filled: one grid drains, the next is fetched and fills the SMs.
     kernel_gap_seconds: float
-    #: 4-warp programs resident per SM (registers allow 4 at <= 128 per thread).
-    programs_per_sm: int = 4
+    #: Registers and threads of one SM (compute capability 8.0 and 9.0 alike): with a
+    #: launch's warps and register limit they set how many of its programs are resident.
+    registers_per_sm: int = 65536
+    threads_per_sm: int = 2048
     #: Elements of x in one streaming tile (BLOCK_C * BLOCK_HW).
     tile_elements: int = 4096
     #: Largest tile side along the contiguous axis (HW for NCHW, C for channels_last).
@@ -88,12 +91,16 @@ GPUS = {"h100": H100, "a100": A100}
 INTERPRETER = dataclasses.replace(H100, name="Triton interpreter", sms=2, tile_elements=32768,
                                   max_contiguous_block=1024)
 
-#: The split grids aim at this many programs per SM.
-PROGRAMS_PER_SM = 4
-#: The register limit of every launch: all a thread can have. Without a limit, ptxas gives
-#: some kernels 48-80 registers and spills a few bytes (for occupancy); with one it
-#: allocates what they need, spill-free (``sae-kernels compile-report``).
+#: Register limits per thread (``maxnreg``; :func:`register_limit`). Without one, ptxas
+#: gives some kernels 48-80 registers and spills a few bytes (for occupancy); with one it
+#: allocates what they need, spill-free (``sae-kernels compile-report``). The model counts
+#: every thread at its launch's limit (:func:`resident_programs`): all a thread can have
+#: means one 8-warp or two 4-warp programs per SM ...
 MAX_REGISTERS = 255
+#: ... 128, two 8-warp or four 4-warp programs.
+VECTOR_REGISTERS = 128
+#: Warps of a batched FC launch.
+FC_WARPS = 4
 #: Samples per tile of the batched FCs at most; ``tl.dot`` needs every side >= 16.
 MAX_FC_SAMPLES = 64
 MIN_DOT = 16
@@ -115,6 +122,26 @@ def device_spec(device: torch.device) -> GpuSpec:
     base = A100 if "A100" in props.name else H100
     return dataclasses.replace(base, name=props.name, sms=props.multi_processor_count,
                                l2_bytes=props.L2_cache_size)
+
+
+def register_limit(p: Problem, num_warps: int, flat: bool = False) -> int:
+    """The register limit of a streaming launch over ``p`` (``flat``: the flat rescale).
+    Its threads hold 16 elements of a tile (8 in fp64); loaded as vectors that fits in
+    VECTOR_REGISTERS. Rows that are not (``Problem.rows_in_vectors``: HW = 49 or 196 in
+    NCHW, C = 228 in channels_last) load element by element, an address per element: up
+    to 250 registers, spilling at 128, as fp64 does. Batched FC launches take
+    MAX_REGISTERS."""
+    vectors = flat or num_warps == 4 or p.rows_in_vectors
+    return VECTOR_REGISTERS if vectors and p.element_size < 8 else MAX_REGISTERS
+
+
+def resident_programs(spec: GpuSpec, num_warps: int, registers: int = MAX_REGISTERS) -> int:
+    """Programs of ``num_warps`` warps that one SM holds at once when each thread may take
+    ``registers`` (allocated per warp in steps of 8 per thread)."""
+    threads = 32 * num_warps
+    per_thread = triton_cdiv(registers, 8) * 8
+    return max(1, min(spec.threads_per_sm // threads,
+                      spec.registers_per_sm // (threads * per_thread)))
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -161,6 +188,14 @@ class Problem:
         """Whether the flat rescale can run: x, identity and y in rows, and where it writes
         the ReLU mask, whole bytes of it per channel."""
         return self.flat and (not self.writes_mask or self.hw % MASK_BITS == 0)
+
+    @property
+    def rows_in_vectors(self) -> bool:
+        """Whether the 2-D tiles load x's rows (HW for NCHW, C for channels_last) as
+        vectors: rows a multiple of 16 elements long, which Triton's specialisation of
+        the strides tells it (fp32 rows of 196 are whole 16-byte vectors, but it cannot
+        know)."""
+        return (self.c if self.channels_last else self.hw) % 16 == 0
 
     @property
     def mask_streams(self) -> float:
@@ -212,8 +247,10 @@ class LaunchPlan:
     #: FC1 forward / FC2 backward: K outputs, a reduction over C; the other two: C outputs
     fc_to_k: FcTiles = FcTiles(16, 16, 64)
     fc_to_c: FcTiles = FcTiles(16, 64, 64)
-    #: ptxas's limit on registers per thread (``maxnreg``); None leaves the choice to ptxas.
-    max_registers: int | None = None
+    #: ptxas's limit on registers per thread (``maxnreg``) of the 2-D streaming launches,
+    #: and of the flat rescale
+    max_registers: int = MAX_REGISTERS
+    flat_registers: int = MAX_REGISTERS
 
     def hw_chunks(self, hw: int) -> int:
         return triton_cdiv(hw, self.hw_chunk)
@@ -226,27 +263,28 @@ class LaunchPlan:
     def blocks(self, c: int) -> int:
         return triton_cdiv(c, self.block_c)
 
-    def launch_options(self) -> dict:
-        """The compile options of a streaming launch: the warps, and the register limit
-        when set."""
-        if self.max_registers is None:
-            return dict(num_warps=self.num_warps)
-        return dict(num_warps=self.num_warps, maxnreg=self.max_registers)
+    def launch_options(self, flat: bool = False) -> dict:
+        """The compile options of a streaming launch (``flat``: the flat rescale): the warps
+        and the register limit."""
+        return dict(num_warps=self.num_warps,
+                    maxnreg=self.flat_registers if flat else self.max_registers)
 
 
-def _streaming_tiles(p: Problem, spec: GpuSpec) -> tuple[list[tuple[int, int]], int]:
+def _streaming_tiles(p: Problem, spec: GpuSpec,
+                     backward: bool) -> tuple[list[tuple[int, int]], int]:
     """([(BLOCK_C, BLOCK_HW) to choose from], tile elements): tiles follow the contiguous
     axis. channels_last is also offered 64 channels per tile (128 bytes or more per row
     still): each program of the pool writes BLOCK_C partial sums, so narrower tiles spread
     a sample over as many programs with fewer partial sums for FC1 to add up.
 
-    fp64 accumulates in fp64, and the prologue keeps more values live per element (its
-    backward a second input stream and two sums): each halves the elements per tile,
-    which keeps the registers per thread. Where the forward writes the ReLU mask the
-    contiguous side holds whole bytes of it.
+    fp64 accumulates in fp64, and under a prologue the ``backward``'s passes keep more
+    values live per element (a second input stream and two sums): each halves the
+    elements per tile, which keeps the registers per thread (the forward's passes under a
+    prologue build spill-free with whole tiles). Where the forward writes the ReLU mask
+    the contiguous side holds whole bytes of it.
     """
     wide = p.element_size == 8
-    tile = spec.tile_elements // (2 if wide else 1) // (2 if p.prologue else 1)
+    tile = spec.tile_elements // (2 if wide else 1) // (2 if p.prologue and backward else 1)
     shortest = MASK_BITS if p.writes_mask else 1  # the mask's whole bytes
     if p.channels_last:
         widths = {max(shortest, min(_pow2(p.c), width))
@@ -263,9 +301,11 @@ def _fc_tile_options(n: int, outputs: int, reduction: int, wide: bool, spec: Gpu
     read each sample's inputs fewer times); for each, where allowed, the reduction split
     until the grid covers every SM. The reduction side keeps both operand tiles near 512
     elements (256 in fp64; larger tiles spill under 3xTF32), and no larger than a split's
-    share; an fp64 accumulator tile holds at most 2048 values (64 x 64 spills)."""
-    block_n = min(MAX_FC_SAMPLES, max(MIN_DOT, _pow2(n)))
-    widest = min(64, _pow2(outputs), 2048 // block_n if wide else 64)
+    share; an fp64 accumulator tile holds at most 1024 values (64 x 32 spills in a
+    pipelined loop)."""
+    most_n = 1024 // min_m if wide else MAX_FC_SAMPLES
+    block_n = min(MAX_FC_SAMPLES, most_n, max(MIN_DOT, _pow2(n)))
+    widest = min(64, _pow2(outputs), 1024 // block_n if wide else 64)
     options = []
     for block_m in sorted({max(min_m, widest >> i) for i in range(3)}, reverse=True):
         tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
@@ -279,15 +319,15 @@ def _fc_tile_options(n: int, outputs: int, reduction: int, wide: bool, spec: Gpu
     return options
 
 
-def _hw_chunks(p: Problem, group: int, block_c: int, block_hw: int,
+def _hw_chunks(p: Problem, group: int, block_c: int, block_hw: int, resident: int,
                spec: GpuSpec) -> list[int]:
-    """HW elements per program of the split grids to choose from: enough chunks for
-    PROGRAMS_PER_SM programs per SM, one more or twice as many (the last wave is then
+    """HW elements per program of the split grids to choose from: enough chunks for the
+    ``resident`` programs of every SM, one more or twice as many (the last wave is then
     shorter or fuller), or at most MAX_CHUNKS (more tile steps per program, fewer partial
     sums for FC1 to add up)."""
     programs_per_chunk = max(1, group * triton_cdiv(p.c, block_c))
     steps = triton_cdiv(p.hw, block_hw)
-    most = max(1, min(steps, triton_cdiv(PROGRAMS_PER_SM * spec.sms, programs_per_chunk)))
+    most = max(1, min(steps, triton_cdiv(resident * spec.sms, programs_per_chunk)))
     return sorted({triton_cdiv(triton_cdiv(p.hw, chunks), block_hw) * block_hw
                    for chunks in (most, min(steps, most + 1), min(steps, 2 * most),
                                   min(most, MAX_CHUNKS))})
@@ -306,15 +346,17 @@ def _sample_groups(p: Problem, spec: GpuSpec) -> list[int]:
     return sorted(groups)
 
 
-def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
-    tiles, tile = _streaming_tiles(p, spec)
+def _candidates(p: Problem, spec: GpuSpec, strategy: str,
+                backward: bool = False) -> list[LaunchPlan]:
+    tiles, tile = _streaming_tiles(p, spec, backward)
     wide = p.element_size == 8
     groups = _sample_groups(p, spec)
     plans = []
     for block_c, block_hw in tiles:
-        base = dict(block_c=block_c, block_hw=block_hw,
-                    num_warps=8 if block_c * block_hw >= min(tile, 4096) else 4,
-                    max_registers=MAX_REGISTERS,
+        warps = 8 if block_c * block_hw >= min(tile, 4096) else 4
+        base = dict(block_c=block_c, block_hw=block_hw, num_warps=warps,
+                    max_registers=register_limit(p, warps),
+                    flat_registers=register_limit(p, warps, flat=True),
                     block_k=min(_pow2(p.k), 32 if wide else 64), block_fc=min(_pow2(p.c), 64),
                     block_r=max(1, min(_pow2(p.k), max(1, tile // block_c), 64)))
         if strategy in ("auto", "single"):
@@ -325,7 +367,8 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str) -> list[LaunchPlan]:
             to_k = _fc_tile_options(group, p.k, p.c, wide, spec, 16, not p.single_fc)
             to_c = _fc_tile_options(group, p.c, p.k, wide, spec, 32, False)
             for hw_chunk, in_stream, fc_to_k in itertools.product(
-                    _hw_chunks(p, group, block_c, block_hw, spec),
+                    _hw_chunks(p, group, block_c, block_hw,
+                               resident_programs(spec, warps, base["max_registers"]), spec),
                     (False, True) if not p.single_fc else (False,), to_k):
                 # the flat rescale computes FC2 itself only over whole channel blocks
                 flat = p.flat_rescale_fits and (not in_stream or hw_chunk >= p.hw)
@@ -347,7 +390,7 @@ def plan_launch(problem: Problem, spec: GpuSpec, strategy: str = "auto",
     check_strategy(strategy)
     if backward:
         problem = dataclasses.replace(problem, writes_mask=False)
-        return min(_candidates(problem, spec, "split"),
+        return min(_candidates(problem, spec, "split", backward=True),
                    key=lambda pl: call_seconds(backward_launches(problem, pl, spec), spec))
     return min(_candidates(problem, spec, strategy),
                key=lambda pl: call_seconds(forward_launches(problem, pl, spec), spec))
@@ -376,16 +419,25 @@ class Launch:
     hbm_bytes: float
     #: fp32 FMA FLOPs one program runs on CUDA cores (exact-fp32 dots, GEMVs)
     program_flops: float = 0.0
+    #: bytes one program's GEMVs read from L2 (weights, fp32 vectors of K), and what one
+    #: of their steps keeps in flight (those loops are not pipelined)
+    gemv_l2_bytes: float = 0.0
+    gemv_in_flight: float = 1.0
+    #: warps per program and the register limit per thread: how many programs are
+    #: resident per SM (:func:`resident_programs`)
+    warps: int = FC_WARPS
+    registers: int = MAX_REGISTERS
 
 
 def device_seconds(launch: Launch, spec: GpuSpec) -> float:
     """A launch's time on the device: the kernel gap + max(HBM bytes / bandwidth, waves x
-    one program's time)."""
-    resident = spec.sms * spec.programs_per_sm
-    waves = math.ceil(launch.programs / resident)
-    per_program_bw = launch.in_flight / spec.memory_latency_seconds
-    program = ((launch.program_hbm_bytes + launch.program_l2_bytes / 2) / per_program_bw
-               + launch.program_flops / (spec.sm_flops / spec.programs_per_sm))
+    one program's time), a wave being the programs resident on every SM at once."""
+    per_sm = resident_programs(spec, launch.warps, launch.registers)
+    waves = math.ceil(launch.programs / (spec.sms * per_sm))
+    program = (((launch.program_hbm_bytes + launch.program_l2_bytes / 2) / launch.in_flight
+                + launch.gemv_l2_bytes / 2 / launch.gemv_in_flight)
+               * spec.memory_latency_seconds
+               + launch.program_flops / (spec.sm_flops / per_sm))
     return spec.kernel_gap_seconds + max(launch.hbm_bytes / spec.hbm_bytes_per_second,
                                          waves * program)
 
@@ -402,19 +454,22 @@ def device_total(launches: list[Launch], spec: GpuSpec) -> float:
     return sum(device_seconds(launch, spec) for launch in launches)
 
 
-def fc_pipelined(kernel: str, single_fc: bool, one_chunk: bool) -> bool:
+def fc_pipelined(kernel: str, single_fc: bool, one_chunk: bool, parts: int = 1) -> bool:
     """Whether Triton software-pipelines the loop of the batched FC launch ``kernel``
     ("fc1", "fc2", "fc2_backward", "fc1_backward"): every loop with a product, FC1's and
     FC2-backward's over the HW-chunk slots included (one loop over (channels, chunk)
     steps). Not the single-FC form's FC2-backward, which has no product (dp = du) and
     adds up the slots in a plain loop; with ``one_chunk`` (an argument equal to 1,
-    compiled in as a constant) that loop is gone. ``sae-kernels compile-report`` checks
-    this against every build's TTGIR."""
+    compiled in as a constant) that loop is gone. Not FC2 and FC1-backward where they add
+    up more than two ``parts`` of a split reduction in a loop inside theirs.
+    ``sae-kernels compile-report`` checks this against every build's TTGIR."""
+    if kernel in ("fc2", "fc1_backward") and parts > 2:
+        return False
     return not (kernel == "fc2_backward" and single_fc) or one_chunk
 
 
 def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, p: Problem,
-               inputs: int, chunks: int = 1) -> Launch:
+               inputs: int, chunks: int = 1, parts: int = 1) -> Launch:
     """A batched FC over ``n`` samples: each program reads its weight slice and, over its
     share of the reduction, ``inputs`` fp32 values per sample and reduction element (the
     chunk slots, the split parts of the launch before, u or p); its first output tile
@@ -428,7 +483,7 @@ def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, 
     share = tiles.per_split(reduction) if splits > 1 else reduction
     parts = n * outputs * ACC_BYTES * splits
     samples = min(n, tiles.block_n)  # masked-off rows of a tile load nothing
-    steps = NUM_STAGES - 1 if fc_pipelined(name, p.single_fc, chunks == 1) else 1
+    steps = NUM_STAGES - 1 if fc_pipelined(name, p.single_fc, chunks == 1, parts) else 1
     return Launch(
         name, rows * cols * splits, program_hbm_bytes=tiles.block_m * share * we,
         program_l2_bytes=samples * share * ACC_BYTES * inputs,
@@ -448,15 +503,18 @@ def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_stre
     elements = plan.block_c * min(plan.hw_chunk, p.hw)
     e = p.element_size
     we = p.weight_element_size or e
-    slice_bytes = (plan.block_c * we + gemv * ACC_BYTES) * p.k if gemv else 0
+    gemv_step = plan.block_r * (plan.block_c * we + gemv * ACC_BYTES)
     return Launch(
         name, programs, program_hbm_bytes=elements * e * hbm_streams,
-        program_l2_bytes=elements * e * l2_streams + slice_bytes,
+        program_l2_bytes=elements * e * l2_streams,
         in_flight=(plan.block_c * plan.block_hw * e * max(1.0, hbm_streams + l2_streams)
                    * (1.0 if flat else _row_efficiency(p, plan))),
         hbm_bytes=(group * p.c * p.hw * e * hbm_streams
                    + (p.weight_bytes + group * gemv * p.k * ACC_BYTES) * (gemv > 0)),
-        program_flops=2.0 * plan.block_c * p.k if gemv else 0.0)
+        program_flops=2.0 * plan.block_c * p.k if gemv else 0.0,
+        gemv_l2_bytes=gemv_step * triton_cdiv(p.k, plan.block_r) if gemv else 0.0,
+        gemv_in_flight=gemv_step, warps=plan.num_warps,
+        registers=plan.flat_registers if flat else plan.max_registers)
 
 
 def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch]:
@@ -466,7 +524,8 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
     fcs = 1 if p.single_fc else 2
     if plan.strategy == "single":
         # one program per sample: x from HBM, again from L2 if the samples in flight fit
-        in_flight = min(p.n, spec.sms * spec.programs_per_sm) * p.sample_bytes
+        resident = resident_programs(spec, plan.num_warps, plan.max_registers)
+        in_flight = min(p.n, spec.sms * resident) * p.sample_bytes
         reread = in_flight > spec.l2_bytes // 2
         single = _stream_launch("single", p, plan, p.n,
                                 2 + reread + p.has_identity + p.writes_mask * p.mask_streams,
@@ -475,9 +534,10 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
         return [dataclasses.replace(
             single, programs=p.n,
             program_hbm_bytes=single.program_hbm_bytes * plan.blocks(p.c),
-            program_l2_bytes=single.program_l2_bytes * plan.blocks(p.c) + fcs * p.weight_bytes,
+            program_l2_bytes=single.program_l2_bytes * plan.blocks(p.c),
             hbm_bytes=single.hbm_bytes + fcs * p.weight_bytes,
-            program_flops=2.0 * fcs * p.k * p.c)]
+            program_flops=2.0 * fcs * p.k * p.c, gemv_l2_bytes=fcs * p.weight_bytes,
+            gemv_in_flight=plan.block_k * plan.block_fc * p.weight_bytes / (p.k * p.c))]
     launches = []
     for n in _groups(p.n, plan.sample_group):
         chunks = plan.hw_chunks(p.hw)
@@ -486,7 +546,8 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
         launches.append(_stream_launch("pool", p, plan, n, 1, 0))
         launches.append(_fc_launch("fc1", n, p.k, p.c, plan.fc_to_k, p, chunks, chunks))
         if fcs == 2 and not plan.gemv_in_stream:
-            launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p, p_parts))
+            launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p, p_parts,
+                                       parts=p_parts))
         hbm_streams = 2 - in_l2 + p.has_identity + p.writes_mask * p.mask_streams
         launches.append(_stream_launch(
             "rescale", p, plan, n, hbm_streams, in_l2,
@@ -515,7 +576,8 @@ def backward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launc
         launches.append(_fc_launch("fc2_backward", n, p.k, p.c, plan.fc_to_k, p, chunks + 1,
                                    chunks))
         if fcs == 2 and not plan.gemv_in_stream:
-            launches.append(_fc_launch("fc1_backward", n, p.c, p.k, plan.fc_to_c, p, dp_inputs))
+            launches.append(_fc_launch("fc1_backward", n, p.c, p.k, plan.fc_to_c, p, dp_inputs,
+                                       parts=plan.fc_to_k.splits))
         launches.append(_stream_launch(
             "dx", p, plan, n, writes + second_reads * (1 - in_l2), second_reads * in_l2,
             dp_inputs * (plan.gemv_in_stream and fcs == 2)))

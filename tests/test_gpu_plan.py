@@ -38,6 +38,31 @@ def test_split_grid_fills_the_device():
     assert plan.blocks(256) * plan.hw_chunks(3136) >= H100.sms
 
 
+def test_residency_follows_the_register_limit_launches_get():
+    """An SM holds 64K registers: one 8-warp program at 255 per thread, two at 128; four
+    4-warp programs at 128. Launches get 128 where each thread's 16 elements load as
+    whole vectors (not rows of 49 in NCHW, not fp64); the model counts the same limit, and
+    fewer programs in flight take longer."""
+    assert [gpu_plan.resident_programs(H100, warps, registers)
+            for warps, registers in ((8, 255), (8, 128), (4, 255), (4, 128))] == [1, 2, 2, 4]
+    rows_of_49 = _problem(128, 2048, 49, 128, flat=True)
+    assert gpu_plan.register_limit(rows_of_49, 8) == gpu_plan.MAX_REGISTERS
+    assert gpu_plan.register_limit(rows_of_49, 8, flat=True) == gpu_plan.VECTOR_REGISTERS
+    assert gpu_plan.register_limit(rows_of_49, 4) == gpu_plan.VECTOR_REGISTERS
+    assert gpu_plan.register_limit(_problem(128, 2048, 49, 128, channels_last=True),
+                                   8) == gpu_plan.VECTOR_REGISTERS
+    assert gpu_plan.register_limit(_problem(128, 2048, 56, 128, element_size=8),
+                                   8, flat=True) == gpu_plan.MAX_REGISTERS
+    plan = dataclasses.replace(plan_launch(rows_of_49, H100, "split"), flat_rescale=True)
+    launches = {launch.kernel: launch for launch in
+                gpu_plan.forward_launches(rows_of_49, plan, H100)}
+    assert launches["pool"].registers == plan.launch_options()["maxnreg"] == 255
+    assert launches["rescale"].registers == plan.launch_options(flat=True)["maxnreg"] == 128
+    pool = launches["pool"]
+    assert (gpu_plan.device_seconds(pool, H100)
+            > gpu_plan.device_seconds(dataclasses.replace(pool, registers=128), H100))
+
+
 @pytest.mark.parametrize("spec", [H100, A100], ids=lambda s: s.name)
 @pytest.mark.parametrize("n", [1, 8, 32])
 def test_the_weights_come_from_hbm_about_once_per_call(spec, n):
@@ -99,7 +124,7 @@ def test_the_model_counts_every_byte():
         """A rescale program's L2 bytes when it computes FC2 from p's split parts."""
         split = dataclasses.replace(in_stream, fc_to_k=dataclasses.replace(
             in_stream.fc_to_k, splits=p_splits))
-        return next(launch.program_l2_bytes for launch in
+        return next(launch.gemv_l2_bytes for launch in
                     gpu_plan.forward_launches(base, split, spec) if launch.kernel == "rescale")
 
     assert rescale_l2_bytes(8) - rescale_l2_bytes(1) == 7 * base.k * gpu_plan.ACC_BYTES
@@ -130,6 +155,10 @@ def test_pipelining_is_credited_where_triton_pipelines():
     # the single-FC form's FC2-backward only adds up the slots: a plain loop
     assert not gpu_plan.fc_pipelined("fc2_backward", single_fc=True, one_chunk=False)
     assert gpu_plan.fc_pipelined("fc2_backward", single_fc=True, one_chunk=True)
+    # FC2 and FC1-backward add up more than two split parts in a loop inside theirs
+    for kernel in ("fc2", "fc1_backward"):
+        assert gpu_plan.fc_pipelined(kernel, single_fc=False, one_chunk=True, parts=2)
+        assert not gpu_plan.fc_pipelined(kernel, single_fc=False, one_chunk=True, parts=3)
 
 
 def test_large_batches_are_offered_groups_that_fit_l2():
@@ -237,6 +266,15 @@ def test_every_split_option_with_a_prologue(monkeypatch, options, layout):
     _forcing(monkeypatch, **SPLIT_OPTIONS[options])
     check_prologue(3, 19, 7, 8, act="hardswish", epilogue="residual_identity_relu",
                    channels_last=LAYOUTS[layout], backend="triton", strategy="split")
+
+
+@pytest.mark.parametrize("gemv_in_stream", [False, True], ids=["fc-launches", "gemv-in-stream"])
+def test_a_reduction_split_in_three_parts(monkeypatch, gemv_in_stream):
+    """FC1 and FC2-backward over C = 40 in three parts of 16 channels, which the next
+    launch adds up (FC2 and FC1-backward, or the last pass's GEMVs)."""
+    _forcing(monkeypatch, fc_to_k=FcTiles(16, 16, 16, splits=3), gemv_in_stream=gemv_in_stream)
+    check_case(Case(3, 40, 7, 8, cardinality=3, act="silu", strategy="split", residual=True,
+                    with_identity=True, act_out="relu"))
 
 
 @pytest.mark.parametrize("strategy", ["single", "split"])

@@ -393,7 +393,8 @@ def _split_sums(ptrs, mask, split_stride, splits):
     """The ``splits`` partial results of an FC whose reduction was split (``ptrs`` into the
     first, the others ``split_stride`` apart), added in split order. The batched FC
     kernels pass a constexpr count: their reduction loop, which holds this one, is
-    software-pipelined only while this loop's trip count is a constant."""
+    software-pipelined only where this loop is gone, with two parts at most
+    (``gpu_plan.fc_pipelined``; unrolled, more parts spill)."""
     acc = tl.load(ptrs, mask=mask, other=0.0)
     for split in range(1, splits):
         acc += tl.load(ptrs + split * split_stride, mask=mask, other=0.0)
@@ -817,10 +818,10 @@ def _plan(x: torch.Tensor, problem: Problem, strategy: str, backward: bool = Fal
 
 
 def _fc_launch(tiles: gpu_plan.FcTiles) -> dict:
-    """Tiles and compile options of a batched FC launch: 4 warps, and all the registers a
+    """Tiles and compile options of a batched FC launch: its warps, and all the registers a
     thread can have (without the limit ptxas trades a few spilled bytes for occupancy)."""
     return dict(BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_r,
-                num_warps=4, maxnreg=gpu_plan.MAX_REGISTERS)
+                num_warps=gpu_plan.FC_WARPS, maxnreg=gpu_plan.MAX_REGISTERS)
 
 
 def _splits(name: str, tiles: gpu_plan.FcTiles) -> dict:
@@ -943,7 +944,7 @@ def forward(
                 hw, k, per_chunk, write_mask=write_mask, ACT=act_code,
                 HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **_splits("p", fc1), **epilogue,
                 **prologue, BLOCK=FLAT_BLOCK,
-                BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options(),
+                BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options(flat=True),
             )
         else:
             sae_rescale_kernel[(samples * blocks_c * chunks,)](
