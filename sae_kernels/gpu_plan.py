@@ -124,14 +124,19 @@ def device_spec(device: torch.device) -> GpuSpec:
                                l2_bytes=props.L2_cache_size)
 
 
-def register_limit(p: Problem, num_warps: int, flat: bool = False) -> int:
-    """The register limit of a streaming launch over ``p`` (``flat``: the flat rescale).
-    Its threads hold 16 elements of a tile (8 in fp64); loaded as vectors that fits in
-    VECTOR_REGISTERS. Rows that are not (``Problem.rows_in_vectors``: HW = 49 or 196 in
-    NCHW, C = 228 in channels_last) load element by element, an address per element: up
-    to 250 registers, spilling at 128, as fp64 does. Batched FC launches take
-    MAX_REGISTERS."""
-    vectors = flat or num_warps == 4 or p.rows_in_vectors
+#: Streaming launches by their register limits: 2-D tiles, the flat rescale, the forward's
+#: pool.
+LAUNCH_KINDS = ("tiles", "flat", "pool")
+
+
+def register_limit(p: Problem, num_warps: int, kind: str = "tiles") -> int:
+    """The register limit of a streaming launch of ``kind`` over ``p``. Its threads hold
+    16 elements of a tile (8 in fp64); loaded as vectors that fits in VECTOR_REGISTERS.
+    2-D tiles on rows that are not (``Problem.rows_in_vectors``: HW = 49 or 196 in NCHW,
+    C = 228 in channels_last) load element by element, an address per element: up to 250
+    registers, spilling at 128, as fp64 does; the forward's pool (one stream in, a sum
+    per row) fits even then. Batched FC launches take MAX_REGISTERS."""
+    vectors = kind != "tiles" or num_warps == 4 or p.rows_in_vectors
     return VECTOR_REGISTERS if vectors and p.element_size < 8 else MAX_REGISTERS
 
 
@@ -247,10 +252,8 @@ class LaunchPlan:
     #: FC1 forward / FC2 backward: K outputs, a reduction over C; the other two: C outputs
     fc_to_k: FcTiles = FcTiles(16, 16, 64)
     fc_to_c: FcTiles = FcTiles(16, 64, 64)
-    #: ptxas's limit on registers per thread (``maxnreg``) of the 2-D streaming launches,
-    #: and of the flat rescale
-    max_registers: int = MAX_REGISTERS
-    flat_registers: int = MAX_REGISTERS
+    #: ptxas's limit on registers per thread (``maxnreg``) of each of LAUNCH_KINDS
+    registers: tuple[int, ...] = (MAX_REGISTERS,) * len(LAUNCH_KINDS)
 
     def hw_chunks(self, hw: int) -> int:
         return triton_cdiv(hw, self.hw_chunk)
@@ -263,11 +266,14 @@ class LaunchPlan:
     def blocks(self, c: int) -> int:
         return triton_cdiv(c, self.block_c)
 
-    def launch_options(self, flat: bool = False) -> dict:
-        """The compile options of a streaming launch (``flat``: the flat rescale): the warps
-        and the register limit."""
-        return dict(num_warps=self.num_warps,
-                    maxnreg=self.flat_registers if flat else self.max_registers)
+    def register_limit(self, kind: str = "tiles") -> int:
+        """The register limit of a streaming launch of ``kind`` (LAUNCH_KINDS)."""
+        return self.registers[LAUNCH_KINDS.index(kind)]
+
+    def launch_options(self, kind: str = "tiles") -> dict:
+        """The compile options of a streaming launch of ``kind``: the warps and the
+        register limit."""
+        return dict(num_warps=self.num_warps, maxnreg=self.register_limit(kind))
 
 
 def _streaming_tiles(p: Problem, spec: GpuSpec,
@@ -355,8 +361,7 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str,
     for block_c, block_hw in tiles:
         warps = 8 if block_c * block_hw >= min(tile, 4096) else 4
         base = dict(block_c=block_c, block_hw=block_hw, num_warps=warps,
-                    max_registers=register_limit(p, warps),
-                    flat_registers=register_limit(p, warps, flat=True),
+                    registers=tuple(register_limit(p, warps, kind) for kind in LAUNCH_KINDS),
                     block_k=min(_pow2(p.k), 32 if wide else 64), block_fc=min(_pow2(p.c), 64),
                     block_r=max(1, min(_pow2(p.k), max(1, tile // block_c), 64)))
         if strategy in ("auto", "single"):
@@ -368,7 +373,7 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str,
             to_c = _fc_tile_options(group, p.c, p.k, wide, spec, 32, False)
             for hw_chunk, in_stream, fc_to_k in itertools.product(
                     _hw_chunks(p, group, block_c, block_hw,
-                               resident_programs(spec, warps, base["max_registers"]), spec),
+                               resident_programs(spec, warps, register_limit(p, warps)), spec),
                     (False, True) if not p.single_fc else (False,), to_k):
                 # the flat rescale computes FC2 itself only over whole channel blocks
                 flat = p.flat_rescale_fits and (not in_stream or hw_chunk >= p.hw)
@@ -493,12 +498,13 @@ def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, 
 
 
 def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_streams: float,
-                   l2_streams: float, gemv: int = 0, flat: bool = False) -> Launch:
+                   l2_streams: float, gemv: int = 0, kind: str = "tiles") -> Launch:
     """A sample-major pass over ``group`` samples: per element, ``hbm_streams`` tensors of
     x's dtype to or from HBM and ``l2_streams`` from L2; ``gemv`` > 0: each program also
     runs the GEMV for its channels, reading their weight slice and ``gemv`` fp32 vectors
-    of K of its sample (p or its split parts; dp's parts and p) from L2; ``flat``: 1-D
-    vectors over contiguous rows instead of 2-D tiles."""
+    of K of its sample (p or its split parts; dp's parts and p) from L2; ``kind`` (of
+    LAUNCH_KINDS) "flat": 1-D vectors over contiguous rows instead of 2-D tiles."""
+    flat = kind == "flat"
     programs = group * plan.blocks(p.c) * plan.hw_chunks(p.hw)
     elements = plan.block_c * min(plan.hw_chunk, p.hw)
     e = p.element_size
@@ -513,8 +519,7 @@ def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_stre
                    + (p.weight_bytes + group * gemv * p.k * ACC_BYTES) * (gemv > 0)),
         program_flops=2.0 * plan.block_c * p.k if gemv else 0.0,
         gemv_l2_bytes=gemv_step * triton_cdiv(p.k, plan.block_r) if gemv else 0.0,
-        gemv_in_flight=gemv_step, warps=plan.num_warps,
-        registers=plan.flat_registers if flat else plan.max_registers)
+        gemv_in_flight=gemv_step, warps=plan.num_warps, registers=plan.register_limit(kind))
 
 
 def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch]:
@@ -524,7 +529,7 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
     fcs = 1 if p.single_fc else 2
     if plan.strategy == "single":
         # one program per sample: x from HBM, again from L2 if the samples in flight fit
-        resident = resident_programs(spec, plan.num_warps, plan.max_registers)
+        resident = resident_programs(spec, plan.num_warps, plan.register_limit())
         in_flight = min(p.n, spec.sms * resident) * p.sample_bytes
         reread = in_flight > spec.l2_bytes // 2
         single = _stream_launch("single", p, plan, p.n,
@@ -543,7 +548,7 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
         chunks = plan.hw_chunks(p.hw)
         in_l2 = _share_in_l2(n * p.sample_bytes, spec)
         p_parts = plan.fc_to_k.splits
-        launches.append(_stream_launch("pool", p, plan, n, 1, 0))
+        launches.append(_stream_launch("pool", p, plan, n, 1, 0, kind="pool"))
         launches.append(_fc_launch("fc1", n, p.k, p.c, plan.fc_to_k, p, chunks, chunks))
         if fcs == 2 and not plan.gemv_in_stream:
             launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p, p_parts,
@@ -551,7 +556,8 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
         hbm_streams = 2 - in_l2 + p.has_identity + p.writes_mask * p.mask_streams
         launches.append(_stream_launch(
             "rescale", p, plan, n, hbm_streams, in_l2,
-            p_parts * (plan.gemv_in_stream and fcs == 2), plan.flat_rescale))
+            p_parts * (plan.gemv_in_stream and fcs == 2),
+            "flat" if plan.flat_rescale else "tiles"))
     return launches
 
 
@@ -660,8 +666,8 @@ def compile_passes(p: Problem, spec: GpuSpec, backward: bool = False) -> list[li
     tiles = min((dataclasses.replace(plan, flat_rescale=True, gemv_in_stream=False,
                                      sample_group=p.n)
                  for plan in _candidates(p, spec, "split")),
-                key=lambda plan: device_seconds(_stream_launch("reduction", p, plan, p.n, 1, 0),
-                                                spec))
+                key=lambda plan: device_seconds(
+                    _stream_launch("reduction", p, plan, p.n, 1, 0, kind="pool"), spec))
     tensor = p.n * p.sample_bytes
     x_in_l2 = tensor <= spec.l2_bytes // 2
     fcs = 1 if p.single_fc else 2
@@ -670,18 +676,18 @@ def compile_passes(p: Problem, spec: GpuSpec, backward: bool = False) -> list[li
     def gemm(name: str) -> Launch:
         return _device_wide(name, spec, p.weight_bytes + vectors)
 
-    def stream(name: str, hbm: float, l2: float, flat: bool) -> Launch:
-        return _stream_launch(name, p, tiles, p.n, hbm, l2, flat=flat)
+    def stream(name: str, hbm: float, l2: float, kind: str) -> Launch:
+        return _stream_launch(name, p, tiles, p.n, hbm, l2, kind=kind)
 
-    forward = [stream("reduction", 1, 0, False)]
+    forward = [stream("reduction", 1, 0, "pool")]
     forward += [gemm(f"gemm{i + 1}") for i in range(fcs)]
     if fcs == 2:
         forward.append(_device_wide("act", spec, vectors))
-    forward.append(stream("rescale", 1 + (not x_in_l2) + p.has_identity, x_in_l2, True))
+    forward.append(stream("rescale", 1 + (not x_in_l2) + p.has_identity, x_in_l2, "flat"))
     if not backward:
         return [forward]
     reads = 2 + p.relu_out
-    launches = [stream("reduction g*x", reads, 0, False)]
+    launches = [stream("reduction g*x", reads, 0, "tiles")]
     launches += [gemm(f"gemm{i + 1} backward") for i in range(fcs)]
     if fcs == 2:
         launches.append(_device_wide("act backward", spec, vectors))
@@ -691,7 +697,7 @@ def compile_passes(p: Problem, spec: GpuSpec, backward: bool = False) -> list[li
     second_reads = 1 + p.relu_out + p.prologue
     writes = 1 + (p.has_identity and p.relu_out)
     launches.append(stream("dx", writes + second_reads * (not in_l2), second_reads * in_l2,
-                           True))
+                           "flat"))
     return [forward, launches]
 
 

@@ -47,20 +47,25 @@ def test_residency_follows_the_register_limit_launches_get():
             for warps, registers in ((8, 255), (8, 128), (4, 255), (4, 128))] == [1, 2, 2, 4]
     rows_of_49 = _problem(128, 2048, 49, 128, flat=True)
     assert gpu_plan.register_limit(rows_of_49, 8) == gpu_plan.MAX_REGISTERS
-    assert gpu_plan.register_limit(rows_of_49, 8, flat=True) == gpu_plan.VECTOR_REGISTERS
+    for kind in ("flat", "pool"):
+        assert gpu_plan.register_limit(rows_of_49, 8, kind) == gpu_plan.VECTOR_REGISTERS
     assert gpu_plan.register_limit(rows_of_49, 4) == gpu_plan.VECTOR_REGISTERS
     assert gpu_plan.register_limit(_problem(128, 2048, 49, 128, channels_last=True),
                                    8) == gpu_plan.VECTOR_REGISTERS
     assert gpu_plan.register_limit(_problem(128, 2048, 56, 128, element_size=8),
-                                   8, flat=True) == gpu_plan.MAX_REGISTERS
-    plan = dataclasses.replace(plan_launch(rows_of_49, H100, "split"), flat_rescale=True)
+                                   8, "flat") == gpu_plan.MAX_REGISTERS
+    plan = dataclasses.replace(plan_launch(rows_of_49, H100, "split"), flat_rescale=True,
+                               gemv_in_stream=False)
     launches = {launch.kernel: launch for launch in
                 gpu_plan.forward_launches(rows_of_49, plan, H100)}
-    assert launches["pool"].registers == plan.launch_options()["maxnreg"] == 255
-    assert launches["rescale"].registers == plan.launch_options(flat=True)["maxnreg"] == 128
-    pool = launches["pool"]
-    assert (gpu_plan.device_seconds(pool, H100)
-            > gpu_plan.device_seconds(dataclasses.replace(pool, registers=128), H100))
+    assert launches["pool"].registers == plan.launch_options("pool")["maxnreg"] == 128
+    assert launches["rescale"].registers == plan.launch_options("flat")["maxnreg"] == 128
+    assert plan.launch_options()["maxnreg"] == 255  # the 2-D tiles of the other passes
+    backward = gpu_plan.backward_launches(rows_of_49, plan, H100)
+    reduce = next(launch for launch in backward if launch.kernel == "reduce")
+    assert reduce.registers == 255
+    assert (gpu_plan.device_seconds(reduce, H100)
+            > gpu_plan.device_seconds(dataclasses.replace(reduce, registers=128), H100))
 
 
 @pytest.mark.parametrize("spec", [H100, A100], ids=lambda s: s.name)

@@ -903,8 +903,7 @@ def forward(
     act_code = ACTIVATIONS.index(act)
     epilogue = dict(GATE=GATES.index(gate), RESIDUAL=residual, HAS_IDENTITY=identity is not None,
                     RELU_OUT=relu_out)
-    streaming = dict(**prologue, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
-                     **plan.launch_options())
+    streaming = dict(**prologue, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
     w2 = fc2_weight if has_fc2 else fc1_weight  # not read without fc2
     if plan.strategy == "single":
         sae_forward_single_kernel[(n,)](
@@ -912,6 +911,7 @@ def forward(
             b1, w2, *w2.stride(), b2, z, p, u, c, hw, k, **masking, ACT=act_code,
             HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None, HAS_FC2=has_fc2,
             **epilogue, BLOCK_K=plan.block_k, BLOCK_FC=plan.block_fc, **streaming,
+            **plan.launch_options(),
         )
         return y, z, p, u, mask
     blocks_c, chunks = plan.blocks(c), plan.hw_chunks(hw)
@@ -923,7 +923,8 @@ def forward(
         slots = x.new_empty((samples, chunks, c), dtype=acc)
         sae_channel_sums_kernel[(samples * blocks_c * chunks,)](
             xg, *xs, pro_arg, xg, 0, 0, 0, xg, 0, 0, 0, slots, c, hw, plan.hw_chunk,
-            WITH_GRAD=False, RELU_OUT=False, MASK_ALONG_C=False, **streaming,
+            WITH_GRAD=False, RELU_OUT=False, MASK_ALONG_C=False,
+            **streaming, **plan.launch_options("pool"),
         )
         fc1 = plan.fc_to_k
         p_parts = pg if fc1.splits == 1 else x.new_empty((fc1.splits, samples, k), dtype=acc)
@@ -944,14 +945,14 @@ def forward(
                 hw, k, per_chunk, write_mask=write_mask, ACT=act_code,
                 HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **_splits("p", fc1), **epilogue,
                 **prologue, BLOCK=FLAT_BLOCK,
-                BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options(flat=True),
+                BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options("flat"),
             )
         else:
             sae_rescale_kernel[(samples * blocks_c * chunks,)](
                 xg, *xs, pro_arg, idg, *ids, yg, *ys, mg, *ms, p_parts, pg, w2, *w2.stride(), b2,
                 ug, samples, c, hw, k, plan.hw_chunk, **masking, ACT=act_code,
                 HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **_splits("p", fc1), **epilogue,
-                BLOCK_R=plan.block_r, **streaming,
+                BLOCK_R=plan.block_r, **streaming, **plan.launch_options(),
             )
     return y, z, p, u, mask
 
