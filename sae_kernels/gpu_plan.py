@@ -11,7 +11,8 @@ Plans (kernels in ``kernels/sae_triton.py``):
                 call. The bracketed launch exists only when ``gemv_in_stream`` is off:
                 otherwise each program of the last pass computes FC2 (forward) or
                 FC1-backward for its own channels from L2, one launch fewer. Contiguous
-                NCHW takes a flat, vectorised rescale where the model says so. Batches
+                NCHW takes a flat, vectorised rescale (and dx pass) where the model says
+                so. Batches
                 larger than half the L2 run in ``sample_group``-sized groups, so that a
                 group's second pass finds its x (and g) in L2.
 
@@ -130,14 +131,20 @@ LAUNCH_KINDS = ("tiles", "flat", "pool")
 
 
 def register_limit(p: Problem, num_warps: int, kind: str = "tiles") -> int:
-    """The register limit of a streaming launch of ``kind`` over ``p``. Its threads hold
-    16 elements of a tile (8 in fp64); loaded as vectors that fits in VECTOR_REGISTERS.
-    2-D tiles on rows that are not (``Problem.rows_in_vectors``: HW = 49 or 196 in NCHW,
-    C = 228 in channels_last) load element by element, an address per element: up to 250
-    registers, spilling at 128, as fp64 does; the forward's pool (one stream in, a sum
-    per row) fits even then. Batched FC launches take MAX_REGISTERS."""
-    vectors = kind != "tiles" or num_warps == 4 or p.rows_in_vectors
-    return VECTOR_REGISTERS if vectors and p.element_size < 8 else MAX_REGISTERS
+    """The register limit of a streaming launch of ``kind`` over ``p``. The threads of an
+    8-warp 2-D tile hold 16 of its elements (8 in fp64); loaded as vectors that fits in
+    VECTOR_REGISTERS, and so do 4-warp tiles (smaller). 2-D tiles on rows that are not
+    (``Problem.rows_in_vectors``: HW = 49 or 196 in NCHW, C = 228 in channels_last) load
+    element by element, an address per element: up to 250 registers, spilling at 128, as
+    fp64 does; the forward's pool (one stream in, a sum per row) fits even then. The flat
+    passes' FLAT_BLOCK vectors are 8 elements a thread at 8 warps, 16 at 4 (the flat dx
+    pass with a prologue spills at 128 there). Batched FC launches take MAX_REGISTERS."""
+    if p.element_size == 8:
+        return MAX_REGISTERS
+    if kind == "flat":
+        return VECTOR_REGISTERS if num_warps == 8 else MAX_REGISTERS
+    vectors = kind == "pool" or num_warps == 4 or p.rows_in_vectors
+    return VECTOR_REGISTERS if vectors else MAX_REGISTERS
 
 
 def resident_programs(spec: GpuSpec, num_warps: int, registers: int = MAX_REGISTERS) -> int:
@@ -176,7 +183,8 @@ class Problem:
     prologue: bool = False
     #: the single-FC form (one C x C FC, no FC2)
     single_fc: bool = False
-    #: x, identity and y contiguous NCHW (the flat rescale reads them as rows)
+    #: x, identity and y contiguous NCHW (the flat rescale reads them as rows); in the
+    #: backward x, g and dx, and no prologue gradients (the flat dx pass)
     flat: bool = False
 
     @property
@@ -242,8 +250,9 @@ class LaunchPlan:
     block_fc: int = 64
     #: split: the last pass computes FC2 (FC1-backward) itself, one launch fewer
     gemv_in_stream: bool = False
-    #: split: the forward rescale reads contiguous NCHW as flat rows (with the GEMV in
-    #: stream only when one chunk spans HW: each program then takes whole channels)
+    #: split: the forward's rescale, or the backward's dx pass, reads contiguous NCHW as
+    #: flat rows (with the GEMV in stream only when one chunk spans HW: each program then
+    #: takes whole channels)
     flat_rescale: bool = False
     #: split: samples per group of launches (N: one group)
     sample_group: int = 1
@@ -586,7 +595,8 @@ def backward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launc
                                        parts=plan.fc_to_k.splits))
         launches.append(_stream_launch(
             "dx", p, plan, n, writes + second_reads * (1 - in_l2), second_reads * in_l2,
-            dp_inputs * (plan.gemv_in_stream and fcs == 2)))
+            dp_inputs * (plan.gemv_in_stream and fcs == 2),
+            "flat" if plan.flat_rescale else "tiles"))
     vectors = p.n * (p.k + p.c) * ACC_BYTES
     for name in ("dW1", "dW2")[:fcs]:
         launches.append(_device_wide(name, spec, vectors + p.weight_bytes))

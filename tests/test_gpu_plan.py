@@ -40,9 +40,9 @@ def test_split_grid_fills_the_device():
 
 def test_residency_follows_the_register_limit_launches_get():
     """An SM holds 64K registers: one 8-warp program at 255 per thread, two at 128; four
-    4-warp programs at 128. Launches get 128 where each thread's 16 elements load as
-    whole vectors (not rows of 49 in NCHW, not fp64); the model counts the same limit, and
-    fewer programs in flight take longer."""
+    4-warp programs at 128. Launches get 128 where each thread's elements load as whole
+    vectors (not 2-D tiles on rows of 49 in NCHW, not fp64), and the forward's pool; the
+    model counts the same limit, and fewer programs in flight take longer."""
     assert [gpu_plan.resident_programs(H100, warps, registers)
             for warps, registers in ((8, 255), (8, 128), (4, 255), (4, 128))] == [1, 2, 2, 4]
     rows_of_49 = _problem(128, 2048, 49, 128, flat=True)
@@ -50,6 +50,8 @@ def test_residency_follows_the_register_limit_launches_get():
     for kind in ("flat", "pool"):
         assert gpu_plan.register_limit(rows_of_49, 8, kind) == gpu_plan.VECTOR_REGISTERS
     assert gpu_plan.register_limit(rows_of_49, 4) == gpu_plan.VECTOR_REGISTERS
+    # a flat vector of FLAT_BLOCK elements is 16 a thread at 4 warps
+    assert gpu_plan.register_limit(rows_of_49, 4, "flat") == gpu_plan.MAX_REGISTERS
     assert gpu_plan.register_limit(_problem(128, 2048, 49, 128, channels_last=True),
                                    8) == gpu_plan.VECTOR_REGISTERS
     assert gpu_plan.register_limit(_problem(128, 2048, 56, 128, element_size=8),
@@ -271,6 +273,37 @@ def test_every_split_option_with_a_prologue(monkeypatch, options, layout):
     _forcing(monkeypatch, **SPLIT_OPTIONS[options])
     check_prologue(3, 19, 7, 8, act="hardswish", epilogue="residual_identity_relu",
                    channels_last=LAYOUTS[layout], backend="triton", strategy="split")
+
+
+class _Launches:
+    """A kernel in place of ``name`` in ``sae_triton`` that counts its launches."""
+
+    def __init__(self, monkeypatch, name):
+        self.kernel, self.count = getattr(sae_triton, name), 0
+        monkeypatch.setattr(sae_triton, name, self)
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prologue", ["none", "frozen", "trained"])
+def test_the_flat_dx_pass(monkeypatch, prologue, dtype):
+    """The backward's dx pass over flat rows of NCHW, at HW = 63 (each channel's row of
+    the ReLU mask ends in a padding bit), under a prologue that takes no gradient too;
+    where the prologue's scale and shift do (sums per channel), the 2-D tiles run."""
+    flat = _Launches(monkeypatch, "sae_backward_dx_flat_kernel")
+    _forcing(monkeypatch, flat_rescale=True)
+    if prologue == "none":
+        check_case(Case(3, 19, 7, 9, cardinality=3, act="silu", residual=True,
+                        with_identity=True, act_out="relu", dtype=DTYPES[dtype],
+                        strategy="split"))
+    else:
+        check_prologue(3, 19, 7, 9, act="silu", epilogue="residual_identity_relu",
+                       dtype=DTYPES[dtype], backend="triton", strategy="split",
+                       frozen_prologue=prologue == "frozen")
+    assert flat.count == (prologue != "trained")
 
 
 @pytest.mark.parametrize("gemv_in_stream", [False, True], ids=["fc-launches", "gemv-in-stream"])

@@ -40,8 +40,9 @@ def _away_from_kinks(x, scale, shift, act, dtype):
 
 def check_prologue(n, c, h, w, act="silu", with_scale=True, with_shift=True,
                    epilogue="scale", channels_last=False, dtype=torch.float32, backend="cpu",
-                   strategy="auto", single_fc=False, seed=0):
-    """Fused (``backend``) vs the float64 reference on the same rounded values."""
+                   strategy="auto", single_fc=False, seed=0, frozen_prologue=False):
+    """Fused (``backend``) vs the float64 reference on the same rounded values;
+    ``frozen_prologue``: the prologue's scale and shift take no gradient."""
     gen = torch.Generator().manual_seed(seed)
     device = DEVICE if backend == "triton" else torch.device("cpu")
     residual, with_identity, act_out = EPILOGUES[epilogue]
@@ -74,7 +75,8 @@ def check_prologue(n, c, h, w, act="silu", with_scale=True, with_shift=True,
                 t = to(t)
                 if t.dim() == 4 and channels_last:
                     t = t.to(memory_format=torch.channels_last)
-                t = t.detach().requires_grad_(True)
+                t = t.detach().requires_grad_(
+                    not (frozen_prologue and name.startswith("prologue")))
             out[name] = t
         return out
 
@@ -87,7 +89,7 @@ def check_prologue(n, c, h, w, act="silu", with_scale=True, with_shift=True,
     assert y.dtype == dtype and y.shape == x.shape
     assert_close_to_truth("y", y, y64, dtype)
     for name, t in fused_in.items():
-        if t is not None:
+        if t is not None and t.requires_grad:
             assert t.grad is not None and t.grad.dtype == dtype, name
             assert_close_to_truth(f"d {name}", t.grad, truth_in[name].grad, dtype)
 

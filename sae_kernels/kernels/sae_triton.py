@@ -534,6 +534,32 @@ def sae_rescale_kernel(
              RELU_OUT, write_mask, mask_along_c, HAS_PROLOGUE, PROLOGUE_ACT, BLOCK_C, BLOCK_HW)
 
 
+@triton.jit
+def _flat_chunk(x_sn, PER_CHUNK, N):
+    """(sample, chunk, start, stop) of a flat pass's program: PER_CHUNK elements of one
+    sample's x_sn, samples major (``_sample_major``)."""
+    n, _, chunk = _sample_major(tl.program_id(0), 1, tl.cdiv(x_sn, PER_CHUNK), N, True)
+    start = chunk * PER_CHUNK
+    return n, chunk, start, tl.minimum(start + PER_CHUNK, x_sn)
+
+
+@triton.jit
+def _flat_step(e0, stop, HW, u_row, GATE: tl.constexpr, BLOCK: tl.constexpr):
+    """A flat pass's vector from element e0: its offsets, their mask and channels, and
+    each element's gate of its channel's u."""
+    offs = e0 + tl.arange(0, BLOCK)
+    mask = offs < stop
+    channel = offs // HW
+    return offs, mask, channel, gate(tl.load(u_row + channel, mask=mask, other=0.0), GATE)
+
+
+@triton.jit
+def _prologue_gathers(prologue_ptr, channel, mask, C):
+    """The prologue's scale and shift of each element's ``channel`` (flat passes)."""
+    scale = tl.load(prologue_ptr + channel, mask=mask, other=1.0)
+    return scale, tl.load(prologue_ptr + C + channel, mask=mask, other=0.0)
+
+
 @triton.jit(do_not_specialize=["p_splits", "write_mask"])
 def sae_rescale_flat_kernel(
     x_ptr, x_sn, prologue_ptr, id_ptr, y_ptr, m_ptr, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk,
@@ -553,10 +579,7 @@ def sae_rescale_flat_kernel(
     Under ``FC2_HERE`` a program's chunk is one block of BLOCK_C whole channels
     (PER_CHUNK = BLOCK_C * HW): it computes their u first, as the 2-D rescale does, and
     stores it for its own gathers (behind a barrier) and for the backward."""
-    chunks = tl.cdiv(x_sn, PER_CHUNK)
-    n, _, chunk = _sample_major(tl.program_id(0), 1, chunks, N, True)
-    start = chunk * PER_CHUNK
-    stop = tl.minimum(start + PER_CHUNK, x_sn)
+    n, chunk, start, stop = _flat_chunk(x_sn, PER_CHUNK, N)
     base = n * x_sn
     u_row = u_ptr + n * C
     acc_ty = u_ptr.dtype.element_ty
@@ -568,14 +591,10 @@ def sae_rescale_flat_kernel(
         tl.store(u_row + offs_c, u, mask=mask_c)
         tl.debug_barrier()
     for e0 in range(start, stop, BLOCK):
-        offs = e0 + tl.arange(0, BLOCK)
-        mask = offs < stop
-        channel = offs // HW
-        scale = gate(tl.load(u_row + channel, mask=mask, other=0.0), GATE)
+        offs, mask, channel, scale = _flat_step(e0, stop, HW, u_row, GATE, BLOCK)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
         if HAS_PROLOGUE:
-            pro_scale = tl.load(prologue_ptr + channel, mask=mask, other=1.0)
-            pro_shift = tl.load(prologue_ptr + C + channel, mask=mask, other=0.0)
+            pro_scale, pro_shift = _prologue_gathers(prologue_ptr, channel, mask, C)
             x = tl.where(mask, prologue_activation(x * pro_scale + pro_shift, PROLOGUE_ACT), 0.0)
         out = x * scale
         if RESIDUAL:  # x * s + x, not x * (1 + s): inf * 0 must give NaN as in the reference
@@ -772,6 +791,57 @@ def sae_backward_dx_kernel(
         tl.store(d_prologue_row + C + offs_c, tl.sum(d_shift_sums, axis=1), mask=mask_c)
 
 
+@triton.jit(do_not_specialize=["dp_splits"])
+def sae_backward_dx_flat_kernel(
+    x_ptr, x_sn, prologue_ptr, g_ptr, m_ptr, m_sn, m_sc, dx_ptr, did_ptr, u_ptr, dp_parts_ptr,
+    p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, N, C, HW, K, PER_CHUNK, dp_splits,
+    ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
+    FC1_HERE: tl.constexpr, DP_IN_PARTS: tl.constexpr, WRITE_D_IDENTITY: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The dx pass of ``sae_backward_dx_kernel`` over contiguous NCHW x, g, dx (and
+    d_identity) read as flat (N, C*HW) rows, as ``sae_rescale_flat_kernel`` reads the
+    forward's: vectors whatever HW is. Each element's channel picks its scale, dz and
+    prologue values, and its bit of the ReLU mask (byte c * m_sc + j // 8 of the sample's
+    rows, j its place in the channel): L1-resident gathers. Not under PROLOGUE_GRADS,
+    whose sums per channel the 2-D tiles make.
+
+    Under ``FC1_HERE`` a program's chunk is one block of BLOCK_C whole channels
+    (PER_CHUNK = BLOCK_C * HW): it computes their dz first and stores it for its own
+    gathers (behind a barrier)."""
+    n, chunk, start, stop = _flat_chunk(x_sn, PER_CHUNK, N)
+    base = n * x_sn
+    u_row = u_ptr + n * C
+    dz_row = dz_ptr + n * C
+    acc_ty = u_ptr.dtype.element_ty
+    if FC1_HERE:
+        offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        dz = _fc1_backward_rows(dp_parts_ptr + n * K, p_ptr + n * K, dp_ptr + n * K, N, w1_ptr,
+                                w1_sk, w1_sc, offs_c, mask_c, K, chunk == 0, ACT, dp_splits,
+                                DP_IN_PARTS, BLOCK_C, BLOCK_R)
+        tl.store(dz_row + offs_c, dz, mask=mask_c)
+        tl.debug_barrier()
+    for e0 in range(start, stop, BLOCK):
+        offs, mask, channel, scale = _flat_step(e0, stop, HW, u_row, GATE, BLOCK)
+        if RESIDUAL:
+            scale += 1.0
+        g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+        if RELU_OUT:
+            place = offs - channel * HW
+            byte = tl.load(m_ptr + n * m_sn + channel * m_sc + place // _BITS, mask=mask, other=0)
+            g = tl.where(((byte.to(tl.int32) >> (place % _BITS)) & 1) == 0, 0.0, g)
+        dx = g * scale + tl.load(dz_row + channel, mask=mask, other=0.0) / HW
+        if HAS_PROLOGUE:
+            pro_scale, pro_shift = _prologue_gathers(prologue_ptr, channel, mask, C)
+            x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+            dx = dx * prologue_activation_grad(x * pro_scale + pro_shift, PROLOGUE_ACT) * pro_scale
+        tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if WRITE_D_IDENTITY:
+            tl.store(did_ptr + base + offs, g.to(did_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------
 # Host side: allocate, plan and launch.
 # ----------------------------------------------------------------------------------------
@@ -799,7 +869,9 @@ MAX_SAMPLE_ELEMENTS = 2**31 - 1
 
 def _problem(x: torch.Tensor, x_strides: tuple[int, int, int], fc1_weight: torch.Tensor,
              identity: torch.Tensor | None, relu_out: bool, prologue: dict,
-             single_fc: bool, writes_mask: bool = False) -> Problem:
+             single_fc: bool, writes_mask: bool = False, flat_allowed: bool = True) -> Problem:
+    """The plan's view of a call; ``flat_allowed``: the backward's further conditions for
+    its flat dx pass (g contiguous, no prologue gradients)."""
     n, c, h, w = x.shape
     if c * h * w > MAX_SAMPLE_ELEMENTS:
         raise ValueError(f"one sample of x has {c * h * w} elements; the Triton kernels take "
@@ -809,7 +881,8 @@ def _problem(x: torch.Tensor, x_strides: tuple[int, int, int], fc1_weight: torch
                    has_identity=identity is not None, relu_out=relu_out,
                    writes_mask=writes_mask, prologue=prologue["HAS_PROLOGUE"],
                    single_fc=single_fc,
-                   flat=x.is_contiguous() and (identity is None or identity.is_contiguous()))
+                   flat=(flat_allowed and x.is_contiguous()
+                         and (identity is None or identity.is_contiguous())))
 
 
 def _plan(x: torch.Tensor, problem: Problem, strategy: str, backward: bool = False
@@ -1008,8 +1081,9 @@ def backward(
     pro_arg, prologue = prologue_args(x, prologue_scale, prologue_shift, prologue_act)
     has_fc2 = fc2_weight is not None
     identity = x if has_identity else None  # only its presence and layout matter to the plan
-    plan = _plan(x, _problem(x, xs, fc1_weight, identity, relu_out, prologue, not has_fc2),
-                 "split", backward=True)
+    problem = _problem(x, xs, fc1_weight, identity, relu_out, prologue, not has_fc2,
+                       flat_allowed=grad.is_contiguous() and not prologue_grads)
+    plan = _plan(x, problem, "split", backward=True)
     blocks_c, chunks = plan.blocks(c), plan.hw_chunks(hw)
     w2 = fc2_weight if has_fc2 else fc1_weight  # not read without fc2
     fc1_here = plan.gemv_in_stream and has_fc2
@@ -1040,13 +1114,24 @@ def backward(
                 dp_parts, pg, dpg, fc1_weight, *fc1_weight.stride(), dzg, samples, c, k,
                 ACT=act_code, DP_SPLITS=fc2.splits, **_fc_launch(plan.fc_to_c),
             )
-        sae_backward_dx_kernel[(samples * blocks_c * chunks,)](
-            xg, *xs, pro_arg, gg, *gs, mg, *ms, dxg, *dxs, didg, *dids, ug, dp_parts, pg, dpg,
-            fc1_weight, *fc1_weight.stride(), dzg, partsg, samples, c, hw, k, plan.hw_chunk,
-            ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
-            MASK_ALONG_C=along_c, FC1_HERE=fc1_here, **_splits("dp", fc2),
-            WRITE_D_IDENTITY=write_d_identity, PROLOGUE_GRADS=prologue_grads,
-            BLOCK_R=plan.block_r, **streaming,
-        )
+        if plan.flat_rescale:
+            per_chunk = plan.block_c * hw if fc1_here else plan.flat_chunk(c, hw)
+            sae_backward_dx_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
+                xg, c * hw, pro_arg, gg, mg, ms[0], ms[1], dxg, didg, ug, dp_parts, pg, dpg,
+                fc1_weight, *fc1_weight.stride(), dzg, samples, c, hw, k, per_chunk,
+                ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
+                FC1_HERE=fc1_here, **_splits("dp", fc2), WRITE_D_IDENTITY=write_d_identity,
+                **prologue, BLOCK=FLAT_BLOCK, BLOCK_C=plan.block_c, BLOCK_R=plan.block_r,
+                **plan.launch_options("flat"),
+            )
+        else:
+            sae_backward_dx_kernel[(samples * blocks_c * chunks,)](
+                xg, *xs, pro_arg, gg, *gs, mg, *ms, dxg, *dxs, didg, *dids, ug, dp_parts, pg,
+                dpg, fc1_weight, *fc1_weight.stride(), dzg, partsg, samples, c, hw, k,
+                plan.hw_chunk, ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual,
+                RELU_OUT=relu_out, MASK_ALONG_C=along_c, FC1_HERE=fc1_here,
+                **_splits("dp", fc2), WRITE_D_IDENTITY=write_d_identity,
+                PROLOGUE_GRADS=prologue_grads, BLOCK_R=plan.block_r, **streaming,
+            )
     d_prologue = d_prologue_parts.sum((0, 1)) if prologue_grads else u.new_empty((0,))
     return dx, d_identity, du, dp, d_prologue
