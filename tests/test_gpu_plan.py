@@ -289,18 +289,20 @@ class _Launches:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prologue", ["none", "frozen", "trained"])
-def test_the_flat_dx_pass(monkeypatch, prologue, dtype):
+@pytest.mark.parametrize("hw", [(7, 9), (1, 1)], ids=["7x9", "1x1"])
+def test_the_flat_dx_pass(monkeypatch, hw, prologue, dtype):
     """The backward's dx pass over flat rows of NCHW, at HW = 63 (each channel's row of
-    the ReLU mask ends in a padding bit), under a prologue that takes no gradient too;
-    where the prologue's scale and shift do (sums per channel), the 2-D tiles run."""
+    the ReLU mask ends in a padding bit) and HW = 1 (x is channels_last too, and the mask
+    packs channels), under a prologue that takes no gradient too; where the prologue's
+    scale and shift do (sums per channel), the 2-D tiles run."""
     flat = _Launches(monkeypatch, "sae_backward_dx_flat_kernel")
     _forcing(monkeypatch, flat_rescale=True)
     if prologue == "none":
-        check_case(Case(3, 19, 7, 9, cardinality=3, act="silu", residual=True,
+        check_case(Case(3, 19, *hw, cardinality=3, act="silu", residual=True,
                         with_identity=True, act_out="relu", dtype=DTYPES[dtype],
                         strategy="split"))
     else:
-        check_prologue(3, 19, 7, 9, act="silu", epilogue="residual_identity_relu",
+        check_prologue(3, 19, *hw, act="silu", epilogue="residual_identity_relu",
                        dtype=DTYPES[dtype], backend="triton", strategy="split",
                        frozen_prologue=prologue == "frozen")
     assert flat.count == (prologue != "trained")

@@ -793,19 +793,21 @@ def sae_backward_dx_kernel(
 
 @triton.jit(do_not_specialize=["dp_splits"])
 def sae_backward_dx_flat_kernel(
-    x_ptr, x_sn, prologue_ptr, g_ptr, m_ptr, m_sn, m_sc, dx_ptr, did_ptr, u_ptr, dp_parts_ptr,
-    p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, N, C, HW, K, PER_CHUNK, dp_splits,
+    x_ptr, x_sn, prologue_ptr, g_ptr, m_ptr, m_sn, m_sc, m_shw, dx_ptr, did_ptr, u_ptr,
+    dp_parts_ptr, p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, N, C, HW, K, PER_CHUNK,
+    dp_splits,
     ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
-    FC1_HERE: tl.constexpr, DP_IN_PARTS: tl.constexpr, WRITE_D_IDENTITY: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
+    MASK_ALONG_C: tl.constexpr, FC1_HERE: tl.constexpr, DP_IN_PARTS: tl.constexpr,
+    WRITE_D_IDENTITY: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """The dx pass of ``sae_backward_dx_kernel`` over contiguous NCHW x, g, dx (and
     d_identity) read as flat (N, C*HW) rows, as ``sae_rescale_flat_kernel`` reads the
     forward's: vectors whatever HW is. Each element's channel picks its scale, dz and
-    prologue values, and its bit of the ReLU mask (byte c * m_sc + j // 8 of the sample's
-    rows, j its place in the channel): L1-resident gathers. Not under PROLOGUE_GRADS,
-    whose sums per channel the 2-D tiles make.
+    prologue values, and its bit of the ReLU mask (``_mask_bytes``' layouts: a tensor with
+    HW = 1 is contiguous NCHW and channels_last at once, and its mask may pack channels):
+    L1-resident gathers. Not under PROLOGUE_GRADS, whose sums per channel the 2-D tiles
+    make.
 
     Under ``FC1_HERE`` a program's chunk is one block of BLOCK_C whole channels
     (PER_CHUNK = BLOCK_C * HW): it computes their dz first and stores it for its own
@@ -830,8 +832,12 @@ def sae_backward_dx_flat_kernel(
         g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
         if RELU_OUT:
             place = offs - channel * HW
-            byte = tl.load(m_ptr + n * m_sn + channel * m_sc + place // _BITS, mask=mask, other=0)
-            g = tl.where(((byte.to(tl.int32) >> (place % _BITS)) & 1) == 0, 0.0, g)
+            if MASK_ALONG_C:
+                at, bit = (channel // _BITS) * m_sc + place * m_shw, channel % _BITS
+            else:
+                at, bit = channel * m_sc + (place // _BITS) * m_shw, place % _BITS
+            byte = tl.load(m_ptr + n * m_sn + at, mask=mask, other=0)
+            g = tl.where(((byte.to(tl.int32) >> bit) & 1) == 0, 0.0, g)
         dx = g * scale + tl.load(dz_row + channel, mask=mask, other=0.0) / HW
         if HAS_PROLOGUE:
             pro_scale, pro_shift = _prologue_gathers(prologue_ptr, channel, mask, C)
@@ -1117,12 +1123,12 @@ def backward(
         if plan.flat_rescale:
             per_chunk = plan.block_c * hw if fc1_here else plan.flat_chunk(c, hw)
             sae_backward_dx_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
-                xg, c * hw, pro_arg, gg, mg, ms[0], ms[1], dxg, didg, ug, dp_parts, pg, dpg,
-                fc1_weight, *fc1_weight.stride(), dzg, samples, c, hw, k, per_chunk,
-                ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
-                FC1_HERE=fc1_here, **_splits("dp", fc2), WRITE_D_IDENTITY=write_d_identity,
-                **prologue, BLOCK=FLAT_BLOCK, BLOCK_C=plan.block_c, BLOCK_R=plan.block_r,
-                **plan.launch_options("flat"),
+                xg, c * hw, pro_arg, gg, mg, *ms, dxg, didg, ug, dp_parts, pg, dpg, fc1_weight,
+                *fc1_weight.stride(), dzg, samples, c, hw, k, per_chunk, ACT=act_code,
+                GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
+                MASK_ALONG_C=along_c, FC1_HERE=fc1_here, **_splits("dp", fc2),
+                WRITE_D_IDENTITY=write_d_identity, **prologue, BLOCK=FLAT_BLOCK,
+                BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options("flat"),
             )
         else:
             sae_backward_dx_kernel[(samples * blocks_c * chunks,)](
