@@ -184,7 +184,7 @@ class Problem:
     #: the single-FC form (one C x C FC, no FC2)
     single_fc: bool = False
     #: x, identity and y contiguous NCHW (the flat rescale reads them as rows); in the
-    #: backward x, g and dx, and no prologue gradients (the flat dx pass)
+    #: backward x, g and dx, no prologue gradients and not fp64 (the flat dx pass)
     flat: bool = False
 
     @property

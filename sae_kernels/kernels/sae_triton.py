@@ -807,7 +807,7 @@ def sae_backward_dx_flat_kernel(
     prologue values, and its bit of the ReLU mask (``_mask_bytes``' layouts: a tensor with
     HW = 1 is contiguous NCHW and channels_last at once, and its mask may pack channels):
     L1-resident gathers. Not under PROLOGUE_GRADS, whose sums per channel the 2-D tiles
-    make.
+    make, nor in fp64.
 
     Under ``FC1_HERE`` a program's chunk is one block of BLOCK_C whole channels
     (PER_CHUNK = BLOCK_C * HW): it computes their dz first and stores it for its own
@@ -877,7 +877,7 @@ def _problem(x: torch.Tensor, x_strides: tuple[int, int, int], fc1_weight: torch
              identity: torch.Tensor | None, relu_out: bool, prologue: dict,
              single_fc: bool, writes_mask: bool = False, flat_allowed: bool = True) -> Problem:
     """The plan's view of a call; ``flat_allowed``: the backward's further conditions for
-    its flat dx pass (g contiguous, no prologue gradients)."""
+    its flat dx pass (g contiguous, no prologue gradients, not fp64)."""
     n, c, h, w = x.shape
     if c * h * w > MAX_SAMPLE_ELEMENTS:
         raise ValueError(f"one sample of x has {c * h * w} elements; the Triton kernels take "
@@ -1087,8 +1087,10 @@ def backward(
     pro_arg, prologue = prologue_args(x, prologue_scale, prologue_shift, prologue_act)
     has_fc2 = fc2_weight is not None
     identity = x if has_identity else None  # only its presence and layout matter to the plan
+    # fp64 keeps the 2-D tiles: 16 of its elements a thread (4 warps) spill in the flat pass
     problem = _problem(x, xs, fc1_weight, identity, relu_out, prologue, not has_fc2,
-                       flat_allowed=grad.is_contiguous() and not prologue_grads)
+                       flat_allowed=(grad.is_contiguous() and not prologue_grads
+                                     and x.element_size() < 8))
     plan = _plan(x, problem, "split", backward=True)
     blocks_c, chunks = plan.blocks(c), plan.hw_chunks(hw)
     w2 = fc2_weight if has_fc2 else fc1_weight  # not read without fc2
