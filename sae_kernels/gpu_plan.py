@@ -263,6 +263,9 @@ class LaunchPlan:
     fc_to_c: FcTiles = FcTiles(16, 64, 64)
     #: ptxas's limit on registers per thread (``maxnreg``) of each of LAUNCH_KINDS
     registers: tuple[int, ...] = (MAX_REGISTERS,) * len(LAUNCH_KINDS)
+    #: backward: channels per tile of the first pass (the sums of g'*x), where it takes
+    #: more than the dx pass (0: BLOCK_C)
+    sums_block_c: int = 0
 
     def hw_chunks(self, hw: int) -> int:
         return triton_cdiv(hw, self.hw_chunk)
@@ -274,6 +277,10 @@ class LaunchPlan:
 
     def blocks(self, c: int) -> int:
         return triton_cdiv(c, self.block_c)
+
+    def first_pass(self) -> LaunchPlan:
+        """The plan as the backward's first pass takes it: its own channels per tile."""
+        return dataclasses.replace(self, block_c=self.sums_block_c or self.block_c)
 
     def register_limit(self, kind: str = "tiles") -> int:
         """The register limit of a streaming launch of ``kind`` (LAUNCH_KINDS)."""
@@ -292,11 +299,12 @@ def _streaming_tiles(p: Problem, spec: GpuSpec,
     still): each program of the pool writes BLOCK_C partial sums, so narrower tiles spread
     a sample over as many programs with fewer partial sums for FC1 to add up.
 
-    fp64 accumulates in fp64, and under a prologue the ``backward``'s passes keep more
+    fp64 accumulates in fp64, and under a prologue the ``backward``'s dx pass keeps more
     values live per element (a second input stream and two sums): each halves the
     elements per tile, which keeps the registers per thread (the forward's passes under a
-    prologue build spill-free with whole tiles). Where the forward writes the ReLU mask
-    the contiguous side holds whole bytes of it.
+    prologue build spill-free with whole tiles, and so does the backward's first pass,
+    ``LaunchPlan.sums_block_c``). Where the forward writes the ReLU mask the contiguous
+    side holds whole bytes of it.
     """
     wide = p.element_size == 8
     tile = spec.tile_elements // (2 if wide else 1) // (2 if p.prologue and backward else 1)
@@ -367,9 +375,13 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str,
     wide = p.element_size == 8
     groups = _sample_groups(p, spec)
     plans = []
-    for block_c, block_hw in tiles:
+    whole = _streaming_tiles(p, spec, False)[0]  # the same widths, whole tiles
+    for (block_c, block_hw), (whole_c, _) in zip(tiles, whole, strict=True):
         warps = 8 if block_c * block_hw >= min(tile, 4096) else 4
+        # a prologue halves the backward's tiles along C only with NCHW (where the first
+        # pass may take whole ones over the same HW chunks)
         base = dict(block_c=block_c, block_hw=block_hw, num_warps=warps,
+                    sums_block_c=whole_c if not p.channels_last else 0,
                     registers=tuple(register_limit(p, warps, kind) for kind in LAUNCH_KINDS),
                     block_k=min(_pow2(p.k), 32 if wide else 64), block_fc=min(_pow2(p.c), 64),
                     block_r=max(1, min(_pow2(p.k), max(1, tile // block_c), 64)))
@@ -513,17 +525,18 @@ def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_stre
     runs the GEMV for its channels, reading their weight slice and ``gemv`` fp32 vectors
     of K of its sample (p or its split parts; dp's parts and p) from L2; ``kind`` (of
     LAUNCH_KINDS) "flat": 1-D vectors over contiguous rows instead of 2-D tiles."""
-    flat = kind == "flat"
     programs = group * plan.blocks(p.c) * plan.hw_chunks(p.hw)
     elements = plan.block_c * min(plan.hw_chunk, p.hw)
     e = p.element_size
     we = p.weight_element_size or e
     gemv_step = plan.block_r * (plan.block_c * we + gemv * ACC_BYTES)
+    # a step loads one tile, or one FLAT_BLOCK vector
+    step = (min(elements, FLAT_BLOCK) if kind == "flat"
+            else plan.block_c * plan.block_hw * _row_efficiency(p, plan))
     return Launch(
         name, programs, program_hbm_bytes=elements * e * hbm_streams,
         program_l2_bytes=elements * e * l2_streams,
-        in_flight=(plan.block_c * plan.block_hw * e * max(1.0, hbm_streams + l2_streams)
-                   * (1.0 if flat else _row_efficiency(p, plan))),
+        in_flight=step * e * max(1.0, hbm_streams + l2_streams),
         hbm_bytes=(group * p.c * p.hw * e * hbm_streams
                    + (p.weight_bytes + group * gemv * p.k * ACC_BYTES) * (gemv > 0)),
         program_flops=2.0 * plan.block_c * p.k if gemv else 0.0,
@@ -587,7 +600,7 @@ def backward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launc
         in_l2 = _share_in_l2(n * p.sample_bytes * reads, spec)
         # dp's split parts, and p for act' when there are several
         dp_inputs = plan.fc_to_k.splits + (plan.fc_to_k.splits > 1)
-        launches.append(_stream_launch("reduce", p, plan, n, reads, 0))
+        launches.append(_stream_launch("reduce", p, plan.first_pass(), n, reads, 0))
         launches.append(_fc_launch("fc2_backward", n, p.k, p.c, plan.fc_to_k, p, chunks + 1,
                                    chunks))
         if fcs == 2 and not plan.gemv_in_stream:

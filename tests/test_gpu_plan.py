@@ -70,6 +70,27 @@ def test_residency_follows_the_register_limit_launches_get():
             > gpu_plan.device_seconds(dataclasses.replace(reduce, registers=128), H100))
 
 
+def test_the_backward_first_pass_keeps_whole_tiles_under_a_prologue():
+    """A prologue halves the backward's tiles for its dx pass (NCHW: half the channels);
+    its first pass, whose live values per element are the forward pool's and g's, keeps
+    the forward's channels per tile over the same HW chunks, half the programs, twice the
+    bytes in flight each: at 255 registers (rows of 49) one program per SM."""
+    p = _problem(128, 2048, 49, 128, prologue=True, flat=True)
+    plan = plan_launch(p, H100, "split", backward=True)
+    forward = plan_launch(p, H100, "split")
+    assert plan.sums_block_c == forward.block_c == 2 * plan.block_c
+    assert plan.first_pass().blocks(p.c) * 2 == plan.blocks(p.c)
+    reduce = next(launch for launch in gpu_plan.backward_launches(p, plan, H100)
+                  if launch.kernel == "reduce")
+    halved = next(launch for launch in gpu_plan.backward_launches(
+        p, dataclasses.replace(plan, sums_block_c=0), H100) if launch.kernel == "reduce")
+    assert reduce.programs * 2 == halved.programs and reduce.in_flight == 2 * halved.in_flight
+    assert gpu_plan.device_seconds(reduce, H100) < 0.6 * gpu_plan.device_seconds(halved, H100)
+    # channels_last halves HW instead: its first pass keeps the dx pass's tiles
+    assert plan_launch(dataclasses.replace(p, channels_last=True, flat=False), H100, "split",
+                       backward=True).sums_block_c == 0
+
+
 @pytest.mark.parametrize("spec", [H100, A100], ids=lambda s: s.name)
 @pytest.mark.parametrize("n", [1, 8, 32])
 def test_the_weights_come_from_hbm_about_once_per_call(spec, n):
@@ -240,7 +261,8 @@ def _forcing(monkeypatch, **options):
 
 
 #: every option of the split plan: FC launches of their own, GEMVs in the last pass, the
-#: flat rescale, sample groups, and FC1 (FC2-backward) with its reduction split in parts
+#: flat rescale, sample groups, FC1 (FC2-backward) with its reduction split in parts, and
+#: the backward's first pass over more channels per tile than its dx pass
 SPLIT_OPTIONS = {
     "fc-launches": dict(),
     "gemv-in-stream": dict(gemv_in_stream=True),
@@ -250,6 +272,7 @@ SPLIT_OPTIONS = {
     "groups-of-2-gemv": dict(sample_group=2, gemv_in_stream=True),
     "split-reduction": dict(fc_to_k=FcTiles(16, 16, 16, splits=2)),
     "split-reduction-gemv": dict(fc_to_k=FcTiles(16, 16, 16, splits=2), gemv_in_stream=True),
+    "wider-first-pass": dict(block_c=8, sums_block_c=16),
 }
 
 

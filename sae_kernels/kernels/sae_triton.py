@@ -1106,9 +1106,11 @@ def backward(
         partsg = d_prologue_parts[group]
         samples = xg.shape[0]
         slots = x.new_empty((samples, chunks, c), dtype=acc)
-        sae_channel_sums_kernel[(samples * blocks_c * chunks,)](
+        sums = plan.first_pass()
+        sae_channel_sums_kernel[(samples * sums.blocks(c) * chunks,)](
             xg, *xs, pro_arg, gg, *gs, mg, *ms, slots, c, hw, plan.hw_chunk,
-            WITH_GRAD=True, RELU_OUT=relu_out, MASK_ALONG_C=along_c, **streaming,
+            WITH_GRAD=True, RELU_OUT=relu_out, MASK_ALONG_C=along_c,
+            **dict(streaming, BLOCK_C=sums.block_c),
         )
         fc2 = plan.fc_to_k
         dp_parts = dpg if fc2.splits == 1 else x.new_empty((fc2.splits, samples, k), dtype=acc)
