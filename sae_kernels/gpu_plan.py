@@ -391,15 +391,19 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str,
             continue
         for group in groups:
             to_k = _fc_tile_options(group, p.k, p.c, wide, spec, 16, not p.single_fc)
-            to_c = _fc_tile_options(group, p.c, p.k, wide, spec, 32, False)
+            # FC2 (the single-FC form has none) or FC1-backward, over K
+            has_to_c = backward or not p.single_fc
+            to_c = _fc_tile_options(group, p.c, p.k, wide, spec, 32, has_to_c)
             for hw_chunk, in_stream, fc_to_k in itertools.product(
                     _hw_chunks(p, group, block_c, block_hw,
                                resident_programs(spec, warps, register_limit(p, warps)), spec),
                     (False, True) if not p.single_fc else (False,), to_k):
-                # the flat rescale computes FC2 itself only over whole channel blocks
-                flat = p.flat_rescale_fits and (not in_stream or hw_chunk >= p.hw)
                 # FC2 (FC1-backward) tiles matter only when it has a launch of its own
-                for fc_to_c in to_c[:1] if in_stream or p.single_fc else to_c:
+                for fc_to_c in to_c if has_to_c and not in_stream else to_c[:1]:
+                    # the flat rescale (dx pass) computes FC2 (FC1-backward) itself, or
+                    # adds up its split parts, only over whole channel blocks
+                    whole_channels = in_stream or fc_to_c.splits > 1
+                    flat = p.flat_rescale_fits and (not whole_channels or hw_chunk >= p.hw)
                     plans.append(LaunchPlan(
                         "split", hw_chunk=hw_chunk, gemv_in_stream=in_stream, flat_rescale=flat,
                         sample_group=max(1, group), fc_to_k=fc_to_k, fc_to_c=fc_to_c, **base))
@@ -519,12 +523,15 @@ def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, 
 
 
 def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_streams: float,
-                   l2_streams: float, gemv: int = 0, kind: str = "tiles") -> Launch:
+                   l2_streams: float, gemv: int = 0, kind: str = "tiles",
+                   vectors: int = 0) -> Launch:
     """A sample-major pass over ``group`` samples: per element, ``hbm_streams`` tensors of
     x's dtype to or from HBM and ``l2_streams`` from L2; ``gemv`` > 0: each program also
     runs the GEMV for its channels, reading their weight slice and ``gemv`` fp32 vectors
-    of K of its sample (p or its split parts; dp's parts and p) from L2; ``kind`` (of
-    LAUNCH_KINDS) "flat": 1-D vectors over contiguous rows instead of 2-D tiles."""
+    of K of its sample (p or its split parts; dp's parts and p) from L2; ``vectors``: it
+    reads as many fp32 values per channel of its sample from L2 (u, dz or their split
+    parts); ``kind`` (of LAUNCH_KINDS) "flat": 1-D vectors over contiguous rows instead
+    of 2-D tiles."""
     programs = group * plan.blocks(p.c) * plan.hw_chunks(p.hw)
     elements = plan.block_c * min(plan.hw_chunk, p.hw)
     e = p.element_size
@@ -535,7 +542,7 @@ def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_stre
             else plan.block_c * plan.block_hw * _row_efficiency(p, plan))
     return Launch(
         name, programs, program_hbm_bytes=elements * e * hbm_streams,
-        program_l2_bytes=elements * e * l2_streams,
+        program_l2_bytes=elements * e * l2_streams + plan.block_c * vectors * ACC_BYTES,
         in_flight=step * e * max(1.0, hbm_streams + l2_streams),
         hbm_bytes=(group * p.c * p.hw * e * hbm_streams
                    + (p.weight_bytes + group * gemv * p.k * ACC_BYTES) * (gemv > 0)),
@@ -576,10 +583,11 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
             launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p, p_parts,
                                        parts=p_parts))
         hbm_streams = 2 - in_l2 + p.has_identity + p.writes_mask * p.mask_streams
+        in_stream = plan.gemv_in_stream and fcs == 2
+        u_parts = 0 if in_stream else plan.fc_to_c.splits if fcs == 2 else 1
         launches.append(_stream_launch(
-            "rescale", p, plan, n, hbm_streams, in_l2,
-            p_parts * (plan.gemv_in_stream and fcs == 2),
-            "flat" if plan.flat_rescale else "tiles"))
+            "rescale", p, plan, n, hbm_streams, in_l2, p_parts * in_stream,
+            "flat" if plan.flat_rescale else "tiles", vectors=u_parts))
     return launches
 
 
@@ -603,13 +611,16 @@ def backward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launc
         launches.append(_stream_launch("reduce", p, plan.first_pass(), n, reads, 0))
         launches.append(_fc_launch("fc2_backward", n, p.k, p.c, plan.fc_to_k, p, chunks + 1,
                                    chunks))
-        if fcs == 2 and not plan.gemv_in_stream:
+        # FC1-backward (the single FC's too) unless the dx pass runs it; that pass reads u
+        # and dz's split parts, or dp's
+        in_stream = plan.gemv_in_stream and fcs == 2
+        if not in_stream:
             launches.append(_fc_launch("fc1_backward", n, p.c, p.k, plan.fc_to_c, p, dp_inputs,
                                        parts=plan.fc_to_k.splits))
         launches.append(_stream_launch(
             "dx", p, plan, n, writes + second_reads * (1 - in_l2), second_reads * in_l2,
-            dp_inputs * (plan.gemv_in_stream and fcs == 2),
-            "flat" if plan.flat_rescale else "tiles"))
+            dp_inputs * in_stream, "flat" if plan.flat_rescale else "tiles",
+            vectors=1 + (0 if in_stream else plan.fc_to_c.splits)))
     vectors = p.n * (p.k + p.c) * ACC_BYTES
     for name in ("dW1", "dW2")[:fcs]:
         launches.append(_device_wide(name, spec, vectors + p.weight_bytes))

@@ -158,6 +158,36 @@ def test_the_model_counts_every_byte():
     assert rescale_l2_bytes(8) - rescale_l2_bytes(1) == 7 * base.k * gpu_plan.ACC_BYTES
 
 
+@pytest.mark.parametrize("single_fc", [False, True], ids=["two-fc", "single-fc"])
+def test_fc2_and_fc1_backward_split_over_k(single_fc):
+    """FC2 and FC1-backward over K in parts spread their weights over more programs, each
+    a share of the weight bytes; the last pass reads the parts of u (dz) per channel. The
+    single-FC form has no FC2, but its backward has FC1-backward (dz = dp W1) like any."""
+    k = 2048 if single_fc else 256
+    p = _problem(128, 2048, 49, k, single_fc=single_fc)
+    plan = dataclasses.replace(plan_launch(p, H100, "split"), gemv_in_stream=False,
+                               fc_to_c=FcTiles(64, 64, 16, splits=1))
+    split = dataclasses.replace(plan, fc_to_c=FcTiles(64, 64, 16, splits=4))
+
+    def launches(pl, backward):
+        model = gpu_plan.backward_launches if backward else gpu_plan.forward_launches
+        return {launch.kernel: launch for launch in model(p, pl, H100)}
+
+    for backward, fc, last in ((False, "fc2", "rescale"), (True, "fc1_backward", "dx")):
+        one, four = launches(plan, backward), launches(split, backward)
+        if single_fc and not backward:
+            assert fc not in one and one[last] == four[last]
+            continue
+        assert four[fc].programs == 4 * one[fc].programs
+        assert four[fc].program_hbm_bytes == one[fc].program_hbm_bytes / 4
+        assert (four[last].program_l2_bytes - one[last].program_l2_bytes
+                == 3 * plan.block_c * gpu_plan.ACC_BYTES)
+    # SENetV2's last stage at N = 128: FC2 (64 tiles of 64 x 64) takes more programs
+    senet = _problem(128, 2048, 49, 256)
+    chosen = plan_launch(gpu_plan.training_forward(senet), H100, "split")
+    assert not chosen.gemv_in_stream and chosen.fc_to_c.splits > 1
+
+
 def test_pipelining_is_credited_where_triton_pipelines():
     """Every FC loop with a product keeps NUM_STAGES - 1 steps' loads in flight
     (``compile-report`` checks each build's TTGIR for the asynchronous copies). Over
@@ -251,7 +281,8 @@ def _forcing(monkeypatch, **options):
         chosen = dict(options)
         chosen["flat_rescale"] = chosen.get("flat_rescale", False) and problem.flat_rescale_fits
         chosen["gemv_in_stream"] = chosen.get("gemv_in_stream", False) and not problem.single_fc
-        if chosen["flat_rescale"] and chosen["gemv_in_stream"]:  # one chunk spans HW
+        whole_channels = chosen["gemv_in_stream"] or chosen.get("fc_to_c", plan.fc_to_c).splits > 1
+        if chosen["flat_rescale"] and whole_channels:  # one chunk spans HW
             chosen["hw_chunk"] = -(-problem.hw // plan.block_hw) * plan.block_hw
         if problem.single_fc:  # one C x C FC: its reduction is never split
             chosen.pop("fc_to_k", None)
@@ -261,8 +292,9 @@ def _forcing(monkeypatch, **options):
 
 
 #: every option of the split plan: FC launches of their own, GEMVs in the last pass, the
-#: flat rescale, sample groups, FC1 (FC2-backward) with its reduction split in parts, and
-#: the backward's first pass over more channels per tile than its dx pass
+#: flat rescale, sample groups, FC1 (FC2-backward) with its reduction split in parts, FC2
+#: (FC1-backward) split over K, and the backward's first pass over more channels per tile
+#: than its dx pass
 SPLIT_OPTIONS = {
     "fc-launches": dict(),
     "gemv-in-stream": dict(gemv_in_stream=True),
@@ -272,6 +304,8 @@ SPLIT_OPTIONS = {
     "groups-of-2-gemv": dict(sample_group=2, gemv_in_stream=True),
     "split-reduction": dict(fc_to_k=FcTiles(16, 16, 16, splits=2)),
     "split-reduction-gemv": dict(fc_to_k=FcTiles(16, 16, 16, splits=2), gemv_in_stream=True),
+    "split-fc2": dict(fc_to_c=FcTiles(16, 32, 16, splits=2)),
+    "split-fc2-flat": dict(fc_to_c=FcTiles(16, 32, 16, splits=2), flat_rescale=True),
     "wider-first-pass": dict(block_c=8, sums_block_c=16),
 }
 
@@ -331,11 +365,14 @@ def test_the_flat_dx_pass(monkeypatch, hw, prologue, dtype):
     assert flat.count == (prologue != "trained" and dtype != "fp64")
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["tiles", "flat"])
 @pytest.mark.parametrize("gemv_in_stream", [False, True], ids=["fc-launches", "gemv-in-stream"])
-def test_a_reduction_split_in_three_parts(monkeypatch, gemv_in_stream):
+def test_a_reduction_split_in_three_parts(monkeypatch, gemv_in_stream, flat):
     """FC1 and FC2-backward over C = 40 in three parts of 16 channels, which the next
-    launch adds up (FC2 and FC1-backward, or the last pass's GEMVs)."""
-    _forcing(monkeypatch, fc_to_k=FcTiles(16, 16, 16, splits=3), gemv_in_stream=gemv_in_stream)
+    launch adds up (FC2 and FC1-backward, or the last pass's GEMVs); FC2 and FC1-backward
+    over K = 30 in two, which the last pass adds up."""
+    _forcing(monkeypatch, fc_to_k=FcTiles(16, 16, 16, splits=3), gemv_in_stream=gemv_in_stream,
+             fc_to_c=FcTiles(16, 32, 16, splits=2), flat_rescale=flat)
     check_case(Case(3, 40, 7, 8, cardinality=3, act="silu", strategy="split", residual=True,
                     with_identity=True, act_out="relu"))
 

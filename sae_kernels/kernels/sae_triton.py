@@ -18,13 +18,15 @@ Plans (which one runs is ``gpu_plan``'s choice):
 ``split``, sample-major grids (sample, channel block, HW chunk) between batched FCs:
     forward   (1) each program sums its tile into a slot of (N, chunks, C);
               (2) FC1 over sample tiles: z = the slots summed in chunk order / HW, p;
-              (3) FC2 over sample tiles: u = act(p) W2^T + b2;
-              (4) the rescale with its epilogue (flat rows for contiguous NCHW);
+              (3) FC2 over sample tiles and K splits: u = act(p) W2^T + b2;
+              (4) the rescale with its epilogue (flat rows for contiguous NCHW), adding
+                  up u's split parts for its channels;
     backward  (1) the same grid sums g'*x into slots (g' = g where the mask kept y,
                   under ``act_out="relu"``);
               (2) du = ds * gate'(u), dp = (du W2) * act'(p) over sample tiles;
-              (3) dz = dp W1 over sample tiles;
-              (4) dx = g' * scale + dz / HW, and d_identity = g' for the ReLU tail.
+              (3) dz = dp W1 over sample tiles and K splits;
+              (4) dx = g' * scale + dz / HW (dz's split parts added up), and
+                  d_identity = g' for the ReLU tail.
     With ``gemv_in_stream``, (3) has no launch: each program of (4) computes its own
     channels' u (dz) from p (dp) and a slice of W2 (W1) in L2.
     With a prologue, backward (4) takes that dx as dL/dx' on to dx = dL/dx' * act'(v) * a
@@ -447,21 +449,23 @@ def sae_fc1_kernel(
 
 @triton.jit
 def sae_fc2_kernel(
-    p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, u_ptr, N, C, K,
+    p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, u_parts_ptr, N, C, K, K_PER_SPLIT,
     ACT: tl.constexpr, HAS_B2: tl.constexpr, P_SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Split forward 3 (when the plan gives FC2 a launch), grid (sample tiles, C tiles):
-    p = its split parts summed (stored by the first C tile when there are several), then
-    u = act(p) W2^T + b2."""
+    """Split forward 3 (when the plan gives FC2 a launch), grid (sample tiles, C tiles,
+    K splits): p = its split parts summed over this split's share of K (stored by the
+    first C tile when there are several), then the split's share of u = act(p) W2^T + b2
+    into row ``split`` of (splits, N, C): u itself with one split."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < C
     rows_n = offs_n.to(tl.int64)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=p_ptr.dtype.element_ty)
-    for r0 in range(0, K, BLOCK_R):
+    start, stop = _reduction_range(K, K_PER_SPLIT)
+    for r0 in range(start, stop, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < K
+        mask_r = offs_r < stop
         mask = mask_n[:, None] & mask_r[None, :]
         p = _split_sums(p_parts_ptr + rows_n * K + offs_r[None, :], mask, N * K, P_SPLITS)
         if P_SPLITS > 1:
@@ -470,8 +474,10 @@ def sae_fc2_kernel(
         acc = _dot(acc, activation(p, ACT),
                    _weight_tile(w2_ptr, w2_sk, w2_sc, offs_r, offs_m, mask_r, mask_m))
     if HAS_B2:
-        acc += tl.load(b2_ptr + offs_m, mask=mask_m, other=0.0).to(acc.dtype)[None, :]
-    tl.store(u_ptr + rows_n * C + offs_m[None, :], acc, mask=mask_n[:, None] & mask_m[None, :])
+        if tl.program_id(2) == 0:
+            acc += tl.load(b2_ptr + offs_m, mask=mask_m, other=0.0).to(acc.dtype)[None, :]
+    tl.store(u_parts_ptr + tl.program_id(2) * N * C + rows_n * C + offs_m[None, :], acc,
+             mask=mask_n[:, None] & mask_m[None, :])
 
 
 @triton.jit
@@ -499,34 +505,47 @@ def _fc2_rows(p_parts_row, p_row, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c, mask_
     return u
 
 
-@triton.jit(do_not_specialize=["p_splits", *MASK_ARGUMENTS])
+@triton.jit
+def _block_u(p_parts_row, p_row, u_parts_row, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c, mask_c,
+             C, K, STORE_P, ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr,
+             splits, IN_PARTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """u of one sample for the channels ``offs_c`` in the rescale: under ``FC2_HERE``
+    computed here from p's ``splits`` parts (:func:`_fc2_rows`), otherwise u's ``splits``
+    parts from FC2's launch summed in split order."""
+    if FC2_HERE:
+        u = _fc2_rows(p_parts_row, p_row, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c, mask_c, K,
+                      STORE_P, ACT, HAS_B2, splits, IN_PARTS, BLOCK_C, BLOCK_R)
+    else:
+        u = _split_sums(u_parts_row + offs_c, mask_c, N * C, splits)
+    return u
+
+
+@triton.jit(do_not_specialize=["splits", *MASK_ARGUMENTS])
 def sae_rescale_kernel(
     x_ptr, x_sn, x_sc, x_shw, prologue_ptr, id_ptr, id_sn, id_sc, id_shw, y_ptr, y_sn, y_sc,
-    y_shw, m_ptr, m_sn, m_sc, m_shw, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, u_ptr, N,
-    C, HW, K, HW_PER_CHUNK, p_splits, write_mask, mask_along_c,
-    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_IN_PARTS: tl.constexpr,
+    y_shw, m_ptr, m_sn, m_sc, m_shw, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr,
+    u_parts_ptr, u_ptr, N, C, HW, K, HW_PER_CHUNK, splits, write_mask, mask_along_c,
+    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, IN_PARTS: tl.constexpr,
     GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Split forward, last pass, sample-major grid over (sample, channel block, HW chunk):
-    the rescale with its epilogue. Under ``FC2_HERE`` each program first computes u for its
-    own channels from p (the sample's first program stores it, and p summed from its split
-    parts); otherwise u is read."""
+    the rescale with its epilogue, from u of its own channels (:func:`_block_u`: FC2 here
+    under ``FC2_HERE``, else u or its split parts), which the sample's first chunk stores
+    where it was not stored whole (and the sample's first program stores p where p came
+    in parts)."""
     blocks_c = tl.cdiv(C, BLOCK_C)
     chunks = tl.cdiv(HW, HW_PER_CHUNK)
     n, block, chunk = _sample_major(tl.program_id(0), blocks_c, chunks, N, True)
     offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    u_row = u_ptr + n * C
-    if FC2_HERE:
-        u = _fc2_rows(p_parts_ptr + n * K, p_ptr + n * K, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c,
-                      mask_c, K, (block == 0) & (chunk == 0), ACT, HAS_B2, p_splits, P_IN_PARTS,
-                      BLOCK_C, BLOCK_R)
+    u = _block_u(p_parts_ptr + n * K, p_ptr + n * K, u_parts_ptr + n * C, N, w2_ptr, w2_sc,
+                 w2_sk, b2_ptr, offs_c, mask_c, C, K, (block == 0) & (chunk == 0), ACT, HAS_B2,
+                 FC2_HERE, splits, IN_PARTS, BLOCK_C, BLOCK_R)
+    if FC2_HERE or IN_PARTS:
         if chunk == 0:
-            tl.store(u_row + offs_c, u, mask=mask_c)
-    else:
-        u = tl.load(u_row + offs_c, mask=mask_c, other=0.0)
+            tl.store(u_ptr + n * C + offs_c, u, mask=mask_c)
     hw_start = chunk * HW_PER_CHUNK
     _rescale(x_ptr + n * x_sn, x_sc, x_shw, prologue_ptr, id_ptr + n * id_sn, id_sc, id_shw,
              y_ptr + n * y_sn, y_sc, y_shw, m_ptr + n * m_sn, m_sc, m_shw, u, offs_c, C,
@@ -560,11 +579,11 @@ def _prologue_gathers(prologue_ptr, channel, mask, C):
     return scale, tl.load(prologue_ptr + C + channel, mask=mask, other=0.0)
 
 
-@triton.jit(do_not_specialize=["p_splits", "write_mask"])
+@triton.jit(do_not_specialize=["splits", "write_mask"])
 def sae_rescale_flat_kernel(
     x_ptr, x_sn, prologue_ptr, id_ptr, y_ptr, m_ptr, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk,
-    b2_ptr, u_ptr, N, C, HW, K, PER_CHUNK, p_splits, write_mask,
-    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, P_IN_PARTS: tl.constexpr,
+    b2_ptr, u_parts_ptr, u_ptr, N, C, HW, K, PER_CHUNK, splits, write_mask,
+    ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, IN_PARTS: tl.constexpr,
     GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -576,18 +595,20 @@ def sae_rescale_flat_kernel(
     ReLU tail's mask, where ``write_mask``, is written as flat rows too: HW is then a
     whole number of its bytes (``gpu_plan``), and every chunk starts on one.
 
-    Under ``FC2_HERE`` a program's chunk is one block of BLOCK_C whole channels
-    (PER_CHUNK = BLOCK_C * HW): it computes their u first, as the 2-D rescale does, and
-    stores it for its own gathers (behind a barrier) and for the backward."""
+    Under ``FC2_HERE``, or with u in ``splits`` parts, a program's chunk is one block of
+    BLOCK_C whole channels (PER_CHUNK = BLOCK_C * HW): it finishes their u first
+    (:func:`_block_u`, as the 2-D rescale does) and stores it for its own gathers (behind
+    a barrier) and for the backward."""
     n, chunk, start, stop = _flat_chunk(x_sn, PER_CHUNK, N)
     base = n * x_sn
     u_row = u_ptr + n * C
     acc_ty = u_ptr.dtype.element_ty
-    if FC2_HERE:
+    if FC2_HERE or IN_PARTS:
         offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        u = _fc2_rows(p_parts_ptr + n * K, p_ptr + n * K, N, w2_ptr, w2_sc, w2_sk, b2_ptr, offs_c,
-                      mask_c, K, chunk == 0, ACT, HAS_B2, p_splits, P_IN_PARTS, BLOCK_C, BLOCK_R)
+        u = _block_u(p_parts_ptr + n * K, p_ptr + n * K, u_parts_ptr + n * C, N, w2_ptr, w2_sc,
+                     w2_sk, b2_ptr, offs_c, mask_c, C, K, chunk == 0, ACT, HAS_B2, FC2_HERE,
+                     splits, IN_PARTS, BLOCK_C, BLOCK_R)
         tl.store(u_row + offs_c, u, mask=mask_c)
         tl.debug_barrier()
     for e0 in range(start, stop, BLOCK):
@@ -670,21 +691,23 @@ def sae_fc2_backward_kernel(
 
 @triton.jit
 def sae_fc1_backward_kernel(
-    dp_parts_ptr, p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, N, C, K,
+    dp_parts_ptr, p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_parts_ptr, N, C, K, K_PER_SPLIT,
     ACT: tl.constexpr, DP_SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Split backward 3 (when the plan gives it a launch), grid (sample tiles, C tiles):
-    dp finished from its split parts (stored by the first C tile when there are several),
-    then dz = dp W1."""
+    """Split backward 3 (when the plan gives it a launch), grid (sample tiles, C tiles,
+    K splits): dp finished from its split parts over this split's share of K (stored by
+    the first C tile when there are several), then the split's share of dz = dp W1 into
+    row ``split`` of (splits, N, C): dz itself with one split."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < C
     rows_n = offs_n.to(tl.int64)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=dp_ptr.dtype.element_ty)
-    for r0 in range(0, K, BLOCK_R):
+    start, stop = _reduction_range(K, K_PER_SPLIT)
+    for r0 in range(start, stop, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < K
+        mask_r = offs_r < stop
         mask = mask_n[:, None] & mask_r[None, :]
         offsets = rows_n * K + offs_r[None, :]
         dp = _finished_dp(dp_parts_ptr + offsets, p_ptr + offsets, mask, N * K, ACT, DP_SPLITS,
@@ -693,7 +716,8 @@ def sae_fc1_backward_kernel(
             if tl.program_id(1) == 0:
                 tl.store(dp_ptr + offsets, dp, mask=mask)
         acc = _dot(acc, dp, _weight_tile(w1_ptr, w1_sk, w1_sc, offs_r, offs_m, mask_r, mask_m))
-    tl.store(dz_ptr + rows_n * C + offs_m[None, :], acc, mask=mask_n[:, None] & mask_m[None, :])
+    tl.store(dz_parts_ptr + tl.program_id(2) * N * C + rows_n * C + offs_m[None, :], acc,
+             mask=mask_n[:, None] & mask_m[None, :])
 
 
 @triton.jit
@@ -719,21 +743,37 @@ def _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, off
     return tl.sum(acc, axis=0)
 
 
-@triton.jit(do_not_specialize=["dp_splits"])
+@triton.jit
+def _block_dz(dp_parts_row, p_row, dp_row, dz_parts_row, N, w1_ptr, w1_sk, w1_sc, offs_c,
+              mask_c, C, K, STORE_DP, ACT: tl.constexpr, FC1_HERE: tl.constexpr, splits,
+              IN_PARTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dz of one sample for the channels ``offs_c`` in the dx pass: under ``FC1_HERE``
+    computed here from dp's ``splits`` parts (:func:`_fc1_backward_rows`), otherwise dz's
+    ``splits`` parts from FC1-backward's launch summed in split order."""
+    if FC1_HERE:
+        dz = _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, offs_c,
+                                mask_c, K, STORE_DP, ACT, splits, IN_PARTS, BLOCK_C, BLOCK_R)
+    else:
+        dz = _split_sums(dz_parts_row + offs_c, mask_c, N * C, splits)
+    return dz
+
+
+@triton.jit(do_not_specialize=["splits"])
 def sae_backward_dx_kernel(
     x_ptr, x_sn, x_sc, x_shw, prologue_ptr, g_ptr, g_sn, g_sc, g_shw, m_ptr, m_sn, m_sc, m_shw,
     dx_ptr, dx_sn, dx_sc, dx_shw, did_ptr, did_sn, did_sc, did_shw, u_ptr, dp_parts_ptr, p_ptr,
-    dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, d_prologue_ptr, N, C, HW, K, HW_PER_CHUNK, dp_splits,
+    dp_ptr, w1_ptr, w1_sk, w1_sc, dz_parts_ptr, d_prologue_ptr, N, C, HW, K, HW_PER_CHUNK,
+    splits,
     ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
-    MASK_ALONG_C: tl.constexpr, FC1_HERE: tl.constexpr, DP_IN_PARTS: tl.constexpr,
+    MASK_ALONG_C: tl.constexpr, FC1_HERE: tl.constexpr, IN_PARTS: tl.constexpr,
     WRITE_D_IDENTITY: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     PROLOGUE_GRADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     """Split backward, last pass, sample-major grid over (sample, channel block, HW chunk):
-    dx = g'*scale + dz/HW. Under ``FC1_HERE`` each program computes dz = dp W1 for its own
-    channels (the sample's first program stores dp when it comes in split parts);
-    otherwise dz is read.
+    dx = g'*scale + dz/HW, dz of its own channels from :func:`_block_dz` (FC1-backward here
+    under ``FC1_HERE``, the sample's first program storing dp where it came in parts;
+    else dz or its split parts).
 
     With a prologue that dx is dL/dx', carried on through x' = act(v), v = x * a + b, to
     dx = dL/dx' * act'(v) * a; under ``PROLOGUE_GRADS`` the program also writes its sums of
@@ -751,12 +791,9 @@ def sae_backward_dx_kernel(
     scale = gate(u, GATE)
     if RESIDUAL:
         scale += 1.0
-    if FC1_HERE:
-        dz = _fc1_backward_rows(dp_parts_ptr + n * K, p_ptr + n * K, dp_ptr + n * K, N, w1_ptr,
-                                w1_sk, w1_sc, offs_c, mask_c, K, (block == 0) & (chunk == 0),
-                                ACT, dp_splits, DP_IN_PARTS, BLOCK_C, BLOCK_R)
-    else:
-        dz = tl.load(dz_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    dz = _block_dz(dp_parts_ptr + n * K, p_ptr + n * K, dp_ptr + n * K, dz_parts_ptr + n * C, N,
+                   w1_ptr, w1_sk, w1_sc, offs_c, mask_c, C, K, (block == 0) & (chunk == 0), ACT,
+                   FC1_HERE, splits, IN_PARTS, BLOCK_C, BLOCK_R)
     dz_mean = dz / HW
     x_row = x_ptr + n * x_sn
     g_row = g_ptr + n * g_sn
@@ -791,13 +828,13 @@ def sae_backward_dx_kernel(
         tl.store(d_prologue_row + C + offs_c, tl.sum(d_shift_sums, axis=1), mask=mask_c)
 
 
-@triton.jit(do_not_specialize=["dp_splits"])
+@triton.jit(do_not_specialize=["splits"])
 def sae_backward_dx_flat_kernel(
     x_ptr, x_sn, prologue_ptr, g_ptr, m_ptr, m_sn, m_sc, m_shw, dx_ptr, did_ptr, u_ptr,
-    dp_parts_ptr, p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_ptr, N, C, HW, K, PER_CHUNK,
-    dp_splits,
+    dp_parts_ptr, p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_parts_ptr, dz_ptr, N, C, HW, K,
+    PER_CHUNK, splits,
     ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
-    MASK_ALONG_C: tl.constexpr, FC1_HERE: tl.constexpr, DP_IN_PARTS: tl.constexpr,
+    MASK_ALONG_C: tl.constexpr, FC1_HERE: tl.constexpr, IN_PARTS: tl.constexpr,
     WRITE_D_IDENTITY: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -809,20 +846,21 @@ def sae_backward_dx_flat_kernel(
     L1-resident gathers. Not under PROLOGUE_GRADS, whose sums per channel the 2-D tiles
     make, nor in fp64.
 
-    Under ``FC1_HERE`` a program's chunk is one block of BLOCK_C whole channels
-    (PER_CHUNK = BLOCK_C * HW): it computes their dz first and stores it for its own
-    gathers (behind a barrier)."""
+    Under ``FC1_HERE``, or with dz in ``splits`` parts, a program's chunk is one block of
+    BLOCK_C whole channels (PER_CHUNK = BLOCK_C * HW): it finishes their dz first
+    (:func:`_block_dz`) and stores it in ``dz_ptr`` for its own gathers (behind a
+    barrier)."""
     n, chunk, start, stop = _flat_chunk(x_sn, PER_CHUNK, N)
     base = n * x_sn
     u_row = u_ptr + n * C
     dz_row = dz_ptr + n * C
     acc_ty = u_ptr.dtype.element_ty
-    if FC1_HERE:
+    if FC1_HERE or IN_PARTS:
         offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        dz = _fc1_backward_rows(dp_parts_ptr + n * K, p_ptr + n * K, dp_ptr + n * K, N, w1_ptr,
-                                w1_sk, w1_sc, offs_c, mask_c, K, chunk == 0, ACT, dp_splits,
-                                DP_IN_PARTS, BLOCK_C, BLOCK_R)
+        dz = _block_dz(dp_parts_ptr + n * K, p_ptr + n * K, dp_ptr + n * K, dz_parts_ptr + n * C,
+                       N, w1_ptr, w1_sk, w1_sc, offs_c, mask_c, C, K, chunk == 0, ACT, FC1_HERE,
+                       splits, IN_PARTS, BLOCK_C, BLOCK_R)
         tl.store(dz_row + offs_c, dz, mask=mask_c)
         tl.debug_barrier()
     for e0 in range(start, stop, BLOCK):
@@ -903,12 +941,22 @@ def _fc_launch(tiles: gpu_plan.FcTiles) -> dict:
                 num_warps=gpu_plan.FC_WARPS, maxnreg=gpu_plan.MAX_REGISTERS)
 
 
-def _splits(name: str, tiles: gpu_plan.FcTiles) -> dict:
-    """How many split parts of p (``name`` "p") or dp ("dp") an FC left, for the streaming
-    kernels (whose FC loops are not pipelined either way): the count is a plain argument,
-    compiled in only as whether there are several, so that a new split count (a new batch
-    size or width) builds nothing new."""
-    return {f"{name}_splits": tiles.splits, f"{name.upper()}_IN_PARTS": tiles.splits > 1}
+def _splits(tiles: gpu_plan.FcTiles | None) -> dict:
+    """How many split parts of its output the FC launch ``tiles`` left for the last pass
+    (p or dp where the pass runs the next FC itself; u or dz where that FC had its launch;
+    None: no FC, one part). The count is a plain argument, compiled in only as whether
+    there are several, so that a new split count (a new batch size or width) builds
+    nothing new."""
+    splits = tiles.splits if tiles is not None else 1
+    return dict(splits=splits, IN_PARTS=splits > 1)
+
+
+def _parts(tiles: gpu_plan.FcTiles | None, whole: torch.Tensor) -> torch.Tensor:
+    """Where an FC launch over ``tiles`` writes: ``whole`` itself, or (splits, *whole's
+    shape) for its split parts."""
+    if tiles is None or tiles.splits == 1:
+        return whole
+    return whole.new_empty((tiles.splits, *whole.shape))
 
 
 def _groups(n: int, plan: LaunchPlan) -> list[slice]:
@@ -1012,26 +1060,30 @@ def forward(
             chunks, fc1.per_split(c), HAS_B1=fc1_bias is not None, HAS_FC2=has_fc2,
             **_fc_launch(fc1),
         )
-        if has_fc2 and not fc2_here:
-            sae_fc2_kernel[plan.fc_to_c.grid(samples, c)](
-                p_parts, pg, w2, *w2.stride(), b2, ug, samples, c, k, ACT=act_code,
-                HAS_B2=fc2_bias is not None, P_SPLITS=fc1.splits, **_fc_launch(plan.fc_to_c),
+        fc2 = plan.fc_to_c if has_fc2 and not fc2_here else None
+        u_parts = _parts(fc2, ug)
+        if fc2 is not None:
+            sae_fc2_kernel[fc2.grid(samples, c)](
+                p_parts, pg, w2, *w2.stride(), b2, u_parts, samples, c, k, fc2.per_split(k),
+                ACT=act_code, HAS_B2=fc2_bias is not None, P_SPLITS=fc1.splits,
+                **_fc_launch(fc2),
             )
+        parts = _splits(fc1 if fc2_here else fc2)
+        last = dict(ACT=act_code, HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **parts,
+                    **epilogue, BLOCK_R=plan.block_r)
         if plan.flat_rescale:
-            per_chunk = plan.block_c * hw if fc2_here else plan.flat_chunk(c, hw)
+            whole_channels = fc2_here or parts["IN_PARTS"]
+            per_chunk = plan.block_c * hw if whole_channels else plan.flat_chunk(c, hw)
             sae_rescale_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
-                xg, c * hw, pro_arg, idg, yg, mg, p_parts, pg, w2, *w2.stride(), b2, ug, samples, c,
-                hw, k, per_chunk, write_mask=write_mask, ACT=act_code,
-                HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **_splits("p", fc1), **epilogue,
-                **prologue, BLOCK=FLAT_BLOCK,
-                BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options("flat"),
+                xg, c * hw, pro_arg, idg, yg, mg, p_parts, pg, w2, *w2.stride(), b2, u_parts, ug,
+                samples, c, hw, k, per_chunk, write_mask=write_mask, **last, **prologue,
+                BLOCK=FLAT_BLOCK, BLOCK_C=plan.block_c, **plan.launch_options("flat"),
             )
         else:
             sae_rescale_kernel[(samples * blocks_c * chunks,)](
                 xg, *xs, pro_arg, idg, *ids, yg, *ys, mg, *ms, p_parts, pg, w2, *w2.stride(), b2,
-                ug, samples, c, hw, k, plan.hw_chunk, **masking, ACT=act_code,
-                HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **_splits("p", fc1), **epilogue,
-                BLOCK_R=plan.block_r, **streaming, **plan.launch_options(),
+                u_parts, ug, samples, c, hw, k, plan.hw_chunk, **masking, **last, **streaming,
+                **plan.launch_options(),
             )
     return y, z, p, u, mask
 
@@ -1119,29 +1171,31 @@ def backward(
             fc2.per_split(c), ACT=act_code, GATE=GATES.index(gate), HAS_FC2=has_fc2,
             DP_IN_PARTS=fc2.splits > 1, **_fc_launch(fc2),
         )
-        if not fc1_here:
-            sae_fc1_backward_kernel[plan.fc_to_c.grid(samples, c)](
-                dp_parts, pg, dpg, fc1_weight, *fc1_weight.stride(), dzg, samples, c, k,
-                ACT=act_code, DP_SPLITS=fc2.splits, **_fc_launch(plan.fc_to_c),
+        fc1 = plan.fc_to_c if not fc1_here else None
+        dz_parts = _parts(fc1, dzg)
+        if fc1 is not None:
+            sae_fc1_backward_kernel[fc1.grid(samples, c)](
+                dp_parts, pg, dpg, fc1_weight, *fc1_weight.stride(), dz_parts, samples, c, k,
+                fc1.per_split(k), ACT=act_code, DP_SPLITS=fc2.splits, **_fc_launch(fc1),
             )
+        parts = _splits(fc2 if fc1_here else fc1)
+        last = dict(ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
+                    MASK_ALONG_C=along_c, FC1_HERE=fc1_here, **parts,
+                    WRITE_D_IDENTITY=write_d_identity, BLOCK_R=plan.block_r)
         if plan.flat_rescale:
-            per_chunk = plan.block_c * hw if fc1_here else plan.flat_chunk(c, hw)
+            whole_channels = fc1_here or parts["IN_PARTS"]
+            per_chunk = plan.block_c * hw if whole_channels else plan.flat_chunk(c, hw)
             sae_backward_dx_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
                 xg, c * hw, pro_arg, gg, mg, *ms, dxg, didg, ug, dp_parts, pg, dpg, fc1_weight,
-                *fc1_weight.stride(), dzg, samples, c, hw, k, per_chunk, ACT=act_code,
-                GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
-                MASK_ALONG_C=along_c, FC1_HERE=fc1_here, **_splits("dp", fc2),
-                WRITE_D_IDENTITY=write_d_identity, **prologue, BLOCK=FLAT_BLOCK,
-                BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, **plan.launch_options("flat"),
+                *fc1_weight.stride(), dz_parts, dzg, samples, c, hw, k, per_chunk, **last,
+                **prologue, BLOCK=FLAT_BLOCK, BLOCK_C=plan.block_c,
+                **plan.launch_options("flat"),
             )
         else:
             sae_backward_dx_kernel[(samples * blocks_c * chunks,)](
                 xg, *xs, pro_arg, gg, *gs, mg, *ms, dxg, *dxs, didg, *dids, ug, dp_parts, pg,
-                dpg, fc1_weight, *fc1_weight.stride(), dzg, partsg, samples, c, hw, k,
-                plan.hw_chunk, ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual,
-                RELU_OUT=relu_out, MASK_ALONG_C=along_c, FC1_HERE=fc1_here,
-                **_splits("dp", fc2), WRITE_D_IDENTITY=write_d_identity,
-                PROLOGUE_GRADS=prologue_grads, BLOCK_R=plan.block_r, **streaming,
+                dpg, fc1_weight, *fc1_weight.stride(), dz_parts, partsg, samples, c, hw, k,
+                plan.hw_chunk, **last, PROLOGUE_GRADS=prologue_grads, **streaming,
             )
     d_prologue = d_prologue_parts.sum((0, 1)) if prologue_grads else u.new_empty((0,))
     return dx, d_identity, du, dp, d_prologue
