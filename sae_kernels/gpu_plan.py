@@ -484,42 +484,42 @@ def device_total(launches: list[Launch], spec: GpuSpec) -> float:
     return sum(device_seconds(launch, spec) for launch in launches)
 
 
-def fc_pipelined(kernel: str, single_fc: bool, one_chunk: bool, parts: int = 1) -> bool:
+def fc_pipelined(kernel: str, single_fc: bool, one_chunk: bool) -> bool:
     """Whether Triton software-pipelines the loop of the batched FC launch ``kernel``
-    ("fc1", "fc2", "fc2_backward", "fc1_backward"): every loop with a product, FC1's and
-    FC2-backward's over the HW-chunk slots included (one loop over (channels, chunk)
-    steps). Not the single-FC form's FC2-backward, which has no product (dp = du) and
-    adds up the slots in a plain loop; with ``one_chunk`` (an argument equal to 1,
-    compiled in as a constant) that loop is gone. Not FC2 and FC1-backward where they add
-    up more than two ``parts`` of a split reduction in a loop inside theirs.
-    ``sae-kernels compile-report`` checks this against every build's TTGIR."""
-    if kernel in ("fc2", "fc1_backward") and parts > 2:
-        return False
+    ("fc1", "fc2", "fc2_backward", "fc1_backward"): every loop with a product, those over
+    inputs in parts included (one loop over (reduction elements, part) steps: FC1's and
+    FC2-backward's HW-chunk slots, FC2's and FC1-backward's split parts of p or dp). Not
+    the single-FC form's FC2-backward, which has no product (dp = du) and adds up the
+    slots in a plain loop; with ``one_chunk`` (an argument equal to 1, compiled in as a
+    constant) that loop is gone. ``sae-kernels compile-report`` checks this against
+    every build's TTGIR."""
     return not (kernel == "fc2_backward" and single_fc) or one_chunk
 
 
 def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, p: Problem,
-               inputs: int, chunks: int = 1, parts: int = 1) -> Launch:
+               inputs: int, parts: int = 1) -> Launch:
     """A batched FC over ``n`` samples: each program reads its weight slice and, over its
     share of the reduction, ``inputs`` fp32 values per sample and reduction element (the
     chunk slots, the split parts of the launch before, u or p); its first output tile
     stores the finished input (z, du, p or dp). Split reductions write their parts, which
     the next launch reads. The products run on tensor cores (3xTF32; fp64 MMA): at these
     sizes they are not the bound. A step loads an input tile and the weight tile, and over
-    ``chunks`` slots one chunk's tile, the weight tile with the last; a pipelined loop
-    (:func:`fc_pipelined`) keeps NUM_STAGES - 1 steps' loads in flight, else one."""
+    an input in ``parts`` (chunk slots, split parts) one part's tile, the weight tile with
+    the last; a pipelined loop (:func:`fc_pipelined`) keeps NUM_STAGES - 1 steps' loads in
+    flight, else one."""
     we = p.weight_element_size or p.element_size
     rows, cols, splits = tiles.grid(n, outputs)
     share = tiles.per_split(reduction) if splits > 1 else reduction
-    parts = n * outputs * ACC_BYTES * splits
+    written = n * outputs * ACC_BYTES * splits  # the output, or its split parts
     samples = min(n, tiles.block_n)  # masked-off rows of a tile load nothing
-    steps = NUM_STAGES - 1 if fc_pipelined(name, p.single_fc, chunks == 1, parts) else 1
+    steps = NUM_STAGES - 1 if fc_pipelined(name, p.single_fc, parts == 1) else 1
     return Launch(
         name, rows * cols * splits, program_hbm_bytes=tiles.block_m * share * we,
         program_l2_bytes=samples * share * ACC_BYTES * inputs,
-        in_flight=steps * tiles.block_r * (tiles.block_m * we / chunks
+        in_flight=steps * tiles.block_r * (tiles.block_m * we / parts
                                            + tiles.block_n * ACC_BYTES),
-        hbm_bytes=outputs * reduction * we + n * reduction * (inputs + 1) * ACC_BYTES + parts)
+        hbm_bytes=(outputs * reduction * we + n * reduction * (inputs + 1) * ACC_BYTES
+                   + written))
 
 
 def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_streams: float,
@@ -580,8 +580,7 @@ def forward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launch
         launches.append(_stream_launch("pool", p, plan, n, 1, 0, kind="pool"))
         launches.append(_fc_launch("fc1", n, p.k, p.c, plan.fc_to_k, p, chunks, chunks))
         if fcs == 2 and not plan.gemv_in_stream:
-            launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p, p_parts,
-                                       parts=p_parts))
+            launches.append(_fc_launch("fc2", n, p.c, p.k, plan.fc_to_c, p, p_parts, p_parts))
         hbm_streams = 2 - in_l2 + p.has_identity + p.writes_mask * p.mask_streams
         in_stream = plan.gemv_in_stream and fcs == 2
         u_parts = 0 if in_stream else plan.fc_to_c.splits if fcs == 2 else 1
@@ -606,8 +605,8 @@ def backward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launc
     for n in _groups(p.n, plan.sample_group):
         chunks = plan.hw_chunks(p.hw)
         in_l2 = _share_in_l2(n * p.sample_bytes * reads, spec)
-        # dp's split parts, and p for act' when there are several
-        dp_inputs = plan.fc_to_k.splits + (plan.fc_to_k.splits > 1)
+        # dp's split parts (FC2-backward applies act' to each)
+        dp_inputs = plan.fc_to_k.splits
         launches.append(_stream_launch("reduce", p, plan.first_pass(), n, reads, 0))
         launches.append(_fc_launch("fc2_backward", n, p.k, p.c, plan.fc_to_k, p, chunks + 1,
                                    chunks))
@@ -616,7 +615,7 @@ def backward_launches(p: Problem, plan: LaunchPlan, spec: GpuSpec) -> list[Launc
         in_stream = plan.gemv_in_stream and fcs == 2
         if not in_stream:
             launches.append(_fc_launch("fc1_backward", n, p.c, p.k, plan.fc_to_c, p, dp_inputs,
-                                       parts=plan.fc_to_k.splits))
+                                       plan.fc_to_k.splits))
         launches.append(_stream_launch(
             "dx", p, plan, n, writes + second_reads * (1 - in_l2), second_reads * in_l2,
             dp_inputs * in_stream, "flat" if plan.flat_rescale else "tiles",

@@ -192,7 +192,8 @@ def test_pipelining_is_credited_where_triton_pipelines():
     """Every FC loop with a product keeps NUM_STAGES - 1 steps' loads in flight
     (``compile-report`` checks each build's TTGIR for the asynchronous copies). Over
     several HW-chunk slots a step loads one chunk's slots, the weight tile with the last:
-    FC1 reads each further chunk's slots, and its weights once."""
+    FC1 reads each further chunk's slots, and its weights once; FC2 the same over p's
+    split parts."""
     p = _problem(128, 2048, 49, 256)
     plan = plan_launch(p, H100, "split")
 
@@ -213,10 +214,16 @@ def test_pipelining_is_credited_where_triton_pipelines():
     # the single-FC form's FC2-backward only adds up the slots: a plain loop
     assert not gpu_plan.fc_pipelined("fc2_backward", single_fc=True, one_chunk=False)
     assert gpu_plan.fc_pipelined("fc2_backward", single_fc=True, one_chunk=True)
-    # FC2 and FC1-backward add up more than two split parts in a loop inside theirs
+    # FC2 and FC1-backward take the split parts of p (dp) as steps of their loop too
+    p_parts = dataclasses.replace(plan, gemv_in_stream=False,
+                                  fc_to_k=dataclasses.replace(tiles, splits=9))
+    fc2 = next(launch for launch in gpu_plan.forward_launches(p, p_parts, H100)
+               if launch.kernel == "fc2")
+    to_c = p_parts.fc_to_c
+    assert fc2.in_flight == pytest.approx((gpu_plan.NUM_STAGES - 1) * to_c.block_r
+                                          * (to_c.block_m * 2 / 9 + to_c.block_n * 4))
     for kernel in ("fc2", "fc1_backward"):
-        assert gpu_plan.fc_pipelined(kernel, single_fc=False, one_chunk=True, parts=2)
-        assert not gpu_plan.fc_pipelined(kernel, single_fc=False, one_chunk=True, parts=3)
+        assert gpu_plan.fc_pipelined(kernel, single_fc=False, one_chunk=False)
 
 
 def test_large_batches_are_offered_groups_that_fit_l2():
@@ -363,6 +370,20 @@ def test_the_flat_dx_pass(monkeypatch, hw, prologue, dtype):
                        dtype=DTYPES[dtype], backend="triton", strategy="split",
                        frozen_prologue=prologue == "frozen")
     assert flat.count == (prologue != "trained" and dtype != "fp64")
+
+
+def test_the_flat_passes_find_each_channel_without_a_division():
+    """``hw_divisor``'s reciprocal gives offs // HW exactly for every offset a sample can
+    have (below 2**31), the sum inside it never wrapping 32 bits: checked at the edges and
+    at random offsets for every HW up to 4096 and a few larger ones."""
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.randint(0, 2**31 - 1, (64,), generator=gen).tolist()
+    for hw in [*range(1, 4097), 3136, 12544, 2**20 + 7, 2**31 - 1]:
+        magic, shift = sae_triton.hw_divisor(hw)
+        assert -(2**31) <= magic < 2**31 and 0 <= shift <= 31
+        for n in [0, 1, hw - 1, hw, hw + 1, 2**31 - 2, 2**31 - 1, *offsets]:
+            high = (n * (magic % 2**32)) >> 32
+            assert high + n < 2**32 and (high + n) >> shift == n // hw, (hw, n)
 
 
 @pytest.mark.parametrize("flat", [False, True], ids=["tiles", "flat"])

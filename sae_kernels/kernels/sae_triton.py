@@ -345,27 +345,31 @@ def _slot_sums(slots_ptr, offs_n, offs_c, mask, chunks, C):
 
 
 @triton.jit
-def _slot_steps(start, stop, chunks, BLOCK_R: tl.constexpr):
-    """Steps of a reduction over channels [start, stop) whose inputs are the HW-chunk slots
-    (FC1 forward, FC2 backward): one step per (BLOCK_R channels, chunk), chunks fastest.
-    One loop where a loop over the chunks nested in the reduction's would stop Triton's
-    pipeliner from keeping the next steps' loads in flight."""
-    return tl.cdiv(stop - start, BLOCK_R) * chunks
+def _slot_steps(start, stop, parts, BLOCK_R: tl.constexpr):
+    """Steps of a batched FC's reduction over [start, stop) whose input comes in ``parts``
+    to add up first (FC1 and FC2-backward: the HW-chunk slots; FC2 and FC1-backward: the
+    split parts of p or dp): one step per (BLOCK_R reduction elements, part), parts
+    fastest. One loop where a loop over the parts nested in the reduction's would stop
+    Triton's pipeliner from keeping the next steps' loads in flight."""
+    return tl.cdiv(stop - start, BLOCK_R) * parts
 
 
 @triton.jit
-def _slot_step(slots_ptr, rows_n, mask_n, step, sums, start, stop, chunks, C,
+def _slot_step(ptr, rows_n, row_stride, part_stride, mask_n, step, sums, start, stop, parts,
                BLOCK_R: tl.constexpr):
-    """Step ``step`` of :func:`_slot_steps`: (its channels, their mask, the [samples,
-    channels] mask, the slots summed so far in chunk order (the same bits whatever the
-    launch order), whether that sum is complete)."""
-    chunk = step % chunks
-    offs_r = start + (step // chunks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """Step ``step`` of :func:`_slot_steps` over the input at ``ptr`` (sample rows
+    ``row_stride`` apart, parts ``part_stride`` apart): (its reduction elements, their
+    mask, the [samples, elements] mask, the parts summed so far in part order (the same
+    bits whatever the launch order), whether that sum is complete). A step that
+    completes the sum multiplies it; the others multiply zeros, their weight loads
+    masked off, which leaves the product's bits as they were."""
+    part = step % parts
+    offs_r = start + (step // parts) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < stop
     mask = mask_n[:, None] & mask_r[None, :]
-    slot = tl.load(slots_ptr + (rows_n * chunks + chunk) * C + offs_r[None, :], mask=mask,
-                   other=0.0)
-    return offs_r, mask_r, mask, tl.where(chunk == 0, slot, sums + slot), chunk == chunks - 1
+    value = tl.load(ptr + rows_n * row_stride + part * part_stride + offs_r[None, :], mask=mask,
+                    other=0.0)
+    return offs_r, mask_r, mask, tl.where(part == 0, value, sums + value), part == parts - 1
 
 
 @triton.jit
@@ -393,14 +397,22 @@ def _weight_tile(w_ptr, w_s_rows, w_s_cols, offs_r, offs_m, mask_r, mask_m):
 @triton.jit
 def _split_sums(ptrs, mask, split_stride, splits):
     """The ``splits`` partial results of an FC whose reduction was split (``ptrs`` into the
-    first, the others ``split_stride`` apart), added in split order. The batched FC
-    kernels pass a constexpr count: their reduction loop, which holds this one, is
-    software-pipelined only where this loop is gone, with two parts at most
-    (``gpu_plan.fc_pipelined``; unrolled, more parts spill)."""
+    first, the others ``split_stride`` apart), added in split order: what the streaming
+    passes read for their own channels (the batched FCs take the parts as steps of their
+    loop, :func:`_slot_steps`)."""
     acc = tl.load(ptrs, mask=mask, other=0.0)
     for split in range(1, splits):
         acc += tl.load(ptrs + split * split_stride, mask=mask, other=0.0)
     return acc
+
+
+@triton.jit
+def _fc_tile(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A batched FC program's tile (grid axes 0 and 1): its samples and outputs, their
+    masks, and the samples as int64 rows."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_n, offs_m, offs_n < N, offs_m < M, offs_n.to(tl.int64)[:, None]
 
 
 @triton.jit
@@ -421,20 +433,16 @@ def sae_fc1_kernel(
     this split's channels (the first K tile stores them), then the split's share of
     p = z W1^T + b1 for BLOCK_N samples at once, into row ``split`` of (splits, N, K):
     p itself with one split. Without fc2 (K = C, one split) u = p."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n, mask_m = offs_n < N, offs_m < K
-    rows_n = offs_n.to(tl.int64)[:, None]
+    offs_n, offs_m, mask_n, mask_m, rows_n = _fc_tile(N, K, BLOCK_N, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=slots_ptr.dtype.element_ty)
     sums = tl.zeros([BLOCK_N, BLOCK_R], dtype=slots_ptr.dtype.element_ty)
     start, stop = _reduction_range(C, C_PER_SPLIT)
     for step in range(0, _slot_steps(start, stop, chunks, BLOCK_R)):
-        offs_r, mask_r, mask, sums, complete = _slot_step(slots_ptr, rows_n, mask_n, step, sums,
-                                                          start, stop, chunks, C, BLOCK_R)
+        offs_r, mask_r, mask, sums, complete = _slot_step(
+            slots_ptr, rows_n, chunks * C, C, mask_n, step, sums, start, stop, chunks, BLOCK_R)
         z = sums / HW
         if tl.program_id(1) == 0:
             tl.store(z_ptr + rows_n * C + offs_r[None, :], z, mask=mask & complete)
-        # the other steps multiply zeros (no weight bytes loaded): acc keeps its bits
         acc = _dot(acc, tl.where(complete, z, 0.0),
                    _weight_tile(w1_ptr, w1_sc, w1_sk, offs_r, offs_m, mask_r & complete, mask_m))
     if HAS_B1:
@@ -447,32 +455,29 @@ def sae_fc1_kernel(
         tl.store(u_ptr + rows_n * K + offs_m[None, :], acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["p_splits"])
 def sae_fc2_kernel(
     p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, b2_ptr, u_parts_ptr, N, C, K, K_PER_SPLIT,
-    ACT: tl.constexpr, HAS_B2: tl.constexpr, P_SPLITS: tl.constexpr,
+    p_splits,
+    ACT: tl.constexpr, HAS_B2: tl.constexpr, P_IN_PARTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Split forward 3 (when the plan gives FC2 a launch), grid (sample tiles, C tiles,
-    K splits): p = its split parts summed over this split's share of K (stored by the
-    first C tile when there are several), then the split's share of u = act(p) W2^T + b2
-    into row ``split`` of (splits, N, C): u itself with one split."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n, mask_m = offs_n < N, offs_m < C
-    rows_n = offs_n.to(tl.int64)[:, None]
+    K splits): p = its ``p_splits`` parts summed over this split's share of K (stored by
+    the first C tile when there are several), then the split's share of
+    u = act(p) W2^T + b2 into row ``split`` of (splits, N, C): u itself with one split."""
+    offs_n, offs_m, mask_n, mask_m, rows_n = _fc_tile(N, C, BLOCK_N, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=p_ptr.dtype.element_ty)
+    p = tl.zeros([BLOCK_N, BLOCK_R], dtype=p_ptr.dtype.element_ty)
     start, stop = _reduction_range(K, K_PER_SPLIT)
-    for r0 in range(start, stop, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < stop
-        mask = mask_n[:, None] & mask_r[None, :]
-        p = _split_sums(p_parts_ptr + rows_n * K + offs_r[None, :], mask, N * K, P_SPLITS)
-        if P_SPLITS > 1:
+    for step in range(0, _slot_steps(start, stop, p_splits, BLOCK_R)):
+        offs_r, mask_r, mask, p, complete = _slot_step(
+            p_parts_ptr, rows_n, K, N * K, mask_n, step, p, start, stop, p_splits, BLOCK_R)
+        if P_IN_PARTS:
             if tl.program_id(1) == 0:
-                tl.store(p_ptr + rows_n * K + offs_r[None, :], p, mask=mask)
-        acc = _dot(acc, activation(p, ACT),
-                   _weight_tile(w2_ptr, w2_sk, w2_sc, offs_r, offs_m, mask_r, mask_m))
+                tl.store(p_ptr + rows_n * K + offs_r[None, :], p, mask=mask & complete)
+        acc = _dot(acc, tl.where(complete, activation(p, ACT), 0.0),
+                   _weight_tile(w2_ptr, w2_sk, w2_sc, offs_r, offs_m, mask_r & complete, mask_m))
     if HAS_B2:
         if tl.program_id(2) == 0:
             acc += tl.load(b2_ptr + offs_m, mask=mask_m, other=0.0).to(acc.dtype)[None, :]
@@ -563,12 +568,21 @@ def _flat_chunk(x_sn, PER_CHUNK, N):
 
 
 @triton.jit
-def _flat_step(e0, stop, HW, u_row, GATE: tl.constexpr, BLOCK: tl.constexpr):
+def _channel_of(offs, hw_magic, hw_shift):
+    """offs // HW for offsets within a sample (< 2**31) without a division, which costs a
+    sequence of some twenty instructions per element: (umulhi(offs, magic) + offs) >> shift
+    with the reciprocal of :func:`hw_divisor` (exact for every offset below 2**32)."""
+    high = tl.umulhi(offs.to(tl.uint32), hw_magic.to(tl.uint32, bitcast=True))
+    return ((high + offs.to(tl.uint32)) >> hw_shift).to(tl.int32)
+
+
+@triton.jit
+def _flat_step(e0, stop, hw_magic, hw_shift, u_row, GATE: tl.constexpr, BLOCK: tl.constexpr):
     """A flat pass's vector from element e0: its offsets, their mask and channels, and
     each element's gate of its channel's u."""
     offs = e0 + tl.arange(0, BLOCK)
     mask = offs < stop
-    channel = offs // HW
+    channel = _channel_of(offs, hw_magic, hw_shift)
     return offs, mask, channel, gate(tl.load(u_row + channel, mask=mask, other=0.0), GATE)
 
 
@@ -579,10 +593,15 @@ def _prologue_gathers(prologue_ptr, channel, mask, C):
     return scale, tl.load(prologue_ptr + C + channel, mask=mask, other=0.0)
 
 
-@triton.jit(do_not_specialize=["splits", "write_mask"])
+#: The reciprocal of HW that the flat passes divide by (:func:`hw_divisor`): plain values,
+#: never compiled in.
+DIVISOR_ARGUMENTS = ["hw_magic", "hw_shift"]
+
+
+@triton.jit(do_not_specialize=["splits", "write_mask", *DIVISOR_ARGUMENTS])
 def sae_rescale_flat_kernel(
     x_ptr, x_sn, prologue_ptr, id_ptr, y_ptr, m_ptr, p_parts_ptr, p_ptr, w2_ptr, w2_sc, w2_sk,
-    b2_ptr, u_parts_ptr, u_ptr, N, C, HW, K, PER_CHUNK, splits, write_mask,
+    b2_ptr, u_parts_ptr, u_ptr, N, C, HW, hw_magic, hw_shift, K, PER_CHUNK, splits, write_mask,
     ACT: tl.constexpr, HAS_B2: tl.constexpr, FC2_HERE: tl.constexpr, IN_PARTS: tl.constexpr,
     GATE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     RELU_OUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
@@ -612,7 +631,8 @@ def sae_rescale_flat_kernel(
         tl.store(u_row + offs_c, u, mask=mask_c)
         tl.debug_barrier()
     for e0 in range(start, stop, BLOCK):
-        offs, mask, channel, scale = _flat_step(e0, stop, HW, u_row, GATE, BLOCK)
+        offs, mask, channel, scale = _flat_step(e0, stop, hw_magic, hw_shift, u_row, GATE,
+                                                BLOCK)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
         if HAS_PROLOGUE:
             pro_scale, pro_shift = _prologue_gathers(prologue_ptr, channel, mask, C)
@@ -635,50 +655,35 @@ def sae_rescale_flat_kernel(
 
 
 @triton.jit
-def _finished_dp(parts_ptrs, p_ptrs, mask, split_stride, ACT: tl.constexpr, splits,
-                 IN_PARTS: tl.constexpr):
-    """dp from the split parts of du W2: summed in split order, times act'(p); with one
-    split the parts are dp already."""
-    dp = _split_sums(parts_ptrs, mask, split_stride, splits)
-    if IN_PARTS:
-        dp *= activation_grad(tl.load(p_ptrs, mask=mask, other=0.0), ACT)
-    return dp
-
-
-@triton.jit
 def sae_fc2_backward_kernel(
     slots_ptr, u_ptr, p_ptr, w2_ptr, w2_sc, w2_sk, du_ptr, dp_parts_ptr, N, C, K, chunks,
     C_PER_SPLIT,
-    ACT: tl.constexpr, GATE: tl.constexpr, HAS_FC2: tl.constexpr, DP_IN_PARTS: tl.constexpr,
+    ACT: tl.constexpr, GATE: tl.constexpr, HAS_FC2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Split backward 2, grid (sample tiles, K tiles, C splits): du = ds * gate'(u) over the
     split's channels, ds the slots summed (the first K tile stores du), then the split's
-    share of du W2 into row ``split`` of (splits, N, K); with one split that is
-    dp = (du W2) * act'(p) itself. Without fc2 (K = C, one split) each program takes its
-    own channels: dp = du."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n, mask_m = offs_n < N, offs_m < K
-    rows_n = offs_n.to(tl.int64)[:, None]
+    share of dp = (du W2) * act'(p) into row ``split`` of (splits, N, K): act' distributes
+    over the sum of the parts, so that their sum is dp (dp itself with one split). Without
+    fc2 (K = C, one split) each program takes its own channels: dp = du."""
+    offs_n, offs_m, mask_n, mask_m, rows_n = _fc_tile(N, K, BLOCK_N, BLOCK_M)
     if HAS_FC2:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=slots_ptr.dtype.element_ty)
         sums = tl.zeros([BLOCK_N, BLOCK_R], dtype=slots_ptr.dtype.element_ty)
         start, stop = _reduction_range(C, C_PER_SPLIT)
         for step in range(0, _slot_steps(start, stop, chunks, BLOCK_R)):
             offs_r, mask_r, mask, sums, complete = _slot_step(
-                slots_ptr, rows_n, mask_n, step, sums, start, stop, chunks, C, BLOCK_R)
+                slots_ptr, rows_n, chunks * C, C, mask_n, step, sums, start, stop, chunks,
+                BLOCK_R)
             u = tl.load(u_ptr + rows_n * C + offs_r[None, :], mask=mask & complete, other=0.0)
             du = sums * gate_grad(u, GATE)
             if tl.program_id(1) == 0:
                 tl.store(du_ptr + rows_n * C + offs_r[None, :], du, mask=mask & complete)
-            # the other steps multiply zeros (no weight bytes loaded): acc keeps its bits
             acc = _dot(acc, tl.where(complete, du, 0.0), _weight_tile(
                 w2_ptr, w2_sc, w2_sk, offs_r, offs_m, mask_r & complete, mask_m))
         mask = mask_n[:, None] & mask_m[None, :]
-        if not DP_IN_PARTS:
-            acc *= activation_grad(tl.load(p_ptr + rows_n * K + offs_m[None, :], mask=mask,
-                                           other=0.0), ACT)
+        acc *= activation_grad(tl.load(p_ptr + rows_n * K + offs_m[None, :], mask=mask,
+                                       other=0.0), ACT)
         tl.store(dp_parts_ptr + tl.program_id(2) * N * K + rows_n * K + offs_m[None, :], acc,
                  mask=mask)
     else:
@@ -689,51 +694,45 @@ def sae_fc2_backward_kernel(
         tl.store(dp_parts_ptr + rows_n * K + offs_m[None, :], du, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dp_splits"])
 def sae_fc1_backward_kernel(
-    dp_parts_ptr, p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_parts_ptr, N, C, K, K_PER_SPLIT,
-    ACT: tl.constexpr, DP_SPLITS: tl.constexpr,
+    dp_parts_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_parts_ptr, N, C, K, K_PER_SPLIT, dp_splits,
+    DP_IN_PARTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Split backward 3 (when the plan gives it a launch), grid (sample tiles, C tiles,
-    K splits): dp finished from its split parts over this split's share of K (stored by
-    the first C tile when there are several), then the split's share of dz = dp W1 into
-    row ``split`` of (splits, N, C): dz itself with one split."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n, mask_m = offs_n < N, offs_m < C
-    rows_n = offs_n.to(tl.int64)[:, None]
+    K splits): dp = its ``dp_splits`` parts summed over this split's share of K (stored
+    by the first C tile when there are several), then the split's share of dz = dp W1
+    into row ``split`` of (splits, N, C): dz itself with one split."""
+    offs_n, offs_m, mask_n, mask_m, rows_n = _fc_tile(N, C, BLOCK_N, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=dp_ptr.dtype.element_ty)
+    dp = tl.zeros([BLOCK_N, BLOCK_R], dtype=dp_ptr.dtype.element_ty)
     start, stop = _reduction_range(K, K_PER_SPLIT)
-    for r0 in range(start, stop, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < stop
-        mask = mask_n[:, None] & mask_r[None, :]
-        offsets = rows_n * K + offs_r[None, :]
-        dp = _finished_dp(dp_parts_ptr + offsets, p_ptr + offsets, mask, N * K, ACT, DP_SPLITS,
-                          DP_SPLITS > 1)
-        if DP_SPLITS > 1:
+    for step in range(0, _slot_steps(start, stop, dp_splits, BLOCK_R)):
+        offs_r, mask_r, mask, dp, complete = _slot_step(
+            dp_parts_ptr, rows_n, K, N * K, mask_n, step, dp, start, stop, dp_splits, BLOCK_R)
+        if DP_IN_PARTS:
             if tl.program_id(1) == 0:
-                tl.store(dp_ptr + offsets, dp, mask=mask)
-        acc = _dot(acc, dp, _weight_tile(w1_ptr, w1_sk, w1_sc, offs_r, offs_m, mask_r, mask_m))
+                tl.store(dp_ptr + rows_n * K + offs_r[None, :], dp, mask=mask & complete)
+        acc = _dot(acc, tl.where(complete, dp, 0.0),
+                   _weight_tile(w1_ptr, w1_sk, w1_sc, offs_r, offs_m, mask_r & complete, mask_m))
     tl.store(dz_parts_ptr + tl.program_id(2) * N * C + rows_n * C + offs_m[None, :], acc,
              mask=mask_n[:, None] & mask_m[None, :])
 
 
 @triton.jit
-def _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, offs_c, mask_c, K,
-                       STORE_DP, ACT: tl.constexpr, dp_splits, DP_IN_PARTS: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _fc1_backward_rows(dp_parts_row, dp_row, N, w1_ptr, w1_sk, w1_sc, offs_c, mask_c, K,
+                       STORE_DP, dp_splits, DP_IN_PARTS: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
     """dz of one sample for the channels ``offs_c``: dp W1[:, offs_c] (a GEMV on the
-    program's own channels, for plans that give it no launch of its own); dp is finished
+    program's own channels, for plans that give it no launch of its own); dp is summed
     from its split parts, and stored under ``STORE_DP`` when there are several."""
     acc_ty = dp_row.dtype.element_ty
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
     for r0 in range(0, K, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < K
-        dp = _finished_dp(dp_parts_row + offs_r, p_row + offs_r, mask_r, N * K, ACT, dp_splits,
-                          DP_IN_PARTS)
+        dp = _split_sums(dp_parts_row + offs_r, mask_r, N * K, dp_splits)
         if DP_IN_PARTS:
             if STORE_DP:
                 tl.store(dp_row + offs_r, dp, mask=mask_r)
@@ -744,15 +743,15 @@ def _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, off
 
 
 @triton.jit
-def _block_dz(dp_parts_row, p_row, dp_row, dz_parts_row, N, w1_ptr, w1_sk, w1_sc, offs_c,
-              mask_c, C, K, STORE_DP, ACT: tl.constexpr, FC1_HERE: tl.constexpr, splits,
-              IN_PARTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _block_dz(dp_parts_row, dp_row, dz_parts_row, N, w1_ptr, w1_sk, w1_sc, offs_c, mask_c, C,
+              K, STORE_DP, FC1_HERE: tl.constexpr, splits, IN_PARTS: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """dz of one sample for the channels ``offs_c`` in the dx pass: under ``FC1_HERE``
     computed here from dp's ``splits`` parts (:func:`_fc1_backward_rows`), otherwise dz's
     ``splits`` parts from FC1-backward's launch summed in split order."""
     if FC1_HERE:
-        dz = _fc1_backward_rows(dp_parts_row, p_row, dp_row, N, w1_ptr, w1_sk, w1_sc, offs_c,
-                                mask_c, K, STORE_DP, ACT, splits, IN_PARTS, BLOCK_C, BLOCK_R)
+        dz = _fc1_backward_rows(dp_parts_row, dp_row, N, w1_ptr, w1_sk, w1_sc, offs_c, mask_c, K,
+                                STORE_DP, splits, IN_PARTS, BLOCK_C, BLOCK_R)
     else:
         dz = _split_sums(dz_parts_row + offs_c, mask_c, N * C, splits)
     return dz
@@ -761,10 +760,9 @@ def _block_dz(dp_parts_row, p_row, dp_row, dz_parts_row, N, w1_ptr, w1_sk, w1_sc
 @triton.jit(do_not_specialize=["splits"])
 def sae_backward_dx_kernel(
     x_ptr, x_sn, x_sc, x_shw, prologue_ptr, g_ptr, g_sn, g_sc, g_shw, m_ptr, m_sn, m_sc, m_shw,
-    dx_ptr, dx_sn, dx_sc, dx_shw, did_ptr, did_sn, did_sc, did_shw, u_ptr, dp_parts_ptr, p_ptr,
-    dp_ptr, w1_ptr, w1_sk, w1_sc, dz_parts_ptr, d_prologue_ptr, N, C, HW, K, HW_PER_CHUNK,
-    splits,
-    ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
+    dx_ptr, dx_sn, dx_sc, dx_shw, did_ptr, did_sn, did_sc, did_shw, u_ptr, dp_parts_ptr, dp_ptr,
+    w1_ptr, w1_sk, w1_sc, dz_parts_ptr, d_prologue_ptr, N, C, HW, K, HW_PER_CHUNK, splits,
+    GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
     MASK_ALONG_C: tl.constexpr, FC1_HERE: tl.constexpr, IN_PARTS: tl.constexpr,
     WRITE_D_IDENTITY: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     PROLOGUE_GRADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -791,9 +789,9 @@ def sae_backward_dx_kernel(
     scale = gate(u, GATE)
     if RESIDUAL:
         scale += 1.0
-    dz = _block_dz(dp_parts_ptr + n * K, p_ptr + n * K, dp_ptr + n * K, dz_parts_ptr + n * C, N,
-                   w1_ptr, w1_sk, w1_sc, offs_c, mask_c, C, K, (block == 0) & (chunk == 0), ACT,
-                   FC1_HERE, splits, IN_PARTS, BLOCK_C, BLOCK_R)
+    dz = _block_dz(dp_parts_ptr + n * K, dp_ptr + n * K, dz_parts_ptr + n * C, N, w1_ptr, w1_sk,
+                   w1_sc, offs_c, mask_c, C, K, (block == 0) & (chunk == 0), FC1_HERE, splits,
+                   IN_PARTS, BLOCK_C, BLOCK_R)
     dz_mean = dz / HW
     x_row = x_ptr + n * x_sn
     g_row = g_ptr + n * g_sn
@@ -828,12 +826,12 @@ def sae_backward_dx_kernel(
         tl.store(d_prologue_row + C + offs_c, tl.sum(d_shift_sums, axis=1), mask=mask_c)
 
 
-@triton.jit(do_not_specialize=["splits"])
+@triton.jit(do_not_specialize=["splits", *DIVISOR_ARGUMENTS])
 def sae_backward_dx_flat_kernel(
     x_ptr, x_sn, prologue_ptr, g_ptr, m_ptr, m_sn, m_sc, m_shw, dx_ptr, did_ptr, u_ptr,
-    dp_parts_ptr, p_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_parts_ptr, dz_ptr, N, C, HW, K,
-    PER_CHUNK, splits,
-    ACT: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
+    dp_parts_ptr, dp_ptr, w1_ptr, w1_sk, w1_sc, dz_parts_ptr, dz_ptr, N, C, HW, hw_magic,
+    hw_shift, K, PER_CHUNK, splits,
+    GATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU_OUT: tl.constexpr,
     MASK_ALONG_C: tl.constexpr, FC1_HERE: tl.constexpr, IN_PARTS: tl.constexpr,
     WRITE_D_IDENTITY: tl.constexpr, HAS_PROLOGUE: tl.constexpr, PROLOGUE_ACT: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -858,13 +856,14 @@ def sae_backward_dx_flat_kernel(
     if FC1_HERE or IN_PARTS:
         offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        dz = _block_dz(dp_parts_ptr + n * K, p_ptr + n * K, dp_ptr + n * K, dz_parts_ptr + n * C,
-                       N, w1_ptr, w1_sk, w1_sc, offs_c, mask_c, C, K, chunk == 0, ACT, FC1_HERE,
-                       splits, IN_PARTS, BLOCK_C, BLOCK_R)
+        dz = _block_dz(dp_parts_ptr + n * K, dp_ptr + n * K, dz_parts_ptr + n * C, N, w1_ptr,
+                       w1_sk, w1_sc, offs_c, mask_c, C, K, chunk == 0, FC1_HERE, splits,
+                       IN_PARTS, BLOCK_C, BLOCK_R)
         tl.store(dz_row + offs_c, dz, mask=mask_c)
         tl.debug_barrier()
     for e0 in range(start, stop, BLOCK):
-        offs, mask, channel, scale = _flat_step(e0, stop, HW, u_row, GATE, BLOCK)
+        offs, mask, channel, scale = _flat_step(e0, stop, hw_magic, hw_shift, u_row, GATE,
+                                                BLOCK)
         if RESIDUAL:
             scale += 1.0
         g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
@@ -957,6 +956,17 @@ def _parts(tiles: gpu_plan.FcTiles | None, whole: torch.Tensor) -> torch.Tensor:
     if tiles is None or tiles.splits == 1:
         return whole
     return whole.new_empty((tiles.splits, *whole.shape))
+
+
+def hw_divisor(hw: int) -> tuple[int, int]:
+    """(magic, shift) such that n // hw == (umulhi(n, magic) + n) >> shift for every
+    0 <= n < 2**32 whose sum stays below 2**32 (n < 2**31: offsets within one sample),
+    with magic = ceil(2**(32 + shift) / hw) - 2**32 and shift = ceil(log2(hw)): the
+    round-up method of Granlund and Montgomery with its 33-bit multiplier's top bit
+    added as n. ``magic`` is returned as the signed 32-bit value of its bits."""
+    shift = (hw - 1).bit_length()
+    magic = -(-(1 << (32 + shift)) // hw) - (1 << 32)
+    return (magic - (1 << 32) if magic >= 1 << 31 else magic), shift
 
 
 def _groups(n: int, plan: LaunchPlan) -> list[slice]:
@@ -1065,8 +1075,8 @@ def forward(
         if fc2 is not None:
             sae_fc2_kernel[fc2.grid(samples, c)](
                 p_parts, pg, w2, *w2.stride(), b2, u_parts, samples, c, k, fc2.per_split(k),
-                ACT=act_code, HAS_B2=fc2_bias is not None, P_SPLITS=fc1.splits,
-                **_fc_launch(fc2),
+                fc1.splits, ACT=act_code, HAS_B2=fc2_bias is not None,
+                P_IN_PARTS=fc1.splits > 1, **_fc_launch(fc2),
             )
         parts = _splits(fc1 if fc2_here else fc2)
         last = dict(ACT=act_code, HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **parts,
@@ -1076,7 +1086,8 @@ def forward(
             per_chunk = plan.block_c * hw if whole_channels else plan.flat_chunk(c, hw)
             sae_rescale_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
                 xg, c * hw, pro_arg, idg, yg, mg, p_parts, pg, w2, *w2.stride(), b2, u_parts, ug,
-                samples, c, hw, k, per_chunk, write_mask=write_mask, **last, **prologue,
+                samples, c, hw, *hw_divisor(hw), k, per_chunk, write_mask=write_mask, **last,
+                **prologue,
                 BLOCK=FLAT_BLOCK, BLOCK_C=plan.block_c, **plan.launch_options("flat"),
             )
         else:
@@ -1169,32 +1180,33 @@ def backward(
         sae_fc2_backward_kernel[fc2.grid(samples, k)](
             slots, ug, pg, w2, *w2.stride(), dug, dp_parts, samples, c, k, chunks,
             fc2.per_split(c), ACT=act_code, GATE=GATES.index(gate), HAS_FC2=has_fc2,
-            DP_IN_PARTS=fc2.splits > 1, **_fc_launch(fc2),
+            **_fc_launch(fc2),
         )
         fc1 = plan.fc_to_c if not fc1_here else None
         dz_parts = _parts(fc1, dzg)
         if fc1 is not None:
             sae_fc1_backward_kernel[fc1.grid(samples, c)](
-                dp_parts, pg, dpg, fc1_weight, *fc1_weight.stride(), dz_parts, samples, c, k,
-                fc1.per_split(k), ACT=act_code, DP_SPLITS=fc2.splits, **_fc_launch(fc1),
+                dp_parts, dpg, fc1_weight, *fc1_weight.stride(), dz_parts, samples, c, k,
+                fc1.per_split(k), fc2.splits, DP_IN_PARTS=fc2.splits > 1, **_fc_launch(fc1),
             )
         parts = _splits(fc2 if fc1_here else fc1)
-        last = dict(ACT=act_code, GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
+        last = dict(GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,
                     MASK_ALONG_C=along_c, FC1_HERE=fc1_here, **parts,
                     WRITE_D_IDENTITY=write_d_identity, BLOCK_R=plan.block_r)
         if plan.flat_rescale:
             whole_channels = fc1_here or parts["IN_PARTS"]
             per_chunk = plan.block_c * hw if whole_channels else plan.flat_chunk(c, hw)
             sae_backward_dx_flat_kernel[(samples * triton_cdiv(c * hw, per_chunk),)](
-                xg, c * hw, pro_arg, gg, mg, *ms, dxg, didg, ug, dp_parts, pg, dpg, fc1_weight,
-                *fc1_weight.stride(), dz_parts, dzg, samples, c, hw, k, per_chunk, **last,
+                xg, c * hw, pro_arg, gg, mg, *ms, dxg, didg, ug, dp_parts, dpg, fc1_weight,
+                *fc1_weight.stride(), dz_parts, dzg, samples, c, hw, *hw_divisor(hw), k,
+                per_chunk, **last,
                 **prologue, BLOCK=FLAT_BLOCK, BLOCK_C=plan.block_c,
                 **plan.launch_options("flat"),
             )
         else:
             sae_backward_dx_kernel[(samples * blocks_c * chunks,)](
-                xg, *xs, pro_arg, gg, *gs, mg, *ms, dxg, *dxs, didg, *dids, ug, dp_parts, pg,
-                dpg, fc1_weight, *fc1_weight.stride(), dz_parts, partsg, samples, c, hw, k,
+                xg, *xs, pro_arg, gg, *gs, mg, *ms, dxg, *dxs, didg, *dids, ug, dp_parts, dpg,
+                fc1_weight, *fc1_weight.stride(), dz_parts, partsg, samples, c, hw, k,
                 plan.hw_chunk, **last, PROLOGUE_GRADS=prologue_grads, **streaming,
             )
     d_prologue = d_prologue_parts.sum((0, 1)) if prologue_grads else u.new_empty((0,))

@@ -331,10 +331,9 @@ def _pipelining(build: Build, ttgir: str) -> tuple[bool | None, str]:
     if build.kernel not in FC_KERNELS or "scf.for" not in ttgir:
         return None, ""
     pipelined = "async_copy_global_to_local" in ttgir
-    parts = build.flags.get("P_SPLITS", build.flags.get("DP_SPLITS", 1))
     modelled = gpu_plan.fc_pipelined(FC_KERNELS[build.kernel],
                                      build.flags.get("HAS_FC2") is False,
-                                     build.specialised.get("chunks") == 1, parts)
+                                     build.specialised.get("chunks") == 1)
     if pipelined == modelled:
         return pipelined, ""
     return pipelined, (f"loop {'' if pipelined else 'not '}pipelined, the model "

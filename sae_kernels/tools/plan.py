@@ -37,11 +37,14 @@ def site_problem(channels: int, hw: int, k: int, n: int, channels_last: bool,
 
 
 def _words(plan: LaunchPlan, problem: Problem, backward: bool) -> str:
-    """A plan in words; the backward's has no flat pass."""
+    """A plan in words: "+gemv" (FC2 or FC1-backward in the last pass), "+K/s" (that FC a
+    launch over K in s parts), "+flat" (the flat rescale or dx pass), sample groups."""
     text = plan.strategy
     if plan.strategy == "split":
         text += "+gemv" if plan.gemv_in_stream else ""
-        text += "+flat" if plan.flat_rescale and not backward else ""
+        to_c = not plan.gemv_in_stream and (backward or not problem.single_fc)
+        text += f"+K/{plan.fc_to_c.splits}" if to_c and plan.fc_to_c.splits > 1 else ""
+        text += "+flat" if plan.flat_rescale else ""
         if plan.sample_group < problem.n:
             text += f"/groups of {plan.sample_group}"
     return text
