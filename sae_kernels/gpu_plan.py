@@ -528,7 +528,7 @@ def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_stre
     """A sample-major pass over ``group`` samples: per element, ``hbm_streams`` tensors of
     x's dtype to or from HBM and ``l2_streams`` from L2; ``gemv`` > 0: each program also
     runs the GEMV for its channels, reading their weight slice and ``gemv`` fp32 vectors
-    of K of its sample (p or its split parts; dp's parts and p) from L2; ``vectors``: it
+    of K of its sample (p or its split parts; dp or its split parts) from L2; ``vectors``: it
     reads as many fp32 values per channel of its sample from L2 (u, dz or their split
     parts); ``kind`` (of LAUNCH_KINDS) "flat": 1-D vectors over contiguous rows instead
     of 2-D tiles."""
