@@ -144,15 +144,30 @@ void sum_rows(const T* x, int64_t rows, int64_t row_stride, int64_t len, A* out)
   }
 }
 
-// out[c] = sum_p x[p * pixel_stride + c], c < width (summed pixel after pixel)
+// out[c] = sum over pixels p < pixels of value(p, c), c < width (channels_last sums):
+// four pixels at a time, added pairwise and then to the running sums, the last pixels
+// one by one. A load and a store of each running sum per four elements, not per
+// element: those bound the pass, which ran at about half the speed of the NCHW rows'.
+template <typename A, typename F>
+inline void pixel_sums(int64_t pixels, int64_t width, A* out, const F& value) {
+  for (int64_t c = 0; c < width; ++c) out[c] = 0;
+  int64_t p = 0;
+  for (; p + 4 <= pixels; p += 4) {
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c)
+      out[c] += (value(p, c) + value(p + 1, c)) + (value(p + 2, c) + value(p + 3, c));
+  }
+  for (; p < pixels; ++p) {
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) out[c] += value(p, c);
+  }
+}
+
+// out[c] = sum_p x[p * pixel_stride + c], c < width
 template <typename T, typename A>
 void sum_pixels(const T* x, int64_t pixels, int64_t pixel_stride, int64_t width, A* out) {
-  for (int64_t c = 0; c < width; ++c) out[c] = 0;
-  for (int64_t p = 0; p < pixels; ++p) {
-    const T* row = x + p * pixel_stride;
-#pragma omp simd
-    for (int64_t c = 0; c < width; ++c) out[c] += to_acc(row[c]);
-  }
+  pixel_sums(pixels, width, out,
+             [&](int64_t p, int64_t c) { return to_acc(x[p * pixel_stride + c]); });
 }
 
 // y = act_out(x * s [+ x] [+ identity]); `s` is per channel
@@ -262,14 +277,11 @@ void dot_rows_impl(const GradRows<T>& t, A* out) {
 
 template <bool RELU, typename T, typename A>
 void dot_pixels_impl(const GradRows<T>& t, A* out) {
-  for (int64_t c = 0; c < t.len; ++c) out[c] = 0;
-  for (int64_t p = 0; p < t.rows; ++p) {
-    const T* x = t.x + p * t.x_stride;
-    const T* g = t.grad + p * t.grad_stride;
+  pixel_sums(t.rows, t.len, out, [&](int64_t p, int64_t c) {
     const T* y = RELU ? t.y + p * t.y_stride : nullptr;
-#pragma omp simd
-    for (int64_t c = 0; c < t.len; ++c) out[c] += masked_grad<RELU, T, A>(g, y, c) * to_acc(x[c]);
-  }
+    return masked_grad<RELU, T, A>(t.grad + p * t.grad_stride, y, c) *
+           to_acc(t.x[p * t.x_stride + c]);
+  });
 }
 
 // out[r or c] = sum over the sample of g' * x
@@ -402,13 +414,9 @@ void prologue_sum_rows_impl(const T* x, int64_t rows, int64_t row_stride, int64_
 template <int64_t ACT, typename T, typename A>
 void prologue_sum_pixels_impl(const T* x, int64_t pixels, int64_t pixel_stride, int64_t width,
                               const Prologue<A>& p, A* out) {
-  for (int64_t c = 0; c < width; ++c) out[c] = 0;
-  for (int64_t q = 0; q < pixels; ++q) {
-    const T* row = x + q * pixel_stride;
-#pragma omp simd
-    for (int64_t c = 0; c < width; ++c)
-      out[c] += prologue_act<ACT>(to_acc(row[c]) * p.scale[c] + p.shift[c]);
-  }
+  pixel_sums(pixels, width, out, [&](int64_t q, int64_t c) {
+    return prologue_act<ACT>(to_acc(x[q * pixel_stride + c]) * p.scale[c] + p.shift[c]);
+  });
 }
 
 // prologue_sum that also stores x' (in T) to xp, rows xp_stride apart
@@ -434,17 +442,11 @@ template <int64_t ACT, typename T, typename A>
 void prologue_sum_store_pixels_impl(const T* x, int64_t pixels, int64_t pixel_stride,
                                     int64_t width, const Prologue<A>& p, A* out, T* xp,
                                     int64_t xp_stride) {
-  for (int64_t c = 0; c < width; ++c) out[c] = 0;
-  for (int64_t q = 0; q < pixels; ++q) {
-    const T* row = x + q * pixel_stride;
-    T* dst = xp + q * xp_stride;
-#pragma omp simd
-    for (int64_t c = 0; c < width; ++c) {
-      A v = prologue_act<ACT>(to_acc(row[c]) * p.scale[c] + p.shift[c]);
-      out[c] += v;
-      dst[c] = from_acc<T, A>(v);
-    }
-  }
+  pixel_sums(pixels, width, out, [&](int64_t q, int64_t c) {
+    A v = prologue_act<ACT>(to_acc(x[q * pixel_stride + c]) * p.scale[c] + p.shift[c]);
+    xp[q * xp_stride + c] = from_acc<T, A>(v);
+    return v;
+  });
 }
 
 template <bool PIXELS, typename T, typename A>
