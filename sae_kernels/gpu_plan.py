@@ -319,18 +319,25 @@ def _streaming_tiles(p: Problem, spec: GpuSpec,
 
 def _fc_tile_options(n: int, outputs: int, reduction: int, wide: bool, spec: GpuSpec,
                      min_m: int, may_split: bool) -> list[FcTiles]:
-    """The tiles of a batched FC to choose from: samples per tile up to 64; outputs per
-    tile from 64 down to ``min_m`` (narrow tiles put more programs on a small FC; wide ones
-    read each sample's inputs fewer times); for each, where allowed, the reduction split
-    until the grid covers every SM. The reduction side keeps both operand tiles near 512
-    elements (256 in fp64; larger tiles spill under 3xTF32), and no larger than a split's
-    share; an fp64 accumulator tile holds at most 1024 values (64 x 32 spills in a
-    pipelined loop)."""
+    """The tiles of a batched FC to choose from: samples per tile up to 64, or 16 (more
+    programs over the outputs, and so fewer split parts for the next launch to add up, for
+    the weights read once per tile of samples); outputs per tile from 64 down to
+    ``min_m`` (narrow tiles put more programs on a small FC; wide ones read each sample's
+    inputs fewer times); for each, where allowed, the reduction split until the grid
+    covers every SM. The reduction side keeps both operand tiles near 512 elements (256
+    in fp64; larger tiles spill under 3xTF32), and no larger than a split's share; an
+    fp64 accumulator tile holds at most 1024 values (64 x 32 spills in a pipelined
+    loop)."""
     most_n = 1024 // min_m if wide else MAX_FC_SAMPLES
-    block_n = min(MAX_FC_SAMPLES, most_n, max(MIN_DOT, _pow2(n)))
-    widest = min(64, _pow2(outputs), 1024 // block_n if wide else 64)
+    shapes = []
+    for block_n in sorted({min(MAX_FC_SAMPLES, most_n, max(MIN_DOT, _pow2(n))), MIN_DOT},
+                          reverse=True):
+        widest = min(64, _pow2(outputs), 1024 // block_n if wide else 64)
+        shapes += [(block_n, block_m)
+                   for block_m in sorted({max(min_m, widest >> i) for i in range(3)},
+                                         reverse=True)]
     options = []
-    for block_m in sorted({max(min_m, widest >> i) for i in range(3)}, reverse=True):
+    for block_n, block_m in shapes:
         tiles = triton_cdiv(n, block_n) * triton_cdiv(outputs, block_m)
         budget = (256 if wide else 512) // max(block_n, block_m)
         wanted = triton_cdiv(spec.sms, tiles) if may_split else 1

@@ -182,6 +182,11 @@ def test_fc2_and_fc1_backward_split_over_k(single_fc):
         assert four[fc].program_hbm_bytes == one[fc].program_hbm_bytes / 4
         assert (four[last].program_l2_bytes - one[last].program_l2_bytes
                 == 3 * plan.block_c * gpu_plan.ACC_BYTES)
+    # tiles of 16 samples beside the largest: more output tiles, fewer split parts
+    options = gpu_plan._fc_tile_options(128, 256, 2048, False, H100, 16, True)
+    assert {o.block_n for o in options} == {16, 64}
+    assert (max(o.splits for o in options if o.block_n == 16)
+            < max(o.splits for o in options if o.block_n == 64))
     # SENetV2's last stage at N = 128: FC2 (64 tiles of 64 x 64) takes more programs
     senet = _problem(128, 2048, 49, 256)
     chosen = plan_launch(gpu_plan.training_forward(senet), H100, "split")
