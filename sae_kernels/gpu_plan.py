@@ -107,9 +107,11 @@ MAX_FC_SAMPLES = 64
 MIN_DOT = 16
 #: The fewest HW chunks a split plan is offered beside the grid-filling count.
 MAX_CHUNKS = 16
-#: Triton's default ``num_stages`` on sm_80 / sm_90: a loop its pipeliner transforms keeps
-#: the loads of NUM_STAGES - 1 steps ahead in flight (``fc_pipelined``).
-NUM_STAGES = 3
+#: ``num_stages`` of the batched FC launches (Triton's default is 3): a loop its pipeliner
+#: transforms keeps the loads of NUM_STAGES - 1 steps ahead in flight (``fc_pipelined``),
+#: in shared memory (tens of KB at these tiles). Their programs are few and each streams
+#: its weight slice: bytes in flight are their speed.
+NUM_STAGES = 5
 #: Elements of one flat-rescale vector step.
 FLAT_BLOCK = 2048
 

@@ -934,10 +934,12 @@ def _plan(x: torch.Tensor, problem: Problem, strategy: str, backward: bool = Fal
 
 
 def _fc_launch(tiles: gpu_plan.FcTiles) -> dict:
-    """Tiles and compile options of a batched FC launch: its warps, and all the registers a
-    thread can have (without the limit ptxas trades a few spilled bytes for occupancy)."""
+    """Tiles and compile options of a batched FC launch: its warps, its pipeline depth, and
+    all the registers a thread can have (without the limit ptxas trades a few spilled
+    bytes for occupancy)."""
     return dict(BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_r,
-                num_warps=gpu_plan.FC_WARPS, maxnreg=gpu_plan.MAX_REGISTERS)
+                num_warps=gpu_plan.FC_WARPS, num_stages=gpu_plan.NUM_STAGES,
+                maxnreg=gpu_plan.MAX_REGISTERS)
 
 
 def _splits(tiles: gpu_plan.FcTiles | None) -> dict:
