@@ -389,9 +389,10 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str,
         warps = 8 if block_c * block_hw >= min(tile, 4096) else 4
         # a prologue halves the backward's tiles along C only with NCHW (where the first
         # pass may take whole ones over the same HW chunks)
+        registers = tuple(register_limit(p, warps, kind) for kind in LAUNCH_KINDS)
+        resident = resident_programs(spec, warps, registers[LAUNCH_KINDS.index("tiles")])
         base = dict(block_c=block_c, block_hw=block_hw, num_warps=warps,
-                    sums_block_c=whole_c if not p.channels_last else 0,
-                    registers=tuple(register_limit(p, warps, kind) for kind in LAUNCH_KINDS),
+                    sums_block_c=whole_c if not p.channels_last else 0, registers=registers,
                     block_k=min(_pow2(p.k), 32 if wide else 64), block_fc=min(_pow2(p.c), 64),
                     block_r=max(1, min(_pow2(p.k), max(1, tile // block_c), 64)))
         if strategy in ("auto", "single"):
@@ -404,8 +405,7 @@ def _candidates(p: Problem, spec: GpuSpec, strategy: str,
             has_to_c = backward or not p.single_fc
             to_c = _fc_tile_options(group, p.c, p.k, wide, spec, 32, has_to_c)
             for hw_chunk, in_stream, fc_to_k in itertools.product(
-                    _hw_chunks(p, group, block_c, block_hw,
-                               resident_programs(spec, warps, register_limit(p, warps)), spec),
+                    _hw_chunks(p, group, block_c, block_hw, resident, spec),
                     (False, True) if not p.single_fc else (False,), to_k):
                 # FC2 (FC1-backward) tiles matter only when it has a launch of its own
                 for fc_to_c in to_c if has_to_c and not in_stream else to_c[:1]:
