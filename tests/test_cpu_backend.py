@@ -1,6 +1,8 @@
 """The C++ CPU backend against the float64 reference, its fallbacks and determinism."""
 
+import ctypes
 import os
+import platform
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import torch
 
 from helpers import EPILOGUES, LAYOUTS, Case, check_case
 from sae_kernels import FusedSaE, SaE
+from sae_kernels.functional import sae
 from sae_kernels.kernels import cpu
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C++ CPU kernels did not build")
@@ -135,6 +138,45 @@ def test_a_sample_gets_the_same_bits_in_any_batch(layout):
         whole = fused(x, x)
         for i in range(len(x)):
             assert torch.equal(fused(x[i:i + 1], x[i:i + 1]), whole[i:i + 1])
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
+                    reason="reads the x86 floating-point status flags through glibc")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_ordinary_values_never_underflow(dtype, layout):
+    """No instruction of the kernels gives a subnormal result on ordinary inputs. One did
+    where a vector loop computed, for every lane, a value it then discarded (silu's value
+    below exp's range: a division more per element, and the silu prologue's backward took
+    1.5x the time), and subnormal results are slow on many CPUs without flush-to-zero.
+    The SSE underflow flag, cleared before the forward and read after each pass, says
+    whether one did; one thread, so that every kernel runs on the thread whose flags are
+    read."""
+    libm = ctypes.CDLL("libm.so.6")
+    fe_underflow, fe_all = 0x10, 0x3D  # <fenv.h> on x86
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 9, 9, dtype=DTYPES[dtype])
+    if LAYOUTS[layout]:
+        x = x.to(memory_format=torch.channels_last)
+    scale, shift = torch.rand(40) + 0.5, torch.randn(40) * 0.1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for act, gate, prologue in [("relu", "sigmoid", "silu"), ("silu", "sigmoid", "hardswish"),
+                                    ("gelu", "hardsigmoid", "relu"), ("hardswish", "sigmoid",
+                                                                      "none")]:
+            fused = FusedSaE(40, reduction=4, act=act, gate=gate, backend="cpu").to(x.dtype)
+            xx = x.clone().requires_grad_(True)
+            args = (scale, shift) if prologue != "none" else (None, None)
+            libm.feclearexcept(fe_all)
+            y = sae(xx, *fused.stacked_fc1(), fused.excite.weight, fused.excite.bias, act=act,
+                    gate=gate, backend="cpu", prologue_scale=args[0], prologue_shift=args[1],
+                    prologue_act=prologue)
+            assert not libm.fetestexcept(fe_underflow), f"forward, {act} {gate} {prologue}"
+            y.backward(torch.randn_like(y))
+            assert not libm.fetestexcept(fe_underflow), f"backward, {act} {gate} {prologue}"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_fp16_falls_back_with_a_warning():
