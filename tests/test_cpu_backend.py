@@ -140,6 +140,11 @@ def test_a_sample_gets_the_same_bits_in_any_batch(layout):
             assert torch.equal(fused(x[i:i + 1], x[i:i + 1]), whole[i:i + 1])
 
 
+#: (FC activation, gate, prologue activation): each of every kind at least once
+UNDERFLOW_CASES = [("relu", "sigmoid", "silu"), ("silu", "sigmoid", "hardswish"),
+                   ("gelu", "hardsigmoid", "relu"), ("hardswish", "sigmoid", "none")]
+
+
 @pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
                     reason="reads the x86 floating-point status flags through glibc")
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -162,9 +167,7 @@ def test_ordinary_values_never_underflow(dtype, layout):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for act, gate, prologue in [("relu", "sigmoid", "silu"), ("silu", "sigmoid", "hardswish"),
-                                    ("gelu", "hardsigmoid", "relu"), ("hardswish", "sigmoid",
-                                                                      "none")]:
+        for act, gate, prologue in UNDERFLOW_CASES:
             fused = FusedSaE(40, reduction=4, act=act, gate=gate, backend="cpu").to(x.dtype)
             xx = x.clone().requires_grad_(True)
             args = (scale, shift) if prologue != "none" else (None, None)
