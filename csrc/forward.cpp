@@ -98,10 +98,10 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
     xp.view = *view_of(xp.tensor);
   }
   std::vector<A> partial(channel_sums_scratch(xv, chunk, c, hw, sizeof(T), 1));
-  // One team for the whole call: its loops end at barriers instead of each forking and
-  // joining threads of its own (up to four per chunk; 7 % of a call at N = 1 on SE-ResNet-50's
-  // and SENetV2-ResNet-50's sites). It is as wide as the chunk's pass over x or its FCs
-  // would be split.
+  // One team for the whole call: its loops are separated by barriers instead of each
+  // forking and joining threads of its own (up to four per chunk; 7 % of a call at N = 1
+  // on SE-ResNet-50's and SENetV2-ResNet-50's sites). It is as wide as the chunk's pass
+  // over x or its FCs would be split.
   int64_t work = chunk * c * std::max(hw, k);
   run_team(loop_threads(work, kGrainElements, available_threads()), [&](Team& team) {
     for (int64_t n0 = 0; n0 < n; n0 += chunk) {
@@ -109,6 +109,11 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
       A* zc = z + n0 * c;
       A* uc = u + n0 * c;
       A* pc = p + n0 * k;
+      // One NCHW sample: each piece of the rescale computes FC2 and the gate for its own
+      // channels first, where a loop of their own would cost a barrier more (the piece's
+      // rows of u sum as in that loop: the same bits). Several samples share each load of
+      // W2 in the FC2 loop instead.
+      bool fc2_per_piece = w.has_fc2() && !xv.pixels && count == 1;
       {
         Stage stage(team, "sae_kernels::pool");
         pool<T, A>(team, x, xv, n0, count, pro, {zc, partial.data(), 1, static_cast<A>(hw)}, xp);
@@ -127,7 +132,7 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
                       fc.gate(uc + at, len, o.gate, s.data() + at);
                     });
                   });
-        if (w.has_fc2())
+        if (w.has_fc2() && !fc2_per_piece)
           linear<A>(team, h.data(), count, k, w.w2_rows.data(), w.b2_data(), uc, c,
                     [&](int64_t o0, int64_t o1) {
                       rows(o0, o1, c, [&](int64_t at, int64_t len) {
@@ -138,6 +143,11 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
       const A* sp = s.data();
       Stage stage(team, "sae_kernels::rescale");
       for_rows(team, xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
+        if (fc2_per_piece) {
+          Stage stage(team, "sae_kernels::excitation");  // within the rescale's range
+          fc.linear(h.data(), 1, k, w.w2_rows.data(), w.b2_data(), uc, c, r0, r0 + rows);
+          fc.gate(uc + r0, rows, o.gate, s.data() + r0);
+        }
         int64_t sample = n0 + i;
         Rows<T> t{data<T>(x) + sample * xv.sample + r0 * xv.row, xv.row,
                   identity ? data<T>(*identity) + sample * iv.sample + r0 * iv.row : nullptr,

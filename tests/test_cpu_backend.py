@@ -124,20 +124,27 @@ def test_one_and_two_threads_give_the_same_bits():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_sample_gets_the_same_bits_in_any_batch(layout):
+def test_a_sample_gets_the_same_bits_in_any_batch(layout, threads):
     """The FC tiles differ with the batch (4 outputs x 4 samples, 8 outputs x 1 sample for
-    what is left over); every (row, sample) dot product still sums in one order."""
+    what is left over), and a lone NCHW sample computes FC2 in the rescale's pieces instead
+    of a loop of its own; every (row, sample) dot product still sums in one order."""
     torch.manual_seed(0)
     ref = SaE(300, reduction=8, cardinality=4, act_out="relu")
     fused = FusedSaE.from_module(ref, backend="cpu").eval()
     x = torch.randn(7, 300, 5, 5)
     if LAYOUTS[layout]:
         x = x.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        whole = fused(x, x)
-        for i in range(len(x)):
-            assert torch.equal(fused(x[i:i + 1], x[i:i + 1]), whole[i:i + 1])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            whole = fused(x, x)
+            for i in range(len(x)):
+                assert torch.equal(fused(x[i:i + 1], x[i:i + 1]), whole[i:i + 1])
+    finally:
+        torch.set_num_threads(saved)
 
 
 #: (FC activation, gate, prologue activation): each of every kind at least once

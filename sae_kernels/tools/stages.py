@@ -13,7 +13,9 @@ in inference:
     pool, excitation, rescale
                the op's stages as ``torch.profiler`` times its ranges
                (``sae_kernels::pool`` ...: the two passes over x and the FCs with act
-               and gate between them), averaged over the profiled calls.
+               and gate between them; for one NCHW sample FC2's ranges lie within the
+               rescale's, and each stage counts its own time), averaged over the
+               profiled calls.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def breakdown(blocks: list[tuple[str, nn.Module, tuple[int, int, int]]], n: int 
         for event in prof.events():
             stage = event.name.removeprefix("sae_kernels::")
             if stage in spent:
-                spent[stage].append(event.cpu_time_total)
+                # self time: a lone NCHW sample's FC2 runs inside the rescale's range
+                spent[stage].append(event.self_cpu_time_total)
         norm = getattr(block, "prologue_norm", None)
         prologue = "none" if norm is None else f"affine + {norm.act}"
         rows.append(StageRow(name, (n, *shape), _stacked_width(block), prologue,
