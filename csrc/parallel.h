@@ -66,17 +66,18 @@ class Team {
   // The member that forked the team (the caller's own thread).
   bool leader() const { return me_ == 0; }
 
-  // Runs f(begin, end) over [0, n) in pieces of at least `grain`, once every member is done with
-  // the loop before: each loop but the first starts at a barrier, and the last one's wait is the
-  // join at the end of run_team (a barrier after every loop made that two waits). So a member reads
-  // what others wrote only inside a later loop. Thread t owns the t-th contiguous run of pieces and
-  // works through it in order, so the loops over a chunk of x (pool, then rescale) give each thread
-  // the rows it pooled to rescale, from its own core's cache: handing pieces out as threads came
-  // free moved them between cores and cost up to a third of the operator at N = 1 (SE-ResNet-50's
-  // sites, 2 threads). A thread done with its run takes pieces from the back of the others' runs,
-  // so a thread slowed by the machine is not waited for (a split without it was 3-7 % slower at N =
-  // 32). Each output is still computed by one thread in a fixed order. A call runs far fewer than
-  // 2^32 loops.
+  // Runs f(begin, end) over [0, n) in pieces of at least `grain`, once every member is done
+  // with the loop before: each loop but the first starts at a barrier, and the last one's
+  // wait is the join at the end of run_team (a barrier after every loop made that two
+  // waits). So a member reads what others wrote only inside a later loop. Thread t owns the
+  // t-th contiguous run of pieces and works through it in order, so the loops over a chunk
+  // of x (pool, then rescale) give each thread the rows it pooled to rescale, from its own
+  // core's cache: handing pieces out as threads came free moved them between cores and cost
+  // up to a third of the operator at N = 1 (SE-ResNet-50's sites, 2 threads). A thread done
+  // with its run takes pieces from the back of the others' runs, so a thread slowed by the
+  // machine is not waited for (a split without it was 3-7 % slower at N = 32). Each output
+  // is still computed by one thread in a fixed order. A call runs far fewer than 2^32
+  // loops.
   template <typename F>
   void loop(int64_t n, int64_t grain, const F& f) {
     if (loop_++ > 0 && size_ > 1) {
