@@ -3,6 +3,7 @@ model, the launch counter and the statistics."""
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from sae_kernels.tools.bench import (
     custom_site,
     variant_call,
 )
-from sae_kernels.tools.launches import count_launches
+from sae_kernels.tools.launches import count_launches, profiled
 from sae_kernels.tools.timing import Stats
 
 CPU = torch.device("cpu")
@@ -189,6 +190,18 @@ def test_launch_counter():
         if cpu_kernels.available():
             fused = FusedSaE.from_module(ref, backend="cpu")
             assert count_launches(lambda: fused(x), CPU) == 1
+
+
+def test_profiled_keeps_kinetos_start_and_stop_lines_off_stderr(capfd):
+    """Kineto writes ``USDT: ... profiler_start`` / ``profiler_stop`` to file descriptor 2
+    (with this torch); what the profiled code writes there still shows, and the events
+    are recorded."""
+    with profiled(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        os.write(2, b"from the profiled code\n")
+        torch.ones(3).add_(1)
+    err = capfd.readouterr().err
+    assert err == "from the profiled code\n"
+    assert any(e.name == "aten::add_" for e in prof.events())
 
 
 def test_stats_percentiles():

@@ -10,7 +10,10 @@ compiled graphs and autograd nodes are looked through, not counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.autograd.profiler_util import FunctionEvent
@@ -29,13 +32,43 @@ _TRANSPARENT = {f"aten::{name}" for name in (
 _WRAPPER_PREFIXES = ("autograd::engine::", "torch::autograd::")
 
 
+@contextlib.contextmanager
+def profiled(**kwargs) -> Iterator[profile]:
+    """``torch.profiler.profile(**kwargs)``, without the lines Kineto writes to stderr as
+    it starts and stops (``USDT: ... profiler_start``, and on a machine without a GPU an
+    error about the device count): the tools start it once per case, and their tables
+    were lost among those lines. What the profiled code writes is left as it is."""
+    prof = profile(**kwargs)
+    with _stderr_silenced():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _stderr_silenced():
+            prof.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: Kineto writes there from C++."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def count_launches(call: Callable[[], object], device: torch.device) -> int:
     """The launches of one ``call()`` (run once, under the profiler)."""
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
         torch.cuda.synchronize()
-    with profile(activities=activities) as prof:
+    with profiled(activities=activities) as prof:
         call()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, record_function
 
 from ..convert import Converted, Skipped, convert
 from ..models import DEPTHS, se_resnet, senetv2_resnet
+from .launches import profiled
 from .timing import measure_interleaved
 
 #: This package's models by name (the reference blocks; the profiler converts them).
@@ -343,7 +344,7 @@ def _profile_stage(model: nn.Module, step: Callable[[], None], sites: list[str],
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with _site_ranges(model, sites), profile(activities=activities) as profiler:
+    with _site_ranges(model, sites), profiled(activities=activities) as profiler:
         for _ in range(steps):
             with record_function(STEP_RANGE):
                 step()

@@ -31,6 +31,7 @@ from torch import nn
 from ..convert import convert
 from ..layers import FusedSaE
 from ..sites import resnet50_sites
+from .launches import profiled
 from .timing import measure_interleaved
 
 STAGES = ("pool", "excitation", "rescale")
@@ -100,7 +101,7 @@ def breakdown(blocks: list[tuple[str, nn.Module, tuple[int, int, int]]], n: int 
         with torch.inference_mode():
             timed = measure_interleaved({"block": partial(block, x), "clone": x.clone,
                                          "addmm": _aten_fcs(block, n)}, rounds, cpu)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with profiled(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for _ in range(PROFILED_CALLS):
                     block(x)
         spent = {stage: [] for stage in STAGES}
