@@ -1,5 +1,6 @@
 """The C++ CPU backend against the float64 reference, its fallbacks and determinism."""
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -100,6 +101,17 @@ def test_every_instruction_set(isa):
     assert result.stdout.split()[-1] == isa
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set to ``count`` for the block, then restored."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_one_and_two_threads_give_the_same_bits():
     torch.manual_seed(0)
     ref = SaE(300, reduction=8, cardinality=4, act_out="relu")
@@ -107,18 +119,14 @@ def test_one_and_two_threads_give_the_same_bits():
     x = torch.randn(5, 300, 12, 12).to(memory_format=torch.channels_last)
     identity, grad = torch.randn_like(x), torch.randn_like(x)
     results = []
-    threads = torch.get_num_threads()
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
+    for t in (1, 2):
+        with torch_threads(t):
             for xx in (x, x.contiguous()):
                 xx = xx.clone().requires_grad_(True)
                 fused.zero_grad()
                 y = fused(xx, identity)
                 y.backward(grad)
                 results.append([y, xx.grad, *(p.grad for p in fused.parameters())])
-    finally:
-        torch.set_num_threads(threads)
     for one, two in ((results[0], results[2]), (results[1], results[3])):
         for a, b in zip(one, two, strict=True):
             assert torch.equal(a, b)
@@ -136,15 +144,10 @@ def test_a_sample_gets_the_same_bits_in_any_batch(layout, threads):
     x = torch.randn(7, 300, 5, 5)
     if LAYOUTS[layout]:
         x = x.to(memory_format=torch.channels_last)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            whole = fused(x, x)
-            for i in range(len(x)):
-                assert torch.equal(fused(x[i:i + 1], x[i:i + 1]), whole[i:i + 1])
-    finally:
-        torch.set_num_threads(saved)
+    with torch_threads(threads), torch.no_grad():
+        whole = fused(x, x)
+        for i in range(len(x)):
+            assert torch.equal(fused(x[i:i + 1], x[i:i + 1]), whole[i:i + 1])
 
 
 #: (FC activation, gate, prologue activation): each of every kind at least once
@@ -171,9 +174,7 @@ def test_ordinary_values_never_underflow(dtype, layout):
     if LAYOUTS[layout]:
         x = x.to(memory_format=torch.channels_last)
     scale, shift = torch.rand(40) + 0.5, torch.randn(40) * 0.1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         for act, gate, prologue in UNDERFLOW_CASES:
             fused = FusedSaE(40, reduction=4, act=act, gate=gate, backend="cpu").to(x.dtype)
             xx = x.clone().requires_grad_(True)
@@ -185,8 +186,6 @@ def test_ordinary_values_never_underflow(dtype, layout):
             assert not libm.fetestexcept(fe_underflow), f"forward, {act} {gate} {prologue}"
             y.backward(torch.randn_like(y))
             assert not libm.fetestexcept(fe_underflow), f"backward, {act} {gate} {prologue}"
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_fp16_falls_back_with_a_warning():
