@@ -102,10 +102,11 @@ def runs_composite(backend: str) -> bool:
     op takes one, three or four launches where inductor's code for the composite takes
     five (a reduction, two GEMMs, the activation, the rescale with the gate and tail),
     and reads less of x twice from HBM: by the model of ``gpu_plan`` (``sae-kernels
-    plan``) the op is the cheaper at most SE sites of SE-ResNet-50 and SENetV2-ResNet-50
-    at N = 1-128 (55 to 62 of the 64 rows per GPU and pass; the README says where it is
-    not). The model has not met a GPU yet, so it does not choose per call; a rule that
-    follows it should wait for ``sae-kernels gpu-check``'s measurements.
+    plan``) the op is the cheaper at every SE site of SE-ResNet-50 and SENetV2-ResNet-50
+    at N = 1-128 (all 64 rows per GPU and pass, both layouts; 0.97-0.99 of compile's
+    time at the closest). The model has not met a GPU yet, so it does not choose per
+    call; a rule that follows it should wait for ``sae-kernels gpu-check``'s
+    measurements.
     ``SAE_KERNELS_UNDER_COMPILE`` overrides this rule (not the two above).
 
     Otherwise no. The fused modules ask on every call: an eager call pays about 0.15 us

@@ -61,10 +61,15 @@ class GpuSpec:
     #: Device time between two dependent kernels on one stream while the host keeps the
     #: queue filled: one grid drains, the next is fetched and fills the SMs.
     kernel_gap_seconds: float
+    #: Shared memory of one SM (the most a program may take is 1 KB less): with a launch's
+    #: shared memory it may cap its resident programs below what the registers allow.
+    shared_bytes_per_sm: int
     #: Registers and threads of one SM (compute capability 8.0 and 9.0 alike): with a
     #: launch's warps and register limit they set how many of its programs are resident.
     registers_per_sm: int = 65536
     threads_per_sm: int = 2048
+    #: Shared memory the system reserves per resident program (compute capability 8.0+).
+    reserved_shared_bytes: int = 1024
     #: Elements of x in one streaming tile (BLOCK_C * BLOCK_HW).
     tile_elements: int = 4096
     #: Largest tile side along the contiguous axis (HW for NCHW, C for channels_last).
@@ -72,7 +77,8 @@ class GpuSpec:
 
 
 # Sources: NVIDIA H100 / A100 datasheets and whitepapers (SMs, HBM bandwidth, L2 size,
-# FP32 lanes and clocks); the latencies are those of published microbenchmarks
+# FP32 lanes and clocks; shared memory per SM from the CUDA C++ Programming Guide's table of
+# compute capabilities); the latencies are those of published microbenchmarks
 # (Jia et al. 2018 method; Luo et al. 2024, "Benchmarking and Dissecting the Nvidia Hopper
 # GPU Architecture": ~480-700 ns loaded); the host's launch cost is PyTorch's usual few
 # microseconds per kernel in eager mode; the gap is NVIDIA's "Getting Started with CUDA
@@ -80,9 +86,11 @@ class GpuSpec:
 # graph. ``gpu-check`` refits the gap and the bandwidth.
 H100 = GpuSpec("H100 SXM", sms=132, hbm_bytes_per_second=3.35e12, l2_bytes=50 << 20,
                memory_latency_seconds=600e-9, sm_flops=2 * 128 * 1.98e9,
+               shared_bytes_per_sm=228 << 10,
                host_launch_seconds=3e-6, kernel_gap_seconds=1e-6)
 A100 = GpuSpec("A100 SXM", sms=108, hbm_bytes_per_second=2.0e12, l2_bytes=40 << 20,
                memory_latency_seconds=600e-9, sm_flops=2 * 64 * 1.41e9,
+               shared_bytes_per_sm=164 << 10,
                host_launch_seconds=3e-6, kernel_gap_seconds=1e-6)
 GPUS = {"h100": H100, "a100": A100}
 
@@ -107,11 +115,19 @@ MAX_FC_SAMPLES = 64
 MIN_DOT = 16
 #: The fewest HW chunks a split plan is offered beside the grid-filling count.
 MAX_CHUNKS = 16
-#: ``num_stages`` of the batched FC launches (Triton's default is 3): a loop its pipeliner
-#: transforms keeps the loads of NUM_STAGES - 1 steps ahead in flight (``fc_pipelined``),
-#: in shared memory (tens of KB at these tiles). Their programs are few and each streams
-#: its weight slice: bytes in flight are their speed.
-NUM_STAGES = 5
+#: Pipeline depth (``num_stages``) of the batched FC launches: a loop Triton's pipeliner
+#: transforms keeps the loads of stages - 1 steps ahead in flight (``fc_pipelined``), each
+#: stage's tiles in shared memory. Their programs are few and each streams its weight
+#: slice: bytes in flight are their speed. So a launch takes as many stages as fit in
+#: FC_SHARED_BYTES, within FC_STAGES (from Triton's default). With the few KB a kernel's
+#: other uses add, two programs (what their registers allow, :func:`resident_programs`)
+#: then fit in an A100's SM, which ``sae-kernels compile-report`` checks for every build
+#: (:func:`shared_resident_programs`).
+FC_SHARED_BYTES = 72 << 10
+FC_STAGES = (3, 10)
+#: Input tiles a step of each batched FC kernel's loop loads beside its weight tile: the
+#: chunk slots or split parts, and in FC2-backward u as well.
+FC_INPUT_TILES = {"fc1": 1, "fc2": 1, "fc2_backward": 2, "fc1_backward": 1}
 #: Elements of one flat-rescale vector step.
 FLAT_BLOCK = 2048
 
@@ -156,6 +172,12 @@ def resident_programs(spec: GpuSpec, num_warps: int, registers: int = MAX_REGIST
     per_thread = triton_cdiv(registers, 8) * 8
     return max(1, min(spec.threads_per_sm // threads,
                       spec.registers_per_sm // (threads * per_thread)))
+
+
+def shared_resident_programs(spec: GpuSpec, shared_bytes: int) -> int:
+    """Programs that one SM's shared memory holds at once when each takes ``shared_bytes``
+    (the build's, ``compiled.metadata.shared``)."""
+    return spec.shared_bytes_per_sm // (shared_bytes + spec.reserved_shared_bytes)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -235,6 +257,14 @@ class FcTiles:
     def per_split(self, reduction: int) -> int:
         """Reduction elements per split, a whole number of BLOCK_R steps."""
         return triton_cdiv(triton_cdiv(reduction, self.splits), self.block_r) * self.block_r
+
+    def stages(self, kernel: str, element_size: int, weight_element_size: int) -> int:
+        """The pipeline depth of batched FC ``kernel`` (of FC_INPUT_TILES) on these tiles:
+        a stage holds its [samples, reduction] input tiles in the accumulation dtype and a
+        [reduction, outputs] weight tile."""
+        stage = self.block_r * (FC_INPUT_TILES[kernel] * self.block_n * acc_bytes(element_size)
+                                + self.block_m * weight_element_size)
+        return min(max(FC_SHARED_BYTES // stage, FC_STAGES[0]), FC_STAGES[1])
 
 
 @dataclass(frozen=True)
@@ -443,6 +473,11 @@ def plan_launch(problem: Problem, spec: GpuSpec, strategy: str = "auto",
 ACC_BYTES = 4
 
 
+def acc_bytes(element_size: int) -> int:
+    """Bytes of the accumulation dtype for x of ``element_size`` bytes: fp32, fp64 for fp64."""
+    return 8 if element_size == 8 else ACC_BYTES
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as the model sees it."""
@@ -514,21 +549,23 @@ def _fc_launch(name: str, n: int, outputs: int, reduction: int, tiles: FcTiles, 
     the next launch reads. The products run on tensor cores (3xTF32; fp64 MMA): at these
     sizes they are not the bound. A step loads an input tile and the weight tile, and over
     an input in ``parts`` (chunk slots, split parts) one part's tile, the weight tile with
-    the last; a pipelined loop (:func:`fc_pipelined`) keeps NUM_STAGES - 1 steps' loads in
-    flight, else one."""
+    the last; a pipelined loop (:func:`fc_pipelined`) keeps the loads of its stages - 1
+    next steps in flight (``FcTiles.stages``; no more than the loop has), else one."""
     we = p.weight_element_size or p.element_size
+    acc = acc_bytes(p.element_size)
     rows, cols, splits = tiles.grid(n, outputs)
     share = tiles.per_split(reduction) if splits > 1 else reduction
-    written = n * outputs * ACC_BYTES * splits  # the output, or its split parts
+    written = n * outputs * acc * splits  # the output, or its split parts
     samples = min(n, tiles.block_n)  # masked-off rows of a tile load nothing
-    steps = NUM_STAGES - 1 if fc_pipelined(name, p.single_fc, parts == 1) else 1
+    steps = 1
+    if fc_pipelined(name, p.single_fc, parts == 1):
+        steps = min(tiles.stages(name, p.element_size, we) - 1,
+                    triton_cdiv(share, tiles.block_r) * parts)
     return Launch(
         name, rows * cols * splits, program_hbm_bytes=tiles.block_m * share * we,
-        program_l2_bytes=samples * share * ACC_BYTES * inputs,
-        in_flight=steps * tiles.block_r * (tiles.block_m * we / parts
-                                           + tiles.block_n * ACC_BYTES),
-        hbm_bytes=(outputs * reduction * we + n * reduction * (inputs + 1) * ACC_BYTES
-                   + written))
+        program_l2_bytes=samples * share * acc * inputs,
+        in_flight=steps * tiles.block_r * (tiles.block_m * we / parts + samples * acc),
+        hbm_bytes=(outputs * reduction * we + n * reduction * (inputs + 1) * acc + written))
 
 
 def _stream_launch(name: str, p: Problem, plan: LaunchPlan, group: int, hbm_streams: float,

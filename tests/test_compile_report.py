@@ -117,9 +117,12 @@ sae_triton.fails_kernel, sae_triton.spills_kernel = fails_kernel, spills_kernel
 x = torch.empty(128 * 128)
 calls = {"fails": lambda: sae_triton.fails_kernel[(1,)](x, x, 128),
          "spills": lambda: sae_triton.spills_kernel[(1,)](x, x, 128, BLOCK=128, num_warps=1),
-         "pipelined unlike the model": launch_fc1}
+         "pipelined unlike the model": launch_fc1,
+         "more resident than its shared memory holds": launch_fc1}
 if sys.argv[1] == "pipelined unlike the model":
     gpu_plan.fc_pipelined = lambda kernel, single_fc, one_chunk: False
+if sys.argv[1] == "more resident than its shared memory holds":
+    gpu_plan.resident_programs = lambda spec, num_warps, registers: 200
 aot.host_calls = lambda dtypes: iter([(sys.argv[1], calls[sys.argv[1]])])
 sys.exit(cli.main(["compile-report", "--target", "sm_80"]))
 '''
@@ -128,10 +131,13 @@ sys.exit(cli.main(["compile-report", "--target", "sm_80"]))
 @pytest.mark.parametrize("kind, status", [
     ("fails", "arange's range must be a power of 2"), ("spills", "spills: "),
     ("pipelined unlike the model", "loop pipelined, the model (gpu_plan.fc_pipelined) says "
-                                   "not pipelined")])
+                                   "not pipelined"),
+    ("more resident than its shared memory holds", "programs per SM of an A100 SXM, the model "
+                                                   "counts 200")])
 def test_exit_code_on_a_build_that_fails_spills_or_is_not_as_modelled(kind, status, tmp_path):
     """The real command on fixture kernels launched in place of the operator's, and on the
-    operator's FC1 under a model that expects its loop not to be pipelined."""
+    operator's FC1 under a model that expects its loop not to be pipelined, or more of its
+    programs on an SM than its shared memory lets on."""
     script = tmp_path / "fixture.py"  # Triton reads a kernel's source from its file
     script.write_text(FIXTURE)
     result = run_python(str(script), kind, timeout=600)

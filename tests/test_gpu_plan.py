@@ -2,6 +2,7 @@
 float64 reference, and the absence of state between calls."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -105,13 +106,16 @@ def test_the_weights_come_from_hbm_about_once_per_call(spec, n):
         if site.channels < 1024:
             continue
 
-        def fc_hbm_bytes(problem):
-            plan = dataclasses.replace(plan_launch(problem, spec, "split"),
-                                       sample_group=problem.n)
-            return sum(x.hbm_bytes for x in gpu_plan.forward_launches(problem, plan, spec)
+        # the doubled batch's plan for both batches: the same launches, each batch whole
+        double = dataclasses.replace(p, n=2 * n)
+        plan = plan_launch(double, spec, "split")
+
+        def fc_hbm_bytes(problem, plan=plan):
+            whole = dataclasses.replace(plan, sample_group=problem.n)
+            return sum(x.hbm_bytes for x in gpu_plan.forward_launches(problem, whole, spec)
                        if x.kernel.startswith("fc"))
 
-        added = fc_hbm_bytes(dataclasses.replace(p, n=2 * n)) - fc_hbm_bytes(p)
+        added = fc_hbm_bytes(double) - fc_hbm_bytes(p)
         assert added < n * 2 * p.weight_bytes / 4, site.name
 
 
@@ -194,7 +198,7 @@ def test_fc2_and_fc1_backward_split_over_k(single_fc):
 
 
 def test_pipelining_is_credited_where_triton_pipelines():
-    """Every FC loop with a product keeps NUM_STAGES - 1 steps' loads in flight
+    """Every FC loop with a product keeps its stages - 1 next steps' loads in flight
     (``compile-report`` checks each build's TTGIR for the asynchronous copies). Over
     several HW-chunk slots a step loads one chunk's slots, the weight tile with the last:
     FC1 reads each further chunk's slots, and its weights once; FC2 the same over p's
@@ -210,7 +214,7 @@ def test_pipelining_is_credited_where_triton_pipelines():
     tiles = plan.fc_to_k
     one, four = fc1(plan.hw_chunk), fc1(13)
     assert plan.hw_chunks(p.hw) == 1
-    steps = (gpu_plan.NUM_STAGES - 1) * tiles.block_r
+    steps = (tiles.stages("fc1", 2, 2) - 1) * tiles.block_r
     assert one.in_flight == steps * (tiles.block_m * 2 + tiles.block_n * 4)
     assert four.in_flight == steps * (tiles.block_m * 2 / 4 + tiles.block_n * 4)
     assert four.program_hbm_bytes == one.program_hbm_bytes
@@ -225,10 +229,43 @@ def test_pipelining_is_credited_where_triton_pipelines():
     fc2 = next(launch for launch in gpu_plan.forward_launches(p, p_parts, H100)
                if launch.kernel == "fc2")
     to_c = p_parts.fc_to_c
-    assert fc2.in_flight == pytest.approx((gpu_plan.NUM_STAGES - 1) * to_c.block_r
+    assert fc2.in_flight == pytest.approx((to_c.stages("fc2", 2, 2) - 1) * to_c.block_r
                                           * (to_c.block_m * 2 / 9 + to_c.block_n * 4))
     for kernel in ("fc2", "fc1_backward"):
         assert gpu_plan.fc_pipelined(kernel, single_fc=False, one_chunk=False)
+
+
+def test_fc_pipelines_fill_a_budget_of_shared_memory_and_no_more_steps_than_the_loop():
+    """A batched FC launch takes as many stages as FC_SHARED_BYTES holds (between Triton's
+    default of 3 and FC_STAGES' most): small bf16 tiles the most, fp64's wider stages
+    fewer, and FC2-backward, whose steps load u beside the slots, fewer than FC1 on the
+    same tiles. A loop shorter than its stages keeps only its own steps in flight: FC2
+    over K = 16 in one split has one step, which more stages do not speed up."""
+    lowest, most = gpu_plan.FC_STAGES
+    small, wide = FcTiles(16, 16, 32), FcTiles(64, 64, 16)
+    assert small.stages("fc1", 2, 2) == most
+    assert lowest <= wide.stages("fc1", 8, 8) < wide.stages("fc1", 4, 4) <= most
+    assert wide.stages("fc2_backward", 4, 4) < wide.stages("fc1", 4, 4)
+    for kernel, tiles, element in itertools.product(gpu_plan.FC_INPUT_TILES, (small, wide),
+                                                    (2, 4, 8)):
+        stage = tiles.block_r * (gpu_plan.FC_INPUT_TILES[kernel] * tiles.block_n
+                                 * gpu_plan.acc_bytes(element) + tiles.block_m * element)
+        stages = tiles.stages(kernel, element, element)
+        assert stages * stage <= gpu_plan.FC_SHARED_BYTES or stages == lowest
+    p = _problem(64, 256, 3136, 16)
+    plan = dataclasses.replace(plan_launch(p, H100, "split"), gemv_in_stream=False,
+                               sample_group=p.n, fc_to_k=FcTiles(16, 16, 16),
+                               fc_to_c=FcTiles(64, 64, 16))
+
+    def fc2():
+        return next(launch for launch in gpu_plan.forward_launches(p, plan, H100)
+                    if launch.kernel == "fc2")
+
+    assert fc2().in_flight == 16 * (64 * 2 + 64 * 4)  # one step
+    shallow = fc2()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpu_plan, "FC_STAGES", (most + 4, most + 4))
+        assert fc2() == shallow
 
 
 def test_large_batches_are_offered_groups_that_fit_l2():

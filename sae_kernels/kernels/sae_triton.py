@@ -933,12 +933,14 @@ def _plan(x: torch.Tensor, problem: Problem, strategy: str, backward: bool = Fal
     return gpu_plan.plan_launch(problem, gpu_plan.device_spec(x.device), strategy, backward)
 
 
-def _fc_launch(tiles: gpu_plan.FcTiles) -> dict:
-    """Tiles and compile options of a batched FC launch: its warps, its pipeline depth, and
-    all the registers a thread can have (without the limit ptxas trades a few spilled
-    bytes for occupancy)."""
+def _fc_launch(kernel: str, tiles: gpu_plan.FcTiles, x: torch.Tensor,
+               weight: torch.Tensor) -> dict:
+    """Tiles and compile options of batched FC ``kernel`` (the model's name for it) over
+    ``weight`` for x's samples: its warps, its pipeline depth, and all the registers a
+    thread can have (without the limit ptxas trades a few spilled bytes for occupancy)."""
     return dict(BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_r,
-                num_warps=gpu_plan.FC_WARPS, num_stages=gpu_plan.NUM_STAGES,
+                num_warps=gpu_plan.FC_WARPS,
+                num_stages=tiles.stages(kernel, x.element_size(), weight.element_size()),
                 maxnreg=gpu_plan.MAX_REGISTERS)
 
 
@@ -1070,7 +1072,7 @@ def forward(
         sae_fc1_kernel[fc1.grid(samples, k)](
             slots, fc1_weight, *fc1_weight.stride(), b1, zg, p_parts, ug, samples, c, k, hw,
             chunks, fc1.per_split(c), HAS_B1=fc1_bias is not None, HAS_FC2=has_fc2,
-            **_fc_launch(fc1),
+            **_fc_launch("fc1", fc1, x, fc1_weight),
         )
         fc2 = plan.fc_to_c if has_fc2 and not fc2_here else None
         u_parts = _parts(fc2, ug)
@@ -1078,7 +1080,7 @@ def forward(
             sae_fc2_kernel[fc2.grid(samples, c)](
                 p_parts, pg, w2, *w2.stride(), b2, u_parts, samples, c, k, fc2.per_split(k),
                 fc1.splits, ACT=act_code, HAS_B2=fc2_bias is not None,
-                P_IN_PARTS=fc1.splits > 1, **_fc_launch(fc2),
+                P_IN_PARTS=fc1.splits > 1, **_fc_launch("fc2", fc2, x, w2),
             )
         parts = _splits(fc1 if fc2_here else fc2)
         last = dict(ACT=act_code, HAS_B2=fc2_bias is not None, FC2_HERE=fc2_here, **parts,
@@ -1182,14 +1184,15 @@ def backward(
         sae_fc2_backward_kernel[fc2.grid(samples, k)](
             slots, ug, pg, w2, *w2.stride(), dug, dp_parts, samples, c, k, chunks,
             fc2.per_split(c), ACT=act_code, GATE=GATES.index(gate), HAS_FC2=has_fc2,
-            **_fc_launch(fc2),
+            **_fc_launch("fc2_backward", fc2, x, w2),
         )
         fc1 = plan.fc_to_c if not fc1_here else None
         dz_parts = _parts(fc1, dzg)
         if fc1 is not None:
             sae_fc1_backward_kernel[fc1.grid(samples, c)](
                 dp_parts, dpg, fc1_weight, *fc1_weight.stride(), dz_parts, samples, c, k,
-                fc1.per_split(k), fc2.splits, DP_IN_PARTS=fc2.splits > 1, **_fc_launch(fc1),
+                fc1.per_split(k), fc2.splits, DP_IN_PARTS=fc2.splits > 1,
+                **_fc_launch("fc1_backward", fc1, x, fc1_weight),
             )
         parts = _splits(fc2 if fc1_here else fc1)
         last = dict(GATE=GATES.index(gate), RESIDUAL=residual, RELU_OUT=relu_out,

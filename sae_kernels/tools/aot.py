@@ -10,8 +10,10 @@ compiles: the signature (pointer dtypes, i32 or i64 integers), the divisibility 
 constants. Launches that derive the same build are compiled once.
 
 Each build is compiled with ``triton.compile`` for a ``GPUTarget`` (sm_80, sm_90; no
-GPU needed), and its registers, stack (spills) and shared memory are read with the
-``cuobjdump --dump-resource-usage`` that ships with triton.
+GPU needed). Its registers and stack (spills) are read with the ``cuobjdump
+--dump-resource-usage`` that ships with triton; its shared memory is what Triton launches
+it with (``metadata.shared``), which must let as many programs onto an SM of the target's
+GPU as the model counts.
 
 The specialisation needs triton >= 3.5, whose launcher specialises through
 ``create_function_from_signature`` and ``JITFunction._pack_args``, and TRITON_INTERPRET
@@ -45,6 +47,8 @@ from ..options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS
 from ..sites import resnet50_sites
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
+#: The GPU of each target, whose SM a build's shared memory must fit as the model counts.
+TARGET_GPUS = {"sm_80": gpu_plan.A100, "sm_90": gpu_plan.H100}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -293,8 +297,9 @@ def _launch_key(launch: Launch) -> tuple:
 
 @dataclasses.dataclass
 class Report:
-    """A build's registers, stack and shared memory per thread, whether its loop is
-    software-pipelined (FC builds with a loop; None for the others), or why it failed."""
+    """A build's registers and stack per thread, its shared memory per program (what Triton
+    launches it with), whether its loop is software-pipelined (FC builds with a loop; None
+    for the others), or why it failed."""
 
     build: Build
     registers: int = -1
@@ -308,7 +313,7 @@ class Report:
         return not self.error and self.stack == 0
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                              "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -316,8 +321,23 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
         f.flush()
         out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], check=True,
                              capture_output=True, text=True).stdout
-    fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", out)}
-    return fields["REG"], fields["STACK"], fields["SHARED"]
+    fields = {k: int(v) for k, v in re.findall(r"(REG|STACK):(\d+)", out)}
+    return fields["REG"], fields["STACK"]
+
+
+def _residency(build: Build, shared: int) -> str:
+    """Where the build's shared memory lets fewer of its programs onto an SM of the
+    target's GPU than the model counts (:func:`gpu_plan.resident_programs`, by warps and
+    register limit), what it holds; else ""."""
+    spec = TARGET_GPUS[build.target]
+    modelled = gpu_plan.resident_programs(spec, build.options["num_warps"],
+                                          build.launch_options.get("maxnreg",
+                                                                   gpu_plan.MAX_REGISTERS))
+    fits = gpu_plan.shared_resident_programs(spec, shared)
+    if fits >= modelled:
+        return ""
+    return (f"{shared} bytes of shared memory: {fits} programs per SM of an {spec.name}, "
+            f"the model counts {modelled}")
 
 
 #: The batched FC kernels, by the names the model gives their launches.
@@ -342,13 +362,15 @@ def _pipelining(build: Build, ttgir: str) -> tuple[bool | None, str]:
 
 def compile_build(build: Build) -> Report:
     """Compile ``build`` as ``JITFunction.run`` would; read its resource usage and check its
-    pipelining against the model."""
+    pipelining and the programs its shared memory lets onto an SM against the model."""
     report = Report(build)
     source = ASTSource(_kernel(build.kernel), build.signature, build.constexprs, build.attrs)
     try:
         compiled = triton.compile(source, target=TARGETS[build.target], options=build.options)
-        report.registers, report.stack, report.shared = _resource_usage(compiled.asm["cubin"])
+        report.registers, report.stack = _resource_usage(compiled.asm["cubin"])
+        report.shared = compiled.metadata.shared
         report.pipelined, report.error = _pipelining(build, compiled.asm["ttgir"])
+        report.error = report.error or _residency(build, report.shared)
     except Exception as e:  # a compile failure is a finding to report, not a crash
         report.error = _failure(e)
     return report
