@@ -9,17 +9,21 @@ in inference:
     addmm      ATen's ``addmm`` for the same FCs on (N, C) and (N, K) inputs (what the
                excitation stage is measured against);
     fixed      total minus the three stages: the call into the op, its checks and its
-               allocations (what a small batch pays on top of the work);
+               allocations (what a small batch pays on top of the work; a profiled
+               call's own time would add the profiler's records of its other
+               operators, tens of microseconds);
     pool, excitation, rescale
                the op's stages as ``torch.profiler`` times its ranges
                (``sae_kernels::pool`` ...: the two passes over x and the FCs with act
                and gate between them; for one NCHW sample FC2's ranges lie within the
-               rescale's, and each stage counts its own time), averaged over the
-               profiled calls.
+               rescale's, and each stage counts its own time), per call, the median over
+               the profiled calls (one call slowed by the machine moves a mean by its
+               whole delay over twenty).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import statistics
 from collections.abc import Callable
@@ -37,6 +41,8 @@ from .timing import measure_interleaved
 STAGES = ("pool", "excitation", "rescale")
 #: Profiled calls per site (after the timed ones).
 PROFILED_CALLS = 20
+#: The profiler range around each profiled call, which its stages' ranges fall within.
+CALL_RANGE = "sae_kernels.stages::call"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,20 +109,27 @@ def breakdown(blocks: list[tuple[str, nn.Module, tuple[int, int, int]]], n: int 
                                          "addmm": _aten_fcs(block, n)}, rounds, cpu)
             with profiled(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for _ in range(PROFILED_CALLS):
-                    block(x)
-        spent = {stage: [] for stage in STAGES}
-        for event in prof.events():
-            stage = event.name.removeprefix("sae_kernels::")
-            if stage in spent:
-                # self time: a lone NCHW sample's FC2 runs inside the rescale's range
-                spent[stage].append(event.self_cpu_time_total)
+                    with torch.profiler.record_function(CALL_RANGE):
+                        block(x)
         norm = getattr(block, "prologue_norm", None)
         prologue = "none" if norm is None else f"affine + {norm.act}"
         rows.append(StageRow(name, (n, *shape), _stacked_width(block), prologue,
                              timed["block"].median, timed["clone"].median,
-                             timed["addmm"].median,
-                             {s: sum(v) / PROFILED_CALLS for s, v in spent.items()}))
+                             timed["addmm"].median, _stage_medians(prof.events())))
     return rows
+
+
+def _stage_medians(events) -> dict[str, float]:
+    """Each stage's time per profiled call (its ranges' self time: a lone NCHW sample's
+    FC2 runs inside the rescale's range), the median over the calls."""
+    starts = sorted(e.time_range.start for e in events if e.name == CALL_RANGE)
+    spent = {stage: [0.0] * len(starts) for stage in STAGES}
+    for event in events:
+        stage = event.name.removeprefix("sae_kernels::")
+        if stage in spent:
+            call = bisect.bisect_right(starts, event.time_range.start) - 1
+            spent[stage][call] += event.self_cpu_time_total
+    return {stage: statistics.median(times) for stage, times in spent.items()}
 
 
 def _aten_fcs(block: nn.Module, n: int) -> Callable[[], object]:
@@ -152,9 +165,8 @@ def format_rows(rows: list[StageRow]) -> str:
                  f"{r.total:.1f}", f"{r.clone:.1f}", f"{r.fixed:.1f}",
                  *(f"{r.stages[s]:.1f}" for s in STAGES), f"{r.addmm:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    fixed = [r.fixed - r.clone for r in rows]
     fcs = [r.stages["excitation"] / r.addmm for r in rows]
-    lines.append(f"\nmedian over sites: fixed - clone {statistics.median(fixed):.1f} us, "
+    lines.append(f"\nmedian over sites: fixed {statistics.median(r.fixed for r in rows):.1f} us, "
                  f"total / clone {statistics.median(r.total / r.clone for r in rows):.2f}, "
                  f"excitation / addmm {statistics.median(fcs):.2f} (max {max(fcs):.2f})")
     return "\n".join(lines)
