@@ -33,12 +33,12 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
                                 : nullptr,
                        div.row, rows, xv.pixels ? c : hw};
   };
-  std::vector<A> partial(channel_sums_scratch(xv, chunk, c, hw, sizeof(T), values));
+  auto partial = unfilled<A>(channel_sums_scratch(xv, chunk, c, hw, sizeof(T), values));
   Forking loops;  // ATen's calls between the loops run on this thread alone
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     int64_t count = std::min(chunk, n - n0);
     // ds = sum g' * x', per channel
-    SumsTarget<A> to{data<A>(sums), partial.data(), values};
+    SumsTarget<A> to{data<A>(sums), partial.get(), values};
     channel_sums(loops, xv, count, c, hw, sizeof(T), to,
                  [&](int64_t i, int64_t p0, int64_t pixels, int64_t c0, int64_t width, A* dst) {
                    if (xv.pixels) {
@@ -58,14 +58,14 @@ void backward_typed(const Tensor& grad, const View& gv, const Tensor& x, const V
     Tensor s = gate(u_c, o.gate);
     du.narrow(0, n0, count).copy_(gate_backward(ds, u_c, s, o.gate));
     if (w.has_fc2()) {
-      linear_backward_input<A>(data<A>(du) + n0 * c, count, c, w.w2_rows.data(), k,
+      linear_backward_input<A>(data<A>(du) + n0 * c, count, c, w.w2(), k,
                                data<A>(dh));
       Tensor h = o.act == kRelu ? activation(p_c, o.act) : Tensor();
       dp.narrow(0, n0, count).copy_(activation_backward(dh.narrow(0, 0, count), p_c, h, o.act));
     } else {
       dp.narrow(0, n0, count).copy_(du.narrow(0, n0, count));
     }
-    linear_backward_input<A>(data<A>(dp) + n0 * k, count, k, w.w1_rows.data(), c, data<A>(dz));
+    linear_backward_input<A>(data<A>(dp) + n0 * k, count, k, w.w1(), c, data<A>(dz));
     Tensor scale = o.residual ? s + 1 : s;
     A* shift = data<A>(dz);
     for (int64_t i = 0; i < count * c; ++i) shift[i] /= static_cast<A>(hw);

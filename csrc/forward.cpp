@@ -83,7 +83,7 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
   const auto& kern = pass_kernels<T, A>();
   const auto& fc = fc_kernels<A>();
   Epilogue e{o.residual, identity.has_value(), o.relu_out};
-  std::vector<A> h(w.has_fc2() ? chunk * k : 0), s(chunk * c);
+  auto h = unfilled<A>(w.has_fc2() ? chunk * k : 0), s = unfilled<A>(chunk * c);
   Scratch<T> xp;
   // x' is kept in a chunk-sized scratch where the activation costs more than reading the
   // scratch back from cache: SiLU (an exp and a division per element) and hardswish
@@ -97,7 +97,7 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
                                                               : at::MemoryFormat::Contiguous));
     xp.view = *view_of(xp.tensor);
   }
-  std::vector<A> partial(channel_sums_scratch(xv, chunk, c, hw, sizeof(T), 1));
+  auto partial = unfilled<A>(channel_sums_scratch(xv, chunk, c, hw, sizeof(T), 1));
   // One team for the whole call: its loops are separated by barriers instead of each
   // forking and joining threads of its own (up to four per chunk; 7 % of a call at N = 1
   // on SE-ResNet-50's and SENetV2-ResNet-50's sites). It is as wide as the chunk's pass
@@ -116,7 +116,7 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
       bool fc2_per_piece = w.has_fc2() && !xv.pixels && count == 1;
       {
         Stage stage(team, "sae_kernels::pool");
-        pool<T, A>(team, x, xv, n0, count, pro, {zc, partial.data(), 1, static_cast<A>(hw)}, xp);
+        pool<T, A>(team, x, xv, n0, count, pro, {zc, partial.get(), 1, static_cast<A>(hw)}, xp);
       }
       {
         Stage stage(team, "sae_kernels::excitation");
@@ -124,29 +124,29 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
         auto rows = [&](int64_t o0, int64_t o1, int64_t width, auto each) {
           for (int64_t i = 0; i < count; ++i) each(i * width + o0, o1 - o0);
         };
-        linear<A>(team, zc, count, c, w.w1_rows.data(), w.b1_data(), pc, k,
+        linear<A>(team, zc, count, c, w.w1(), w.b1_data(), pc, k,
                   [&](int64_t o0, int64_t o1) {
                     rows(o0, o1, k, [&](int64_t at, int64_t len) {
-                      if (w.has_fc2()) return fc.activate(pc + at, len, o.act, h.data() + at);
+                      if (w.has_fc2()) return fc.activate(pc + at, len, o.act, h.get() + at);
                       std::copy(pc + at, pc + at + len, uc + at);
-                      fc.gate(uc + at, len, o.gate, s.data() + at);
+                      fc.gate(uc + at, len, o.gate, s.get() + at);
                     });
                   });
         if (w.has_fc2() && !fc2_per_piece)
-          linear<A>(team, h.data(), count, k, w.w2_rows.data(), w.b2_data(), uc, c,
+          linear<A>(team, h.get(), count, k, w.w2(), w.b2_data(), uc, c,
                     [&](int64_t o0, int64_t o1) {
                       rows(o0, o1, c, [&](int64_t at, int64_t len) {
-                        fc.gate(uc + at, len, o.gate, s.data() + at);
+                        fc.gate(uc + at, len, o.gate, s.get() + at);
                       });
                     });
       }
-      const A* sp = s.data();
+      const A* sp = s.get();
       Stage stage(team, "sae_kernels::rescale");
       for_rows(team, xv, count, c, hw, [&](int64_t i, int64_t r0, int64_t rows) {
         if (fc2_per_piece) {
           Stage stage(team, "sae_kernels::excitation");  // within the rescale's range
-          fc.linear(h.data(), 1, k, w.w2_rows.data(), w.b2_data(), uc, c, r0, r0 + rows);
-          fc.gate(uc + r0, rows, o.gate, s.data() + r0);
+          fc.linear(h.get(), 1, k, w.w2(), w.b2_data(), uc, c, r0, r0 + rows);
+          fc.gate(uc + r0, rows, o.gate, s.get() + r0);
         }
         int64_t sample = n0 + i;
         Rows<T> t{data<T>(x) + sample * xv.sample + r0 * xv.row, xv.row,
@@ -194,8 +194,8 @@ Tensor run_forward(const Tensor& x_in, at::TensorList w1s, at::TensorList b1s,
   auto run = [&](auto storage, auto accumulation) {
     using T = decltype(storage);
     using A = decltype(accumulation);
-    std::vector<A> scratch(saved ? 0 : n * (2 * c + k));
-    A* z = saved ? data<A>((*saved)[0]) : scratch.data();
+    auto scratch = unfilled<A>(saved ? 0 : n * (2 * c + k));
+    A* z = saved ? data<A>((*saved)[0]) : scratch.get();
     A* p = saved ? data<A>((*saved)[1]) : z + n * c;
     A* u = saved ? data<A>((*saved)[2]) : p + n * k;
     forward_typed<T, A>(x, xv, identity, iv, y, yv, weights_by_rows<A>(w1s, b1s, w2, b2),

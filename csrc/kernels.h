@@ -657,19 +657,21 @@ inline void dot_tile(const A* const* w, const A* const* in, int64_t len, A (&out
   }
 }
 
-// out[b, o] = bias[o] + sum_i w[o, i] * in[b, i] for o in [o_begin, o_end), row o of w at
-// w_rows[o]: tiles of 4 outputs x kLinearSamples samples share each load. Samples left
+// out[b, o] = bias[o] + sum_i w[o, i] * in[b, i] for o in [o_begin, o_end): tiles of 4
+// outputs x kLinearSamples samples share each load. Samples left
 // over (all of them at N = 1) go one at a time in tiles of 8 outputs, more weight rows
 // per input vector; at N = 1 the FCs then match ATen's addmm (2048 x 128, 1 and 2 threads).
 template <typename A>
-void linear(const A* in, int64_t batch, int64_t ins, const A* const* w_rows, const A* bias,
-            A* out, int64_t outs, int64_t o_begin, int64_t o_end) {
+void linear(const A* in, int64_t batch, int64_t ins, WeightRows<A> w, const A* bias, A* out,
+            int64_t outs, int64_t o_begin, int64_t o_end) {
   constexpr int64_t Q = 4, S = kLinearSamples;  // Q: kLinearOutputs in op_common.h
   auto tile = [&]<int64_t Rows, int64_t Samples>(int64_t o, int64_t b) {
     const A* inputs[Samples];
     for (int64_t s = 0; s < Samples; ++s) inputs[s] = in + (b + s) * ins;
+    const A* rows[Rows];
+    for (int64_t q = 0; q < Rows; ++q) rows[q] = w[o + q];
     A sums[Rows][Samples];
-    dot_tile<Rows, Samples>(w_rows + o, inputs, ins, sums);
+    dot_tile<Rows, Samples>(rows, inputs, ins, sums);
     for (int64_t q = 0; q < Rows; ++q)
       for (int64_t s = 0; s < Samples; ++s)
         out[(b + s) * outs + o + q] = sums[q][s] + (bias ? bias[o + q] : A(0));
@@ -747,13 +749,13 @@ void outer_sum(const A* a, int64_t batch, int64_t a_cols, const A* v, int64_t wi
       [&](int64_t m) { return out + (m_begin + m) * width; }, 0, width);
 }
 
-// d_in[b, i] = sum_o d_out[b, o] * w[o, i] (row o of w at w_rows[o]), for i in [i_begin, i_end)
+// d_in[b, i] = sum_o d_out[b, o] * w[o, i], for i in [i_begin, i_end)
 template <typename A>
-void linear_backward_input(const A* d_out, int64_t batch, int64_t outs, const A* const* w_rows,
+void linear_backward_input(const A* d_out, int64_t batch, int64_t outs, WeightRows<A> w,
                            int64_t ins, A* d_in, int64_t i_begin, int64_t i_end) {
   axpy_rows<A>(
       batch, outs, [&](int64_t b, int64_t o) { return d_out[b * outs + o]; },
-      [&](int64_t o) { return w_rows[o]; }, [&](int64_t b) { return d_in + b * ins; }, i_begin,
+      [&](int64_t o) { return w[o]; }, [&](int64_t b) { return d_in + b * ins; }, i_begin,
       i_end);
 }
 

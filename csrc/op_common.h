@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -162,7 +163,7 @@ const FcKernels<A>& fc_kernels() {
 // out (rows, outs) = in (rows, ins) @ w^T + bias, split over output columns; then
 // finish(o0, o1) on each piece's columns [o0, o1), by the thread that computed them.
 template <typename A, typename Loops, typename F>
-void linear(Loops& loops, const A* in, int64_t rows, int64_t ins, const A* const* w,
+void linear(Loops& loops, const A* in, int64_t rows, int64_t ins, WeightRows<A> w,
             const A* bias, A* out, int64_t outs, const F& finish) {
   // whole tiles of kLinearOutputs per piece
   int64_t tiles = (outs + kLinearOutputs - 1) / kLinearOutputs;
@@ -176,7 +177,7 @@ void linear(Loops& loops, const A* in, int64_t rows, int64_t ins, const A* const
 
 // d_in (rows, ins) = d_out (rows, outs) @ w (outs, ins), split over columns of d_in.
 template <typename A>
-void linear_backward_input(const A* d_out, int64_t rows, int64_t outs, const A* const* w,
+void linear_backward_input(const A* d_out, int64_t rows, int64_t outs, WeightRows<A> w,
                            int64_t ins, A* d_in) {
   // whole blocks of kColumnBlock columns per piece, so the kernel runs on whole vectors
   int64_t blocks = (ins + kColumnBlock - 1) / kColumnBlock;
@@ -307,15 +308,19 @@ void channel_sums(Loops& loops, const View& v, int64_t count, int64_t c, int64_t
   });
 }
 
-// The prologue's per-channel values in the accumulation type; absent: no prologue.
+// The prologue's per-channel values in the accumulation type, read in place where given
+// in it; absent: no prologue.
 template <typename A>
 struct PrologueValues {
   bool present = false;
   int64_t act = kPrologueNone;
-  std::vector<A> scale, shift;  // C values each (1 and 0 where a tensor was not given)
+  Tensor scale, shift;  // C values each (1 and 0 where a tensor was not given)
 
   // The prologue from channel c0 on.
-  Prologue<A> from(int64_t c0) const { return {scale.data() + c0, shift.data() + c0, act}; }
+  Prologue<A> from(int64_t c0) const {
+    if (!present) return {nullptr, nullptr, act};
+    return {data<A>(scale) + c0, data<A>(shift) + c0, act};
+  }
 };
 
 template <typename A>
@@ -325,9 +330,9 @@ PrologueValues<A> prologue_values(int64_t c, const optional<Tensor>& scale,
   p.present = scale || shift || act != kPrologueNone;
   p.act = act;
   auto values = [&](const optional<Tensor>& t, A fill) {
-    if (!t) return std::vector<A>(p.present ? c : 0, fill);
-    Tensor v = as_acc<A>(*t);
-    return std::vector<A>(data<A>(v), data<A>(v) + c);
+    if (t) return as_acc<A>(*t);
+    if (!p.present) return Tensor();
+    return at::full({c}, fill, at::TensorOptions(c10::CppTypeToScalarType<A>::value));
   };
   p.scale = values(scale, A(1));
   p.shift = values(shift, A(0));
@@ -369,12 +374,19 @@ struct Options {
 template <typename A>
 struct Weights {
   std::vector<Tensor> keep;  // owners of the rows (copies only where the dtype differed)
-  std::vector<const A*> w1_rows, w2_rows;
+  std::vector<const A*> w1_table;  // fc1's rows where it has several branches
+  const A* w1_first = nullptr;     // else its one matrix
+  const A* w2_first = nullptr;     // nullptr: no fc2
+  int64_t c = 0, k = 0;
   std::vector<A> b1;  // the branch biases, concatenated (K values)
   Tensor b2;
-  int64_t k = 0;
 
-  bool has_fc2() const { return !w2_rows.empty(); }
+  WeightRows<A> w1() const {
+    if (w1_table.empty()) return {w1_first, c};
+    return {nullptr, 0, w1_table.data()};
+  }
+  WeightRows<A> w2() const { return {w2_first, k}; }
+  bool has_fc2() const { return w2_first != nullptr; }
   const A* b1_data() const { return b1.empty() ? nullptr : b1.data(); }
   const A* b2_data() const { return b2.defined() ? data<A>(b2) : nullptr; }
 };
@@ -386,25 +398,38 @@ inline int64_t fc1_rows(at::TensorList w1s) {
   return k;
 }
 
+// n values left uninitialised, for buffers whose every value is written before it is read:
+// zeroing them would be one more pass over memory that the call before pushed out of cache.
 template <typename A>
-void add_rows(const Tensor& w, std::vector<const A*>& rows, std::vector<Tensor>& keep) {
-  Tensor t = as_acc<A>(w);
-  // sizes and the data pointer read once: out-of-line calls per row cost as much as the
-  // FCs themselves at N = 1
-  const A* first = data<A>(t);
-  int64_t count = t.size(0), width = t.size(1);
-  rows.reserve(rows.size() + count);
-  for (int64_t r = 0; r < count; ++r) rows.push_back(first + r * width);
-  keep.push_back(std::move(t));
+std::unique_ptr<A[]> unfilled(int64_t n) {
+  return std::unique_ptr<A[]>(new A[n]);
+}
+
+// The first row of matrix `w` in the accumulation dtype, kept alive by `keep`.
+template <typename A>
+const A* kept_rows(const Tensor& w, std::vector<Tensor>& keep) {
+  keep.push_back(as_acc<A>(w));
+  return data<A>(keep.back());
 }
 
 template <typename A>
 Weights<A> weights_by_rows(at::TensorList w1s, at::TensorList b1s, const optional<Tensor>& w2,
                            const optional<Tensor>& b2) {
   Weights<A> w;
-  for (const Tensor& t : w1s) add_rows<A>(t, w.w1_rows, w.keep);
-  if (w2) add_rows<A>(*w2, w.w2_rows, w.keep);
-  w.k = static_cast<int64_t>(w.w1_rows.size());
+  w.c = w1s[0].size(1);
+  w.k = fc1_rows(w1s);
+  if (w1s.size() == 1) {
+    w.w1_first = kept_rows<A>(w1s[0], w.keep);
+  } else {
+    w.w1_table.reserve(w.k);
+    for (const Tensor& t : w1s) {
+      // sizes and the data pointer read once: out-of-line calls per row cost as much as
+      // the FCs themselves at N = 1
+      const A* first = kept_rows<A>(t, w.keep);
+      for (int64_t r = 0, rows = t.size(0); r < rows; ++r) w.w1_table.push_back(first + r * w.c);
+    }
+  }
+  if (w2) w.w2_first = kept_rows<A>(*w2, w.keep);
   for (const Tensor& b : b1s) {
     Tensor t = as_acc<A>(b);
     w.b1.insert(w.b1.end(), data<A>(t), data<A>(t) + t.numel());
