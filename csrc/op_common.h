@@ -43,6 +43,8 @@ constexpr size_t kHugePageMinBytes = size_t(32) << 20;
 constexpr int64_t kColumnBlock = 64;
 // Bytes of consecutive pixels per task in the channels_last per-channel sums.
 constexpr int64_t kPixelBlockBytes = 64 << 10;
+// Values per piece, at least, where the channels_last sums' blocks are added together.
+constexpr int64_t kCombineGrain = 64;
 
 inline const KernelTable& pick_table() {
   const char* forced = std::getenv("SAE_KERNELS_CPU_ISA");
@@ -296,14 +298,18 @@ void channel_sums(Loops& loops, const View& v, int64_t count, int64_t c, int64_t
     }
   });
   if (blocks == 1) return;
-  loops.loop(count, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const A* first = to.partial + i * blocks * stride;
-      A* row = to.out + i * stride;
-      std::copy(first, first + stride, row);
+  // each sample's values cut into ranges across threads (one sample was one thread's
+  // work: at N = 1 the others waited for it, 3-4 us at 1024 x 14 x 14 on 2 threads)
+  loops.loop(count * stride, kCombineGrain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e;) {
+      int64_t v0 = i % stride, width = std::min(e - i, stride - v0);
+      const A* first = to.partial + (i / stride) * blocks * stride + v0;
+      A* row = to.out + i;
+      std::copy(first, first + width, row);
       for (int64_t j = 1; j < blocks; ++j)
-        for (int64_t ch = 0; ch < stride; ++ch) row[ch] += first[j * stride + ch];
-      complete(row, stride);
+        for (int64_t ch = 0; ch < width; ++ch) row[ch] += first[j * stride + ch];
+      complete(row, width);
+      i += width;
     }
   });
 }
