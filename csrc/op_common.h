@@ -345,7 +345,9 @@ PrologueValues<A> prologue_values(int64_t c, const optional<Tensor>& scale,
   return p;
 }
 
-// Rows of samples [n0, n0 + count) split across threads: pixel blocks or channel rows.
+// Rows of samples [n0, n0 + count) split across threads: pixel blocks or channel rows. It
+// is the second pass over rows channel_sums read, so each thread takes its pieces last
+// first (Team::loop).
 template <typename Loops, typename F>
 void for_rows(Loops& loops, const View& v, int64_t count, int64_t c, int64_t hw, const F& f) {
   if (v.pixels) {
@@ -356,7 +358,7 @@ void for_rows(Loops& loops, const View& v, int64_t count, int64_t c, int64_t hw,
         int64_t n = i / blocks, r0 = (i % blocks) * per_task;
         f(n, r0, std::min(per_task, hw - r0));
       }
-    });
+    }, true);
   } else {
     loops.loop(count * c, kGrainElements / std::max<int64_t>(1, hw), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e;) {
@@ -364,7 +366,7 @@ void for_rows(Loops& loops, const View& v, int64_t count, int64_t c, int64_t hw,
         f(n, r0, len);
         i += len;
       }
-    });
+    }, true);
   }
 }
 
