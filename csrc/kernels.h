@@ -658,9 +658,9 @@ inline void dot_tile(const A* const* w, const A* const* in, int64_t len, A (&out
 }
 
 // out[b, o] = bias[o] + sum_i w[o, i] * in[b, i] for o in [o_begin, o_end): tiles of 4
-// outputs x kLinearSamples samples share each load. Samples left
-// over (all of them at N = 1) go one at a time in tiles of 8 outputs, more weight rows
-// per input vector; at N = 1 the FCs then match ATen's addmm (2048 x 128, 1 and 2 threads).
+// outputs x kLinearSamples samples share each load. Samples left over (all of them at
+// N = 1) go one at a time in tiles of 8 outputs, more weight rows per input vector; at
+// N = 1 the FCs then match ATen's addmm (2048 x 128, 1 and 2 threads).
 template <typename A>
 void linear(const A* in, int64_t batch, int64_t ins, WeightRows<A> w, const A* bias, A* out,
             int64_t outs, int64_t o_begin, int64_t o_end) {

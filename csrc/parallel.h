@@ -43,9 +43,9 @@ void alone(int64_t n, int64_t grain, const F& f, bool last_first) {
 // One thread's contiguous run of pieces in one loop, packed in one word: the loop's number
 // (32 bits), then [front, back) (16 bits each). Its owner takes pieces from one end (the
 // front, or the back in a loop run last first), other threads, once their own run is
-// done, from the other. A word still holding an
-// earlier loop's number is that loop's run, finished: whichever thread reaches it first
-// in this loop starts it at this loop's bounds, so no barrier is needed to set it up.
+// done, from the other. A word still holding an earlier loop's number is that loop's run,
+// finished: whichever thread reaches it first in this loop starts it at this loop's
+// bounds, so no barrier is needed to set it up.
 struct alignas(64) PieceRun {
   std::atomic<uint64_t> word{0};
 
@@ -86,7 +86,7 @@ class Team {
   // of x (pool, then rescale) give each thread the rows it pooled to rescale, from its own
   // core's cache: handing pieces out as threads came free moved them between cores and cost
   // up to a third of the operator at N = 1 (SE-ResNet-50's sites, 2 threads). A thread done
-  // with its run takes pieces from the back of the others' runs, so a thread slowed by the
+  // with its run takes pieces from the far end of the others' runs, so a thread slowed by the
   // machine is not waited for (a split without it was 3-7 % slower at N = 32). Each output
   // is still computed by one thread in a fixed order. A call runs far fewer than 2^32
   // loops.
