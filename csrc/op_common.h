@@ -35,6 +35,12 @@ enum Gate : int64_t { kSigmoid = 0, kHardsigmoid = 1 };
 constexpr int64_t kDefaultChunkBytes = 4 << 20;
 // Elements of work below which a loop is not split across threads.
 constexpr int64_t kGrainElements = 1 << 14;
+// Multiply-adds per piece, at least, of an FC run by a team already forked: a piece costs
+// no fork there, and the weights a call reads are mostly out of cache (the passes over x
+// and y, or a model's other layers, pushed them out), so more threads reading them in
+// parallel shorten the serial stage between the passes (channels_last, N = 1: 1-8 % of
+// a call against kGrainElements, in-process A/B).
+constexpr int64_t kTeamFcGrain = 1 << 12;
 // Outputs per tile of the FC kernel (kernels.h): a piece of an FC's outputs is whole tiles.
 constexpr int64_t kLinearOutputs = 4;
 // Outputs from this size on are advised onto huge pages (glibc's largest mmap threshold).
@@ -162,14 +168,15 @@ const FcKernels<A>& fc_kernels() {
   else return kernels().fc_f32;
 }
 
-// out (rows, outs) = in (rows, ins) @ w^T + bias, split over output columns; then
-// finish(o0, o1) on each piece's columns [o0, o1), by the thread that computed them.
-template <typename A, typename Loops, typename F>
-void linear(Loops& loops, const A* in, int64_t rows, int64_t ins, WeightRows<A> w,
+// out (rows, outs) = in (rows, ins) @ w^T + bias, split over output columns across the
+// team; then finish(o0, o1) on each piece's columns [o0, o1), by the thread that computed
+// them.
+template <typename A, typename F>
+void linear(Team& team, const A* in, int64_t rows, int64_t ins, WeightRows<A> w,
             const A* bias, A* out, int64_t outs, const F& finish) {
   // whole tiles of kLinearOutputs per piece
   int64_t tiles = (outs + kLinearOutputs - 1) / kLinearOutputs;
-  loops.loop(tiles, kGrainElements / std::max<int64_t>(1, rows * ins * kLinearOutputs),
+  team.loop(tiles, kTeamFcGrain / std::max<int64_t>(1, rows * ins * kLinearOutputs),
              [&](int64_t b, int64_t e) {
                int64_t o0 = b * kLinearOutputs, o1 = std::min(outs, e * kLinearOutputs);
                fc_kernels<A>().linear(in, rows, ins, w, bias, out, outs, o0, o1);
