@@ -94,7 +94,7 @@ class FusedResidualBlock(nn.Module):
 def _rescale(se: FusedSaE, x: torch.Tensor) -> torch.Tensor:
     """``x' * s [+ x']``: the fused SE's output (its prologue included) without the shortcut
     and the ReLU."""
-    fc1_weight, fc1_bias = se.stacked_fc1()
+    fc1_weight, fc1_bias = se.branch_fc1()
     scale, shift, prologue_act = se.prologue_operands()
     return sae(x, fc1_weight, fc1_bias, se.excite.weight, se.excite.bias, act=se.act,
                gate=se.gate, residual=se.residual, backend=se.backend, strategy=se.strategy,

@@ -7,14 +7,14 @@ import torch
 from . import ops
 from .dispatch import check_strategy, resolve_backend, runs_composite
 from .kernels import cpu as cpu_kernels
-from .options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS, check_operands
+from .options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS, Fc1, check_operands, fc1_parts
 from .reference import composite
 
 
 def sae(
     x: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor | None,
+    fc1_weight: Fc1,
+    fc1_bias: Fc1 | None,
     fc2_weight: torch.Tensor | None,
     fc2_bias: torch.Tensor | None,
     identity: torch.Tensor | None = None,
@@ -31,7 +31,9 @@ def sae(
 ) -> torch.Tensor:
     """``act_out(x * s [+ x] [+ identity])`` with ``s = gate(W2 act(W1 mean_hw(x) + b1) + b2)``.
 
-    ``fc1_weight`` stacks the branch matrices row-wise (K, C); ``fc2_weight`` is (C, K),
+    ``fc1_weight`` stacks the branch matrices row-wise (K, C), or is the sequence of the
+    branch matrices (``fc1_bias`` then one per matrix), which the C++ kernels and the
+    composite read in place (the Triton kernels take them stacked); ``fc2_weight`` is (C, K),
     or None for the single-FC form ``s = gate(W1 mean_hw(x) + b1)`` with W1 (C, C); the
     rules on shapes and dtypes are those of ``options.check_operands``. The prologue,
     ``x = prologue_act(x * prologue_scale + prologue_shift)`` per channel, is applied on
@@ -51,11 +53,12 @@ def sae(
                                      act, gate, residual, act_out, prologue_scale,
                                      prologue_shift, prologue_act)
     if backend == "cpu":
-        fc1_biases = [] if fc1_bias is None else [fc1_bias]
-        return cpu_kernels.op_entry()(x, [fc1_weight], fc1_biases, fc2_weight, fc2_bias,
+        return cpu_kernels.op_entry()(x, fc1_parts(fc1_weight), fc1_parts(fc1_bias) or [],
+                                      fc2_weight, fc2_bias,
                                       identity, ACTIVATIONS.index(act), GATES.index(gate),
                                       residual, act_out == "relu", prologue_scale,
                                       prologue_shift, PROLOGUE_ACTIVATIONS.index(prologue_act))
+    fc1_weight, fc1_bias = _stacked(fc1_weight), _stacked(fc1_bias)
     # the ReLU tail's backward reads a mask the forward writes only where a gradient is due
     tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, prologue_scale,
                prologue_shift)
@@ -72,8 +75,19 @@ def _composite_in_x_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *option
     dtype, since the composite's FCs take a single dtype, and autocast off, so that it
     casts none of the composite's ops either. It is switched off only where it is on:
     torch.export records the switch as a higher-order op around the call."""
-    weights = (None if t is None else t.to(x.dtype)
-               for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(x.dtype)
+
+    fc1_weight = [cast(w) for w in fc1_parts(fc1_weight)]
+    fc1_bias = None if fc1_bias is None else [cast(b) for b in fc1_parts(fc1_bias)]
     autocast = torch.is_autocast_enabled(x.device.type)
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        return composite(x, *weights, *options)
+        return composite(x, fc1_weight, fc1_bias, cast(fc2_weight), cast(fc2_bias), *options)
+
+
+def _stacked(fc1: Fc1 | None) -> torch.Tensor | None:
+    """fc1's weight or bias as one tensor, its branch parts stacked row-wise."""
+    parts = fc1_parts(fc1)
+    if parts is None or len(parts) == 1:
+        return None if parts is None else parts[0]
+    return torch.cat(parts)

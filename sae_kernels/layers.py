@@ -164,7 +164,7 @@ class FusedSaE(_ModelTransforms, _Prologue, SaE):
                       shift, PROLOGUE_ACTIVATIONS.index(prologue_act))
         cached = (self.cardinality > 1 and not torch.is_grad_enabled()
                   and may_reuse_computed_tensors())
-        fc1_weight, fc1_bias = self._inference_fc1() if cached else self.stacked_fc1()
+        fc1_weight, fc1_bias = self._inference_fc1() if cached else self.branch_fc1()
         return sae(x, fc1_weight, fc1_bias, self.excite.weight, self.excite.bias, identity,
                    act=self.act, gate=self.gate, residual=self.residual, act_out=self.act_out,
                    backend=self.backend, strategy=self.strategy, prologue_scale=scale,

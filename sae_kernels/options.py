@@ -7,6 +7,8 @@ names accepted here are the whole contract.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 #: Activations inside the branches; the index is the code the kernels receive.
@@ -65,10 +67,23 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         )
 
 
+#: fc1's weight or bias: one tensor (the branch matrices stacked row-wise), or one per
+#: branch in order, read where they are (no stacked copy).
+Fc1 = torch.Tensor | Sequence[torch.Tensor]
+
+
+def fc1_parts(fc1: Fc1 | None) -> list[torch.Tensor] | None:
+    """fc1's weight or bias as its list of branch parts (one where it is a tensor)."""
+    if fc1 is None:
+        return None
+    is_sequence = isinstance(fc1, Sequence) and not isinstance(fc1, torch.Tensor)
+    return list(fc1) if is_sequence else [fc1]
+
+
 def check_operands(
     x: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor | None,
+    fc1_weight: Fc1,
+    fc1_bias: Fc1 | None,
     fc2_weight: torch.Tensor | None,
     fc2_bias: torch.Tensor | None,
     identity: torch.Tensor | None,
@@ -82,7 +97,9 @@ def check_operands(
     """Raise TypeError/ValueError naming the first problem with the operands.
 
     Shapes: ``x`` (N, C, H, W) with H*W >= 1; ``fc1_weight`` (K, C) — the branch
-    matrices stacked row-wise; ``fc1_bias`` (K,); ``fc2_weight`` (C, K);
+    matrices stacked row-wise — or a sequence of the branch matrices (K_i, C), K the
+    sum of their rows; ``fc1_bias`` (K,), or one (K_i,) per branch matrix where those
+    are a sequence; ``fc2_weight`` (C, K);
     ``fc2_bias`` (C,); ``identity`` like ``x``; ``prologue_scale`` and
     ``prologue_shift`` (C,). ``fc2_weight=None`` is the single-FC form
     ``s = gate(fc1(z))`` (effective SE): fc1 is then (C, C), there is no fc2 bias, and
@@ -100,13 +117,25 @@ def check_operands(
     n, c, h, w = x.shape
     if h * w < 1:
         raise ValueError(f"x must have a spatial size H*W >= 1, got H={h}, W={w}")
-    named = {"fc1_weight": fc1_weight}
+    branches = isinstance(fc1_weight, Sequence) and not isinstance(fc1_weight, torch.Tensor)
+    weights = fc1_parts(fc1_weight)
+    biases = fc1_parts(fc1_bias) if branches else None
+    if not weights:
+        raise ValueError("fc1_weight must hold at least one branch matrix")
+    if biases is not None and len(biases) != len(weights):
+        raise ValueError(f"fc1_bias must be None or one per branch matrix: {len(biases)} "
+                         f"biases for {len(weights)} matrices")
+
+    def part(name: str, i: int) -> str:
+        return f"{name}[{i}]" if branches else name
+
+    named = {part("fc1_weight", i): w for i, w in enumerate(weights)}
     if fc2_weight is not None:
         named["fc2_weight"] = fc2_weight
     elif fc2_bias is not None:
         raise ValueError("fc2_bias must be None when fc2_weight is None (the single-FC form)")
     if fc1_bias is not None:
-        named["fc1_bias"] = fc1_bias
+        named.update({part("fc1_bias", i): b for i, b in enumerate(biases or [fc1_bias])})
     if fc2_bias is not None:
         named["fc2_bias"] = fc2_bias
     if identity is not None:
@@ -124,22 +153,25 @@ def check_operands(
     for name in ("prologue_scale", "prologue_shift"):
         if name in named and tuple(named[name].shape) != (c,):
             raise ValueError(f"{name} must have shape (C={c},), got {tuple(named[name].shape)}")
-    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != c:
-        raise ValueError(
-            f"x has {c} channels but fc1_weight has shape {tuple(fc1_weight.shape)}; "
-            f"fc1_weight must have shape (K, C={c})"
-        )
-    k = fc1_weight.shape[0]
-    if k < 1:
-        raise ValueError("fc1_weight must have at least one row (reduced width >= 1)")
+    for i, w in enumerate(weights):
+        name = part("fc1_weight", i)
+        if w.dim() != 2 or w.shape[1] != c:
+            raise ValueError(f"x has {c} channels but {name} has shape {tuple(w.shape)}; "
+                             f"{name} must have shape ({'K_i' if branches else 'K'}, C={c})")
+        if w.shape[0] < 1:
+            raise ValueError(f"{name} must have at least one row (reduced width >= 1)")
+        if biases is not None and tuple(biases[i].shape) != (w.shape[0],):
+            raise ValueError(f"{part('fc1_bias', i)} must have shape ({w.shape[0]},), "
+                             f"got {tuple(biases[i].shape)}")
+    k = sum(w.shape[0] for w in weights)
     if fc2_weight is None and k != c:
         raise ValueError(f"without fc2_weight (the single-FC form) fc1_weight must have shape "
-                         f"(C={c}, C={c}), got {tuple(fc1_weight.shape)}")
+                         f"(C={c}, C={c}), got {(k, c)}")
     if fc2_weight is not None and tuple(fc2_weight.shape) != (c, k):
         raise ValueError(
             f"fc2_weight must have shape (C={c}, K={k}), got {tuple(fc2_weight.shape)}"
         )
-    if fc1_bias is not None and tuple(fc1_bias.shape) != (k,):
+    if fc1_bias is not None and not branches and tuple(fc1_bias.shape) != (k,):
         raise ValueError(f"fc1_bias must have shape ({k},), got {tuple(fc1_bias.shape)}")
     if fc2_bias is not None and tuple(fc2_bias.shape) != (c,):
         raise ValueError(f"fc2_bias must have shape ({c},), got {tuple(fc2_bias.shape)}")

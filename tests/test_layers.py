@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from helpers import DEVICE
-from sae_kernels import SE, FusedSaE, FusedSE, SaE, sae_reference
+from sae_kernels import SE, FusedSaE, FusedSE, SaE, sae, sae_reference
+from sae_kernels.kernels import cpu as cpu_kernels
 
 
 def test_sae_is_its_branches_concatenated():
@@ -90,3 +91,47 @@ def test_inference_reuses_stacked_weights_until_they_change():
         fused.load_state_dict(SaE(16, reduction=4, cardinality=4).state_dict())
         ref.load_state_dict(fused.state_dict())
         torch.testing.assert_close(fused(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_branch_matrices_in_place_equal_the_stacked_form(backend):
+    """``sae`` with fc1 as its branch matrices (and one bias each) gives the stacked
+    form's output, and each branch the matching rows of the stacked gradient."""
+    if backend == "cpu" and (DEVICE.type != "cpu" or not cpu_kernels.available()):
+        pytest.skip("needs the C++ CPU kernels")
+    torch.manual_seed(0)
+    x = torch.randn(3, 19, 4, 5, device=DEVICE, dtype=torch.float64)
+    weights = [torch.randn(rows, 19, device=DEVICE, dtype=torch.float64) for rows in (2, 3, 1)]
+    biases = [torch.randn(len(w), device=DEVICE, dtype=torch.float64) for w in weights]
+    w2 = torch.randn(19, 6, device=DEVICE, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    results = []
+    for stacked in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (x, *weights, *biases, w2)]
+        xl, w1s, b1s, w2l = leaves[0], leaves[1:4], leaves[4:7], leaves[7]
+        fc1 = (torch.cat(w1s), torch.cat(b1s)) if stacked else (w1s, b1s)
+        y = sae(xl, *fc1, w2l, None, act="silu", residual=True, backend=backend)
+        y.backward(grad)
+        results.append([y, *(t.grad for t in leaves)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_block_reads_the_branch_matrices_in_place():
+    """The graph torch.compile records of a converted SaE block concatenates the
+    branches' outputs (N x K), never their weights (a copy of W1 per call)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fused = FusedSaE(32, reduction=8, cardinality=4).eval()
+    x = torch.randn(2, 32, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fused, backend=record)(x), fused(x))
+    cats = [node for gm in graphs for node in gm.graph.nodes
+            if node.op == "call_function" and node.target is torch.cat]
+    assert cats, "the branches' outputs are concatenated"
+    for node in cats:
+        assert tuple(node.meta["example_value"].shape) == (2, 16), node.format_node()

@@ -53,6 +53,31 @@ def test_bad_operand(entry, index, value, error, message):
         _call(args) if entry == "functional" else _cpu_op(args)
 
 
+def _branches(*rows, c=8):
+    return [torch.randn(r, c, device=DEVICE) for r in rows]
+
+
+@pytest.mark.parametrize("weights, biases, error, message", [
+    ([], None, ValueError, "at least one branch matrix"),
+    (_branches(2, 2) + [_branches(4, c=9)[0]], None, ValueError,
+     r"fc1_weight\[2\] must have shape \(K_i, C=8\)"),
+    (_branches(2, 2) + [torch.randn(0, 8)], None, ValueError,
+     r"fc1_weight\[2\] must have at least one row"),
+    (_branches(2, 2) + ["w"], None, TypeError, r"fc1_weight\[2\] must be a torch.Tensor"),
+    (_branches(2, 2), [torch.randn(2)], ValueError, "one per branch matrix: 1 biases for 2"),
+    (_branches(2, 2), torch.randn(4), ValueError, "one per branch matrix: 1 biases for 2"),
+    (_branches(2, 2), [torch.randn(2), torch.randn(3)], ValueError,
+     r"fc1_bias\[1\] must have shape \(2,\)"),
+    (_branches(2, 3), None, ValueError, r"fc2_weight must have shape \(C=8, K=5\)"),
+])
+def test_bad_branch_matrices(weights, biases, error, message):
+    """fc1 given as its branch matrices: each is named by its index."""
+    x, _, _, w2, b2 = _operands()
+    weights = [w.to(DEVICE) if isinstance(w, torch.Tensor) else w for w in weights]
+    with pytest.raises(error, match=message):
+        sae(x, weights, biases, w2, b2, backend="reference")
+
+
 @pytest.mark.parametrize("entry", ["functional", "cpu_op"])
 def test_single_fc_form_rules(entry):
     """Without fc2_weight: fc1 must be C x C and there is no fc2 bias."""
