@@ -72,12 +72,16 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 Fc1 = torch.Tensor | Sequence[torch.Tensor]
 
 
+def _by_branch(fc1: Fc1 | None) -> bool:
+    """Whether fc1's weight or bias is given as one part per branch."""
+    return isinstance(fc1, Sequence) and not isinstance(fc1, torch.Tensor)
+
+
 def fc1_parts(fc1: Fc1 | None) -> list[torch.Tensor] | None:
     """fc1's weight or bias as its list of branch parts (one where it is a tensor)."""
     if fc1 is None:
         return None
-    is_sequence = isinstance(fc1, Sequence) and not isinstance(fc1, torch.Tensor)
-    return list(fc1) if is_sequence else [fc1]
+    return list(fc1) if _by_branch(fc1) else [fc1]
 
 
 def check_operands(
@@ -117,8 +121,8 @@ def check_operands(
     n, c, h, w = x.shape
     if h * w < 1:
         raise ValueError(f"x must have a spatial size H*W >= 1, got H={h}, W={w}")
-    branches = isinstance(fc1_weight, Sequence) and not isinstance(fc1_weight, torch.Tensor)
-    weights = fc1_parts(fc1_weight)
+    branches = _by_branch(fc1_weight)
+    weights = list(fc1_weight) if branches else [fc1_weight]
     biases = fc1_parts(fc1_bias) if branches else None
     if not weights:
         raise ValueError("fc1_weight must hold at least one branch matrix")

@@ -81,9 +81,9 @@ def fc1(z: torch.Tensor, weight: Fc1, bias: Fc1 | None) -> torch.Tensor:
     and the outputs concatenated (N x K values), never the weights (a copy of W1 per call,
     4 MB at SENetV2-ResNet-50's last stage, in every graph torch.compile makes of it)."""
     weights = fc1_parts(weight)
-    if len(weights) == 1:
-        return F.linear(z, weights[0], None if bias is None else fc1_parts(bias)[0])
     biases = fc1_parts(bias) or [None] * len(weights)
+    if len(weights) == 1:
+        return F.linear(z, weights[0], biases[0])
     return torch.cat([F.linear(z, w, b) for w, b in zip(weights, biases, strict=True)], dim=1)
 
 
