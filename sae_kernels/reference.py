@@ -76,15 +76,19 @@ def prologue(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | 
     return x if act == "none" else TORCH_ACTIVATIONS[act](x)
 
 
-def fc1(z: torch.Tensor, weight: Fc1, bias: Fc1 | None) -> torch.Tensor:
-    """``W1 z + b1``, with W1 stacked or as its branch matrices: then each branch's Linear
-    and the outputs concatenated (N x K values), never the weights (a copy of W1 per call,
-    4 MB at SENetV2-ResNet-50's last stage, in every graph torch.compile makes of it)."""
+def fc1(z: torch.Tensor, weight: Fc1, bias: Fc1 | None,
+        act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``act(W1 z + b1)`` (no ``act``: ``W1 z + b1``), with W1 stacked or as its branch
+    matrices: then each branch's Linear and activation, and the outputs concatenated (N x K
+    values), never the weights (a copy of W1 per call, 4 MB at SENetV2-ResNet-50's last
+    stage, in every graph torch.compile makes of it). Branch by branch as :class:`SaE`
+    computes it, so that a compiled converted block generates the original's kernels."""
     weights = fc1_parts(weight)
     biases = fc1_parts(bias) or [None] * len(weights)
-    if len(weights) == 1:
-        return F.linear(z, weights[0], biases[0])
-    return torch.cat([F.linear(z, w, b) for w, b in zip(weights, biases, strict=True)], dim=1)
+    parts = [F.linear(z, w, b) for w, b in zip(weights, biases, strict=True)]
+    if act is not None:
+        parts = [act(part) for part in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, residual,
@@ -92,8 +96,11 @@ def composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate
               prologue_act="none") -> torch.Tensor:
     """:func:`sae_reference` on operands already validated (fc1 stacked or by branches)."""
     x = prologue(x, prologue_scale, prologue_shift, prologue_act)
-    p = fc1(x.mean(dim=(2, 3)), fc1_weight, fc1_bias)
-    u = p if fc2_weight is None else F.linear(TORCH_ACTIVATIONS[act](p), fc2_weight, fc2_bias)
+    z = x.mean(dim=(2, 3))
+    if fc2_weight is None:
+        u = fc1(z, fc1_weight, fc1_bias)
+    else:
+        u = F.linear(fc1(z, fc1_weight, fc1_bias, TORCH_ACTIVATIONS[act]), fc2_weight, fc2_bias)
     s = TORCH_GATES[gate](u)[:, :, None, None]
     y = x + x * s if residual else x * s
     if identity is not None:

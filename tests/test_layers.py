@@ -117,21 +117,36 @@ def test_branch_matrices_in_place_equal_the_stacked_form(backend):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_block_reads_the_branch_matrices_in_place():
-    """The graph torch.compile records of a converted SaE block concatenates the
-    branches' outputs (N x K), never their weights (a copy of W1 per call)."""
+def _compiled_ops(module, *args) -> list:
+    """The ops of the graphs torch.compile records of ``module(*args)``, less the casts to
+    the dtype a tensor already has and the graph-free queries of the dispatch."""
     graphs = []
 
     def record(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    fused = FusedSaE(32, reduction=8, cardinality=4).eval()
-    x = torch.randn(2, 32, 3, 3)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.compile(fused, backend=record)(x), fused(x))
-    cats = [node for gm in graphs for node in gm.graph.nodes
-            if node.op == "call_function" and node.target is torch.cat]
+    torch._dynamo.reset()
+    torch.compile(module, backend=record)(*args)
+    return [node for gm in graphs for node in gm.graph.nodes
+            if node.op in ("call_function", "call_method") and node.target != "to"
+            and not str(getattr(node.target, "__name__", node.target)).startswith("_")
+            and node.target is not getattr]
+
+
+def test_compiled_block_reads_the_branch_matrices_in_place():
+    """The graph torch.compile records of a converted SaE block is the original's, op for
+    op (inductor then generates the same kernels, forward and backward): it concatenates
+    the branches' activations (N x K), never their weights (a copy of W1 per call)."""
+    torch.manual_seed(0)
+    reference = SaE(32, reduction=8, cardinality=4, residual=True, act_out="relu")
+    fused = FusedSaE(32, reduction=8, cardinality=4, residual=True, act_out="relu")
+    fused.load_state_dict(reference.state_dict())
+    x, identity = torch.randn(2, 32, 3, 3), torch.randn(2, 32, 3, 3)
+    ops = _compiled_ops(fused, x, identity)
+    assert sorted(map(str, (n.target for n in ops))) == sorted(
+        map(str, (n.target for n in _compiled_ops(reference, x, identity))))
+    cats = [node for node in ops if node.target is torch.cat]
     assert cats, "the branches' outputs are concatenated"
     for node in cats:
         assert tuple(node.meta["example_value"].shape) == (2, 16), node.format_node()
