@@ -336,7 +336,7 @@ def plot(path: str | Path, results: list[ModelResult], device: str) -> None:
 
     modes = list(dict.fromkeys(r.mode for r in results))
     per_mode = max(sum(r.mode == mode for r in results) for mode in modes)
-    figure = Figure(figsize=(max(6.0, 2 + 1.1 * per_mode), 1 + 3.6 * len(modes)),
+    figure = Figure(figsize=(max(6.0, 2 + 1.6 * per_mode), 1 + 3.6 * len(modes)),
                     layout="constrained")
     figure.suptitle(f"{device}, fp32: end-to-end speedup of the converted model")
     pairs = [("convert / eager", "convert over eager"),
