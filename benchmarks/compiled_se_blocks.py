@@ -4,11 +4,12 @@ SE sites win or lose inside torch.compile, away from the rest of the network.
 For every block ``convert`` converted, the unit timed is the module that holds its work
 in both models: the fused residual block itself where convert rewrote a whole residual
 block, else the module that holds the SE block (timm's ``InvertedResidual`` with its
-``bn2`` + activation, which the converted SE absorbs as its prologue in eval mode; this
-package's ``Bottleneck``). The original unit and the converted one are each compiled with
-torch.compile (default settings) and run at the input the unit gets in the whole model
-at batch size N, interleaved in one process: in inference (eval, inference mode) or in
-training (train mode, forward and backward of a random gradient).
+``bn2`` + activation, which the converted SE absorbs as its prologue in eval mode;
+torchvision's MBConv ``block``; this package's ``Bottleneck``). The original unit and
+the converted one are each compiled with torch.compile (default settings) and run at the
+input the unit gets in the whole model at batch size N, interleaved in one process: in
+inference (eval, inference mode) or in training (train mode, forward and backward of a
+random gradient).
 
     python benchmarks/compiled_se_blocks.py efficientnet_b0 mobilenetv3_large_100 -n 1 8
     python benchmarks/compiled_se_blocks.py seresnet50 --training -n 8 --units
@@ -31,8 +32,9 @@ from sae_kernels.tools.model_bench import build
 from sae_kernels.tools.timing import measure_interleaved
 
 
-def units(original: nn.Module, converted: nn.Module, paths: list[str]) -> list[str]:
-    """The path of the unit of each converted block (see the module's docstring)."""
+def units(converted: nn.Module, paths: list[str]) -> list[str]:
+    """The path of the unit of each converted block of ``converted`` at ``paths`` (see the
+    module's docstring)."""
     modules = dict(converted.named_modules())
     chosen = []
     for path in paths:
@@ -85,7 +87,7 @@ def main() -> None:
         model = build(name)
         original = model.module.train(args.training)
         converted, report = convert(copy.deepcopy(original))
-        paths = units(original, converted, [c.path for c in report.converted])
+        paths = units(converted, [c.path for c in report.converted])
         for n in args.batch_sizes:
             x = torch.randn(n, *model.input_shape)
             inputs = unit_inputs(original, paths, x)
