@@ -117,9 +117,10 @@ def test_branch_matrices_in_place_equal_the_stacked_form(backend):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def _compiled_ops(module, *args) -> list:
+def _compiled_ops(module, *args) -> tuple[list, torch.Tensor]:
     """The ops of the graphs torch.compile records of ``module(*args)``, less the casts to
-    the dtype a tensor already has and the graph-free queries of the dispatch."""
+    the dtype a tensor already has and the graph-free queries of the dispatch, and the
+    compiled module's output."""
     graphs = []
 
     def record(gm, example_inputs):
@@ -127,11 +128,11 @@ def _compiled_ops(module, *args) -> list:
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(module, backend=record)(*args)
+    out = torch.compile(module, backend=record)(*args)
     return [node for gm in graphs for node in gm.graph.nodes
             if node.op in ("call_function", "call_method") and node.target != "to"
             and not str(getattr(node.target, "__name__", node.target)).startswith("_")
-            and node.target is not getattr]
+            and node.target is not getattr], out
 
 
 def test_compiled_block_reads_the_branch_matrices_in_place():
@@ -143,9 +144,11 @@ def test_compiled_block_reads_the_branch_matrices_in_place():
     fused = FusedSaE(32, reduction=8, cardinality=4, residual=True, act_out="relu")
     fused.load_state_dict(reference.state_dict())
     x, identity = torch.randn(2, 32, 3, 3), torch.randn(2, 32, 3, 3)
-    ops = _compiled_ops(fused, x, identity)
+    ops, out = _compiled_ops(fused, x, identity)
+    reference_ops, reference_out = _compiled_ops(reference, x, identity)
+    torch.testing.assert_close(out, reference_out)
     assert sorted(map(str, (n.target for n in ops))) == sorted(
-        map(str, (n.target for n in _compiled_ops(reference, x, identity))))
+        map(str, (n.target for n in reference_ops)))
     cats = [node for node in ops if node.target is torch.cat]
     assert cats, "the branches' outputs are concatenated"
     for node in cats:
