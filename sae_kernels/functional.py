@@ -7,7 +7,15 @@ import torch
 from . import ops
 from .dispatch import check_strategy, resolve_backend, runs_composite
 from .kernels import cpu as cpu_kernels
-from .options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS, Fc1, check_operands, fc1_parts
+from .options import (
+    ACTIVATIONS,
+    GATES,
+    PROLOGUE_ACTIVATIONS,
+    Fc1,
+    check_operands,
+    fc1_parts,
+    fc1_stacked,
+)
 from .reference import composite
 
 
@@ -58,7 +66,7 @@ def sae(
                                       identity, ACTIVATIONS.index(act), GATES.index(gate),
                                       residual, act_out == "relu", prologue_scale,
                                       prologue_shift, PROLOGUE_ACTIVATIONS.index(prologue_act))
-    fc1_weight, fc1_bias = _stacked(fc1_weight), _stacked(fc1_bias)
+    fc1_weight, fc1_bias = fc1_stacked(fc1_weight), fc1_stacked(fc1_bias)
     # the ReLU tail's backward reads a mask the forward writes only where a gradient is due
     tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, prologue_scale,
                prologue_shift)
@@ -83,11 +91,3 @@ def _composite_in_x_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *option
     autocast = torch.is_autocast_enabled(x.device.type)
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         return composite(x, fc1_weight, fc1_bias, cast(fc2_weight), cast(fc2_bias), *options)
-
-
-def _stacked(fc1: Fc1 | None) -> torch.Tensor | None:
-    """fc1's weight or bias as one tensor, its branch parts stacked row-wise."""
-    parts = fc1_parts(fc1)
-    if parts is None or len(parts) == 1:
-        return None if parts is None else parts[0]
-    return torch.cat(parts)

@@ -84,6 +84,15 @@ def fc1_parts(fc1: Fc1 | None) -> list[torch.Tensor] | None:
     return list(fc1) if _by_branch(fc1) else [fc1]
 
 
+def fc1_stacked(fc1: Fc1 | None) -> torch.Tensor | None:
+    """fc1's weight or bias as one tensor, its branch parts stacked row-wise (a copy only
+    where there are several)."""
+    parts = fc1_parts(fc1)
+    if parts is None:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def check_operands(
     x: torch.Tensor,
     fc1_weight: Fc1,

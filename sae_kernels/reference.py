@@ -22,6 +22,7 @@ from .options import (
     check_name,
     check_operands,
     fc1_parts,
+    fc1_stacked,
     reduced_width,
 )
 
@@ -164,11 +165,8 @@ class SaE(nn.Module):
 
     def stacked_fc1(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The branch weights stacked row-wise, (cardinality * rd_channels, C), and biases."""
-        if self.cardinality == 1:
-            return self.branches[0].weight, self.branches[0].bias
-        weight = torch.cat([b.weight for b in self.branches])
-        bias = torch.cat([b.bias for b in self.branches]) if self.bias else None
-        return weight, bias
+        weight, bias = self.branch_fc1()
+        return fc1_stacked(weight), fc1_stacked(bias)
 
     def config(self) -> dict:
         """The constructor arguments that rebuild this block."""
