@@ -13,14 +13,20 @@ random gradient).
 
     python benchmarks/compiled_se_blocks.py efficientnet_b0 mobilenetv3_large_100 -n 1 8
     python benchmarks/compiled_se_blocks.py seresnet50 --training -n 8 --units
+    python benchmarks/compiled_se_blocks.py seresnet50 -n 8 --op
 
-A ratio above 1 means the original unit takes longer than the converted one.
+``--op`` times a third variant, the converted unit traced with the fused op itself in
+place of its ATen composite (``SAE_KERNELS_UNDER_COMPILE=op``, ``dispatch.runs_composite``),
+and prints the ratios of both converted variants. A ratio above 1 means the original
+unit takes longer than the converted one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import statistics
 
 import torch
@@ -58,6 +64,20 @@ def unit_inputs(model: nn.Module, paths: list[str], x: torch.Tensor) -> dict[str
     return inputs
 
 
+@contextlib.contextmanager
+def under_compile(setting: str):
+    """``SAE_KERNELS_UNDER_COMPILE=setting`` for what torch.compile traces inside."""
+    before = os.environ.get("SAE_KERNELS_UNDER_COMPILE")
+    os.environ["SAE_KERNELS_UNDER_COMPILE"] = setting
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SAE_KERNELS_UNDER_COMPILE"]
+        else:
+            os.environ["SAE_KERNELS_UNDER_COMPILE"] = before
+
+
 def step(module: nn.Module, x: torch.Tensor, training: bool):
     """One call of the compiled ``module`` on x: inference, or forward and backward."""
     if not training:
@@ -80,9 +100,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--units", action="store_true", help="print each unit's ratio too")
+    parser.add_argument("--op", action="store_true",
+                        help="also the converted unit traced with the fused op itself")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("model | N | units | original / converted: median | min | max | slowest unit")
+    # variant: (which model, SAE_KERNELS_UNDER_COMPILE while it is traced)
+    variants = {"original": ("original", "auto"), "converted": ("converted", "auto")}
+    if args.op:
+        variants["op"] = ("converted", "op")
+    compared = [v for v in variants if v != "original"]
+    print("model | N | units | variant | original / variant: median | min | max | slowest unit")
     for name in args.models:
         model = build(name)
         original = model.module.train(args.training)
@@ -91,22 +118,29 @@ def main() -> None:
         for n in args.batch_sizes:
             x = torch.randn(n, *model.input_shape)
             inputs = unit_inputs(original, paths, x)
-            ratios = {}
+            ratios = {variant: {} for variant in compared}
             for path in paths:
                 torch._dynamo.reset()
                 calls = {}
-                for variant, whole in (("original", original), ("converted", converted)):
+                for variant, (source, setting) in variants.items():
+                    # a copy per variant: dynamo does not guard on the setting
+                    whole = original if source == "original" else copy.deepcopy(converted)
                     unit = torch.compile(dict(whole.named_modules())[path])
-                    calls[variant] = step(unit, inputs[path].clone(), args.training)
-                    calls[variant]()
+                    with under_compile(setting):  # traced and compiled here
+                        calls[variant] = step(unit, inputs[path].clone(), args.training)
+                        calls[variant]()
                 times = measure_interleaved(calls, args.rounds, torch.device("cpu"))
-                ratios[path] = times["original"].median / times["converted"].median
+                for variant in compared:
+                    ratios[variant][path] = times["original"].median / times[variant].median
                 if args.units:
-                    print(f"  {name} N={n} {path}: {ratios[path]:.3f}")
-            values = list(ratios.values())
-            slowest = min(ratios, key=ratios.get)
-            print(f"{name} | {n} | {len(paths)} | {statistics.median(values):.2f} | "
-                  f"{min(values):.2f} | {max(values):.2f} | {slowest}")
+                    print(f"  {name} N={n} {path}: " + ", ".join(
+                        f"{variant} {ratios[variant][path]:.3f}" for variant in compared))
+            for variant in compared:
+                values = list(ratios[variant].values())
+                slowest = min(ratios[variant], key=ratios[variant].get)
+                print(f"{name} | {n} | {len(paths)} | {variant} | "
+                      f"{statistics.median(values):.2f} | {min(values):.2f} | "
+                      f"{max(values):.2f} | {slowest}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ import contextlib
 import torch
 
 from . import ops
-from .dispatch import check_strategy, resolve_backend, runs_composite
-from .kernels import cpu as cpu_kernels
+from .dispatch import check_strategy, cpu_op_for, resolve_backend, runs_composite
 from .options import (
     ACTIVATIONS,
     GATES,
+    OUTPUT_ACTIVATIONS,
     PROLOGUE_ACTIVATIONS,
     Fc1,
     check_operands,
@@ -52,20 +52,29 @@ def sae(
     fp32 accumulation, the weights as they are (fp32 weights with bf16 x are fine), and
     returns x's dtype; the weights' gradients come back in the weights' dtypes.
     """
-    check_operands(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out,
-                   prologue_scale, prologue_shift, prologue_act)
+    operands = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, act_out,
+                prologue_scale, prologue_shift, prologue_act)
     check_strategy(strategy)
+    op = cpu_op_for(backend, x) if isinstance(x, torch.Tensor) else None
+    if op is not None:
+        try:
+            return op(x, fc1_parts(fc1_weight), fc1_parts(fc1_bias) or [], fc2_weight, fc2_bias,
+                      identity, ACTIVATIONS.index(act), GATES.index(gate), residual,
+                      OUTPUT_ACTIVATIONS.index(act_out) == 1, prologue_scale, prologue_shift,
+                      PROLOGUE_ACTIVATIONS.index(prologue_act))
+        except Exception as error:
+            failure = error
+        # what the op (or an option's index) rejected, in the words of the checks every
+        # other backend makes first (outside the handler: no chained traceback); the op's
+        # own error where they pass
+        check_operands(*operands)
+        raise failure
+    check_operands(*operands)
     backend = resolve_backend(backend, x.device, x.dtype)
     if backend == "reference" or runs_composite(backend):
         return _composite_in_x_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity,
                                      act, gate, residual, act_out, prologue_scale,
                                      prologue_shift, prologue_act)
-    if backend == "cpu":
-        return cpu_kernels.op_entry()(x, fc1_parts(fc1_weight), fc1_parts(fc1_bias) or [],
-                                      fc2_weight, fc2_bias,
-                                      identity, ACTIVATIONS.index(act), GATES.index(gate),
-                                      residual, act_out == "relu", prologue_scale,
-                                      prologue_shift, PROLOGUE_ACTIVATIONS.index(prologue_act))
     fc1_weight, fc1_bias = fc1_stacked(fc1_weight), fc1_stacked(fc1_bias)
     # the ReLU tail's backward reads a mask the forward writes only where a gradient is due
     tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, prologue_scale,

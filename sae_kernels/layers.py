@@ -4,29 +4,11 @@ import warnings
 
 import torch
 
-from .dispatch import (
-    CPU_DTYPES,
-    check_backend,
-    check_strategy,
-    may_reuse_computed_tensors,
-    runs_composite,
-)
+from .dispatch import check_backend, check_strategy, cpu_op_for, may_reuse_computed_tensors
 from .functional import sae
-from .kernels import cpu as cpu_kernels
 from .options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS
 from .prologue import AbsorbedNorm
 from .reference import EffectiveSE, SaE
-
-
-def _direct_cpu_op(backend: str, x: torch.Tensor):
-    """The C++ op's entry (``kernels.cpu.op_entry``) where a fused module may call it
-    directly, else None. The op checks its operands itself, so on small maps the Python
-    checks (and even nn.Module's attribute lookups, ~0.7 us each) are kept off the path.
-    Calls that run as the composite (``dispatch.runs_composite``) go through :func:`sae`."""
-    if (backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
-            and not runs_composite("cpu") and cpu_kernels.available()):
-        return cpu_kernels.op_entry()
-    return None
 
 
 class _Prologue:
@@ -150,7 +132,7 @@ class FusedSaE(_ModelTransforms, _Prologue, SaE):
 
     def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
         scale, shift, prologue_act = self.prologue_operands()
-        op = _direct_cpu_op(self.backend, x)
+        op = cpu_op_for(self.backend, x)
         if op is not None:
             # the branch matrices are read in place, through the parameter dicts (a plain
             # loop: half the time of comprehensions on a 1x64x1x1 call)
@@ -220,7 +202,7 @@ class FusedEffectiveSE(_ModelTransforms, _Prologue, EffectiveSE):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc = self._modules["fc"]._parameters
         scale, shift, prologue_act = self.prologue_operands()
-        op = _direct_cpu_op(self.backend, x)
+        op = cpu_op_for(self.backend, x)
         if op is not None:
             biases = [] if fc["bias"] is None else [fc["bias"]]
             return op(x, [fc["weight"]], biases, None, None, None, 0, self._gate_code, False,

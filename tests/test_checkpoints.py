@@ -270,8 +270,14 @@ def test_norm_se_computes_and_trains_as_the_original(train_mode, bias):
                      for m in (converted, block))
     for g, e in zip(got, expected, strict=True):
         assert_close(g.reshape(e.shape), e)
-    for g, e in zip(converted.state_dict().values(), block.state_dict().values(), strict=True):
-        assert torch.equal(g.reshape(e.shape), e)  # running statistics updated alike
+    parameters = {name for name, _ in block.named_parameters()}
+    for (name, e), g in zip(block.state_dict().items(), converted.state_dict().values(),
+                            strict=True):
+        if name in parameters or not e.is_floating_point():
+            assert torch.equal(g.reshape(e.shape), e)
+        else:  # running statistics updated alike, from fc1's output: a Linear here, a 1x1
+            # convolution there (whose sums may round differently)
+            assert_close(g.reshape(e.shape), e)
 
 
 def run(block: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

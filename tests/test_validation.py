@@ -14,16 +14,32 @@ def _operands(n=2, c=8, k=4):
             torch.randn(c, k, device=DEVICE), torch.randn(c, device=DEVICE)]
 
 
+def _skip_without_cpu_kernels():
+    if DEVICE.type != "cpu" or not cpu_kernels.available():
+        pytest.skip("needs the C++ CPU kernels")
+
+
 def _call(args, **kwargs):
     return sae(*args, **{"backend": "triton", **kwargs})
 
 
+def _call_cpu(args, **kwargs):
+    """The functional on the C++ kernels, which leaves the operand checks to the op until
+    the op fails; the problem must still be named in the functional's words."""
+    _skip_without_cpu_kernels()
+    return sae(*args, **{"backend": "cpu", **kwargs})
+
+
 def _cpu_op(args, identity=None):
     """The C++ op, which checks its operands itself (the layers call it directly)."""
-    if DEVICE.type != "cpu" or not cpu_kernels.available():
-        pytest.skip("needs the C++ CPU kernels")
+    _skip_without_cpu_kernels()
     x, w1, b1, w2, b2 = args
     return torch.ops.sae_kernels.cpu_sae(x, [w1], [b1], w2, b2, identity, 0, 0, False, False)
+
+
+#: The entries that check operands: the functional on the Triton kernels (the Python
+#: checks first) and on the C++ kernels, and the C++ op itself.
+ENTRIES = {"functional": _call, "functional_cpu": _call_cpu, "cpu_op": _cpu_op}
 
 
 @pytest.mark.parametrize("index, value, error, message", [
@@ -41,7 +57,7 @@ def _cpu_op(args, identity=None):
     (3, torch.randn(8, 5), ValueError, "fc2_weight must have shape \\(C=8, K=4\\)"),
     (4, torch.randn(7), ValueError, "fc2_bias must have shape \\(8,\\)"),
 ])
-@pytest.mark.parametrize("entry", ["functional", "cpu_op"])
+@pytest.mark.parametrize("entry", ENTRIES)
 def test_bad_operand(entry, index, value, error, message):
     args = _operands()
     if isinstance(value, torch.Tensor):
@@ -50,7 +66,7 @@ def test_bad_operand(entry, index, value, error, message):
         pytest.skip("the op's schema rejects non-tensors itself")
     args[index] = value
     with pytest.raises(error, match=message):
-        _call(args) if entry == "functional" else _cpu_op(args)
+        ENTRIES[entry](args)
 
 
 def _branches(*rows, c=8):
@@ -70,19 +86,22 @@ def _branches(*rows, c=8):
      r"fc1_bias\[1\] must have shape \(2,\)"),
     (_branches(2, 3), None, ValueError, r"fc2_weight must have shape \(C=8, K=5\)"),
 ])
-def test_bad_branch_matrices(weights, biases, error, message):
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_branch_matrices(weights, biases, error, message, backend):
     """fc1 given as its branch matrices: each is named by its index."""
+    if backend == "cpu":
+        _skip_without_cpu_kernels()
     x, _, _, w2, b2 = _operands()
     weights = [w.to(DEVICE) if isinstance(w, torch.Tensor) else w for w in weights]
     with pytest.raises(error, match=message):
-        sae(x, weights, biases, w2, b2, backend="reference")
+        sae(x, weights, biases, w2, b2, backend=backend)
 
 
-@pytest.mark.parametrize("entry", ["functional", "cpu_op"])
+@pytest.mark.parametrize("entry", ENTRIES)
 def test_single_fc_form_rules(entry):
     """Without fc2_weight: fc1 must be C x C and there is no fc2 bias."""
     x, w1, b1, _, b2 = _operands(k=8)
-    call = _call if entry == "functional" else _cpu_op
+    call = ENTRIES[entry]
     with pytest.raises(ValueError, match="fc2_bias must be None when fc2_weight is None"):
         call([x, w1, b1, None, b2])
     x, w1, b1, _, _ = _operands(k=4)
@@ -91,10 +110,10 @@ def test_single_fc_form_rules(entry):
         call([x, w1, b1, None, None])
 
 
-@pytest.mark.parametrize("entry", ["functional", "cpu_op"])
+@pytest.mark.parametrize("entry", ENTRIES)
 def test_identity_of_wrong_shape_or_dtype(entry):
     args = _operands()
-    call = _call if entry == "functional" else _cpu_op
+    call = ENTRIES[entry]
     with pytest.raises(ValueError, match="identity must have x's shape"):
         call(args, identity=torch.randn(2, 8, 5, 4, device=DEVICE))
     with pytest.raises(TypeError, match="identity must have x's dtype"):
@@ -109,12 +128,12 @@ def test_operands_on_different_devices():
         _call(args)
 
 
-@pytest.mark.parametrize("entry", ["functional", "cpu_op"])
+@pytest.mark.parametrize("entry", ENTRIES)
 def test_operands_on_meta_and_cpu(entry):
     args = _operands()
     args[3] = args[3].to("meta")
     with pytest.raises(ValueError, match="fc2_weight is on meta but x is on"):
-        _call(args) if entry == "functional" else _cpu_op(args)
+        ENTRIES[entry](args)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -124,9 +143,10 @@ def test_operands_on_meta_and_cpu(entry):
     (dict(backend="cuda"), "unknown backend 'cuda'"),
     (dict(strategy="fast"), "unknown strategy 'fast'"),
 ])
-def test_unknown_option(kwargs, message):
+@pytest.mark.parametrize("entry", ["functional", "functional_cpu"])
+def test_unknown_option(kwargs, message, entry):
     with pytest.raises(ValueError, match=message):
-        _call(_operands(), **kwargs)
+        ENTRIES[entry](_operands(), **kwargs)
 
 
 @pytest.mark.parametrize("cls", [SaE, FusedSaE])
