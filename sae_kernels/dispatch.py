@@ -96,9 +96,9 @@ def runs_composite(backend: str) -> bool:
     inductor generates the same two passes over x from the composite (the pool with the
     prologue folded in, the rescale with the epilogue) as vectorised loops of its own, fuses
     them with the ops around the block, and runs the FCs as addmm. The op itself (laid out
-    as inductor chooses, by its flexible_layout tag) measured within noise of that in
-    whole compiled networks; the composite stays, as inductor can fuse it and exports it
-    as standard ops. Measured in the README (torch.compile section). On a GPU the Triton
+    as inductor chooses, by its flexible_layout tag) compiles to the same speed, unit by
+    unit in four networks (0.4 % apart at the median, ``benchmarks/compiled_se_blocks.py
+    --op``); the composite stays, as inductor can fuse it and exports it as standard ops. Measured in the README (torch.compile section). On a GPU the Triton
     op takes one, three or four launches where inductor's code for the composite takes
     five (a reduction, two GEMMs, the activation, the rescale with the gate and tail),
     and reads less of x twice from HBM: by the model of ``gpu_plan`` (``sae-kernels
