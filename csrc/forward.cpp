@@ -13,28 +13,26 @@
 
 namespace sae_cpu {
 
-// x' of a chunk of samples, kept for the pass after the pool where the prologue has an
-// activation (float32 and float64): it is computed once per element, and the chunk stays
-// in cache between the passes as x itself does.
+// Where the pool pass leaves x' for the rescale, for the samples of one chunk, when it
+// keeps it (see forward_typed): in y itself, which the rescale then overwrites in place
+// with y = x' * s (and the epilogue), element by element.
 template <typename T>
-struct Scratch {
-  Tensor tensor;  // undefined: no scratch, x' is recomputed from x
+struct KeptPrologue {
+  T* base = nullptr;  // null: x' is recomputed from x
   View view{};
 
-  T* at(int64_t sample, int64_t row) const {
-    return data<T>(tensor) + sample * view.sample + row * view.row;
-  }
+  T* at(int64_t sample, int64_t row) const { return base + sample * view.sample + row * view.row; }
 };
 
 // Pool samples [n0, n0 + count) of x (or of the prologue's x') into `z` (means, with
-// z.divisor = HW); x' also goes to `xp` when it holds a tensor.
+// z.divisor = HW); x' also goes to `xp` when it has a place.
 template <typename T, typename A>
 void pool(Team& team, const Tensor& x, const View& v, int64_t n0, int64_t count,
-          const PrologueValues<A>& pro, const SumsTarget<A>& z, const Scratch<T>& xp) {
+          const PrologueValues<A>& pro, const SumsTarget<A>& z, const KeptPrologue<T>& xp) {
   const auto& k = pass_kernels<T, A>();
   const T* base = data<T>(x) + n0 * v.sample;
   int64_t c = x.size(1), hw = x.size(2) * x.size(3);
-  bool store = xp.tensor.defined();
+  bool store = xp.base != nullptr;
   channel_sums(team, v, count, c, hw, sizeof(T), z,
                [&](int64_t i, int64_t p0, int64_t pixels, int64_t c0, int64_t width, A* dst) {
                  const T* sample = base + i * v.sample;
@@ -84,19 +82,13 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
   const auto& fc = fc_kernels<A>();
   Epilogue e{o.residual, identity.has_value(), o.relu_out};
   auto h = unfilled<A>(w.has_fc2() ? chunk * k : 0), s = unfilled<A>(chunk * c);
-  Scratch<T> xp;
-  // x' is kept in a chunk-sized scratch where the activation costs more than reading the
-  // scratch back from cache: SiLU (an exp and a division per element) and hardswish
-  // (measured even); ReLU is recomputed (keeping it measured 1.5x slower). bf16 always
-  // recomputes: x' rounded to bf16 for the scratch would move the output off the
-  // reference's by more than its own rounding.
-  if (std::is_same_v<T, A> &&
-      (pro.act == kPrologueSilu || pro.act == kPrologueHardswish)) {
-    xp.tensor = at::empty({chunk, c, x.size(2), x.size(3)},
-                          x.options().memory_format(xv.pixels ? at::MemoryFormat::ChannelsLast
-                                                              : at::MemoryFormat::Contiguous));
-    xp.view = *view_of(xp.tensor);
-  }
+  // x' is kept (in y, KeptPrologue) where the activation costs more than reading x' back
+  // from cache: SiLU (an exp and a division per element) and hardswish (measured even);
+  // ReLU is recomputed (keeping it measured 1.5x slower). bf16 always recomputes: x'
+  // rounded to bf16 would move the output off the reference's by more than its own
+  // rounding.
+  bool keep_prologue = std::is_same_v<T, A> &&
+                       (pro.act == kPrologueSilu || pro.act == kPrologueHardswish);
   auto partial = unfilled<A>(channel_sums_scratch(xv, chunk, c, hw, sizeof(T), 1));
   // One team for the whole call: its loops are separated by barriers instead of each
   // forking and joining threads of its own (up to four per chunk; 7 % of a call at N = 1
@@ -114,6 +106,7 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
       // rows of u sum as in that loop: the same bits). Several samples share each load of
       // W2 in the FC2 loop instead.
       bool fc2_per_piece = w.has_fc2() && !xv.pixels && count == 1;
+      KeptPrologue<T> xp{keep_prologue ? data<T>(y) + n0 * yv.sample : nullptr, yv};
       {
         Stage stage(team, "sae_kernels::pool");
         pool<T, A>(team, x, xv, n0, count, pro, {zc, partial.get(), 1, static_cast<A>(hw)}, xp);
@@ -154,7 +147,7 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
                   iv.row,
                   data<T>(y) + sample * yv.sample + r0 * yv.row, yv.row,
                   rows, xv.pixels ? c : hw};
-        if (xp.tensor.defined()) {  // x' itself, from the pool pass
+        if (xp.base != nullptr) {  // x' itself, from the pool pass (y, rescaled in place)
           t.x = xp.at(i, r0);
           t.x_stride = xp.view.row;
           if (xv.pixels) kern.rescale_pixels(t, sp + i * c, e);

@@ -98,15 +98,15 @@ def runs_composite(backend: str) -> bool:
     them with the ops around the block, and runs the FCs as addmm. The op itself (laid out
     as inductor chooses, by its flexible_layout tag) compiles to the same speed, unit by
     unit in four networks (0.4 % apart at the median, ``benchmarks/compiled_se_blocks.py
-    --op``); the composite stays, as inductor can fuse it and exports it as standard ops. Measured in the README (torch.compile section). On a GPU the Triton
-    op takes one, three or four launches where inductor's code for the composite takes
-    five (a reduction, two GEMMs, the activation, the rescale with the gate and tail),
-    and reads less of x twice from HBM: by the model of ``gpu_plan`` (``sae-kernels
-    plan``) the op is the cheaper at every SE site of SE-ResNet-50 and SENetV2-ResNet-50
-    at N = 1-128 (all 64 rows per GPU and pass, both layouts; 0.97-0.99 of compile's
-    time at the closest). The model has not met a GPU yet, so it does not choose per
-    call; a rule that follows it should wait for ``sae-kernels gpu-check``'s
-    measurements.
+    --op``; the README's torch.compile section); the composite stays, as inductor can fuse
+    it and exports it as standard ops. On a GPU the Triton op takes one, three or four
+    launches where inductor's code for the composite takes five (a reduction, two GEMMs, the
+    activation, the rescale with the gate and tail), and reads less of x twice from HBM: by
+    the model of ``gpu_plan`` (``sae-kernels plan``) the op is the cheaper at every SE site
+    of SE-ResNet-50 and SENetV2-ResNet-50 at N = 1-128 (all 64 rows per GPU and pass, both
+    layouts; 0.97-0.99 of compile's time at the closest). The model has not met a GPU yet,
+    so it does not choose per call; a rule that follows it should wait for ``sae-kernels
+    gpu-check``'s measurements.
     ``SAE_KERNELS_UNDER_COMPILE`` overrides this rule (not the two above).
 
     Otherwise no. The fused modules ask on every call: an eager call pays about 0.15 us

@@ -76,11 +76,16 @@ def run_checks(code: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_chunks_of_samples():
     """A batch larger than one chunk: 2 samples of 230 KB per chunk, a partial last one,
-    every loop of the forward run by one team of threads across the chunks."""
-    result = run_checks("torch.set_num_threads(2)\n"
+    every loop of the forward run by one team of threads across the chunks; with the
+    prologues whose x' the pool leaves in each chunk's part of y."""
+    result = run_checks("from test_prologue import check_prologue\n"
+                        "torch.set_num_threads(2)\n"
                         "for cl in (False, True):\n"
                         "    check_case(Case(7, 64, 30, 30, channels_last=cl, backend='cpu',\n"
                         "                    with_identity=True, act_out='relu'))\n"
+                        "    for act in ('silu', 'hardswish'):\n"
+                        "        check_prologue(7, 64, 30, 30, act=act, channels_last=cl,\n"
+                        "                       epilogue='residual_identity_relu')\n"
                         "print('checked')\n", SAE_KERNELS_CPU_CHUNK_BYTES=str(500_000))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "checked"
