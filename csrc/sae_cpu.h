@@ -38,6 +38,8 @@ enum PrologueSum : int64_t { kGradActX = 0, kActX = 1, kGradAct = 2, kAct = 3, k
 
 // `rows` rows of `len` contiguous elements; row r of each tensor at ptr + r * stride.
 // NCHW: a row is one channel's H*W values. channels_last: a row is one pixel's C values.
+// x may be y itself (a rescale in place): the passes write each element of y after
+// reading the same element of x, and no other.
 template <typename T>
 struct Rows {
   const T* x;
