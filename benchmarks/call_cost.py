@@ -26,8 +26,9 @@ from sae_kernels.tools.timing import measure_interleaved
 def calls(channels: int) -> dict[str, object]:
     """Each way of calling the op on one 1 x channels x 1 x 1 input, by name."""
     x = torch.randn(1, channels, 1, 1)
-    se = FusedSE(channels, rd_channels=max(channels // 4, 1)).eval()
-    sae_module = FusedSaE(channels, reduction=4, cardinality=4).eval()
+    width = max(channels // 4, 1)  # of each branch
+    se = FusedSE(channels, rd_channels=width).eval()
+    sae_module = FusedSaE(channels, cardinality=4, rd_channels=width).eval()
     # the tensors bound here: a module attribute lookup in the timed call costs ~0.3 us
     w1, b1, w2, b2 = se.branches[0].weight, se.branches[0].bias, se.excite.weight, se.excite.bias
     weights, biases = [w1], [b1]

@@ -4,6 +4,9 @@ model, the launch counter and the statistics."""
 import csv
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +210,16 @@ def test_profiled_keeps_kinetos_start_and_stop_lines_off_stderr(capfd):
 def test_stats_percentiles():
     stats = Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (stats.median, stats.p20, stats.p80) == (3.0, pytest.approx(1.8), pytest.approx(4.2))
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="needs the C++ CPU kernels")
+def test_call_cost_script_prints_every_way_of_calling_the_op():
+    """benchmarks/call_cost.py (the README's fixed-cost table), one round on 3 channels."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "call_cost.py"
+    result = subprocess.run([sys.executable, str(script), "--channels", "3", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1].strip() for line in result.stdout.splitlines()
+            if line.startswith("| ") and "µs" not in line and "---" not in line]
+    assert rows == ["x.clone()", "op, typed entry", "op, torch.ops", "sae_kernels.sae",
+                    "FusedSE module", "FusedSaE module (4 branches)"]
