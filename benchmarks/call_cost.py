@@ -14,6 +14,7 @@ and ``sae`` call) and through ``torch.ops``; the functional ``sae``; ``FusedSE``
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +24,7 @@ from sae_kernels.options import ACTIVATIONS, GATES
 from sae_kernels.tools.timing import measure_interleaved
 
 
-def calls(channels: int) -> dict[str, object]:
+def calls(channels: int) -> dict[str, Callable[[], object]]:
     """Each way of calling the op on one 1 x channels x 1 x 1 input, by name."""
     x = torch.randn(1, channels, 1, 1)
     width = max(channels // 4, 1)  # of each branch
