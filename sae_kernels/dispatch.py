@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -124,7 +125,7 @@ def runs_composite(backend: str) -> bool:
     return _tracing() and torch.onnx.is_in_onnx_export()
 
 
-def cpu_op_for(backend: str, x: torch.Tensor):
+def cpu_op_for(backend: str, x: torch.Tensor) -> Callable[..., torch.Tensor] | None:
     """The C++ op's entry (``kernels.cpu.op_entry``) where a call on ``x`` with ``backend``
     runs the C++ kernels as the op, else None (the call goes by :func:`resolve_backend`
     and :func:`runs_composite`). The rules of those two for this one case, in the few

@@ -18,6 +18,9 @@ from .options import (
 )
 from .reference import composite
 
+#: act_out's index for the ReLU tail (the op takes a flag)
+_RELU_OUT = OUTPUT_ACTIVATIONS.index("relu")
+
 
 def sae(
     x: torch.Tensor,
@@ -60,8 +63,8 @@ def sae(
         try:
             return op(x, fc1_parts(fc1_weight), fc1_parts(fc1_bias) or [], fc2_weight, fc2_bias,
                       identity, ACTIVATIONS.index(act), GATES.index(gate), residual,
-                      OUTPUT_ACTIVATIONS.index(act_out) == 1, prologue_scale, prologue_shift,
-                      PROLOGUE_ACTIVATIONS.index(prologue_act))
+                      OUTPUT_ACTIVATIONS.index(act_out) == _RELU_OUT, prologue_scale,
+                      prologue_shift, PROLOGUE_ACTIVATIONS.index(prologue_act))
         except Exception as error:
             failure = error
         # what the op (or an option's index) rejected, in the words of the checks every
