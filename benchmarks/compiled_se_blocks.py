@@ -9,24 +9,29 @@ torchvision's MBConv ``block``; this package's ``Bottleneck``). The original uni
 the converted one are each compiled with torch.compile (default settings) and run at the
 input the unit gets in the whole model at batch size N, interleaved in one process: in
 inference (eval, inference mode) or in training (train mode, forward and backward of a
-random gradient).
+random gradient). The input is channels_last, as inductor lays out a convolutional
+network's activations inside the compiled whole: given NCHW, a unit's graph would convert
+its input to channels_last and its output back, work the network does not do, and the
+output's conversion fuses into the composite's last kernel but not into the op's.
 
     python benchmarks/compiled_se_blocks.py efficientnet_b0 mobilenetv3_large_100 -n 1 8
     python benchmarks/compiled_se_blocks.py seresnet50 --training -n 8 --units
     python benchmarks/compiled_se_blocks.py seresnet50 -n 8 --op
+    python benchmarks/compiled_se_blocks.py efficientnet_b0 seresnet50 --op --whole
 
 ``--op`` times a third variant, the converted unit traced with the fused op itself in
-place of its ATen composite (``SAE_KERNELS_UNDER_COMPILE=op``, ``dispatch.runs_composite``),
-and prints the ratios of both converted variants. A ratio above 1 means the original
-unit takes longer than the converted one.
+place of its ATen composite (``set_under_compile("op")``, ``dispatch.runs_composite``),
+and prints the ratios of both converted variants. Every call of a variant runs under its
+own setting: the variants' units share their forward's code, and so dynamo's cache of
+graphs, in which the setting (a global dynamo guards on) picks the graph. ``--whole``
+times the whole networks instead of their units (on NCHW images, as a user calls them).
+A ratio above 1 means the original unit takes longer than the converted one.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import os
 import statistics
 
 import torch
@@ -34,6 +39,7 @@ from torch import nn
 
 from sae_kernels import convert
 from sae_kernels.blocks import FusedResidualBlock
+from sae_kernels.dispatch import set_under_compile, under_compile_setting
 from sae_kernels.tools.model_bench import build
 from sae_kernels.tools.timing import measure_interleaved
 
@@ -64,30 +70,20 @@ def unit_inputs(model: nn.Module, paths: list[str], x: torch.Tensor) -> dict[str
     return inputs
 
 
-@contextlib.contextmanager
-def under_compile(setting: str):
-    """``SAE_KERNELS_UNDER_COMPILE=setting`` for what torch.compile traces inside."""
-    before = os.environ.get("SAE_KERNELS_UNDER_COMPILE")
-    os.environ["SAE_KERNELS_UNDER_COMPILE"] = setting
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["SAE_KERNELS_UNDER_COMPILE"]
-        else:
-            os.environ["SAE_KERNELS_UNDER_COMPILE"] = before
-
-
-def step(module: nn.Module, x: torch.Tensor, training: bool):
-    """One call of the compiled ``module`` on x: inference, or forward and backward."""
+def step(module: nn.Module, x: torch.Tensor, training: bool, setting: str):
+    """One call of the compiled ``module`` on x under ``setting`` (the first compiles):
+    inference, or forward and backward."""
     if not training:
         def infer() -> None:
+            set_under_compile(setting)
             with torch.inference_mode():
                 module(x)
         return infer
+    set_under_compile(setting)
     grad = torch.randn_like(module(x.requires_grad_(True)))
 
     def train() -> None:
+        set_under_compile(setting)
         module(x).backward(grad)
     return train
 
@@ -100,11 +96,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--units", action="store_true", help="print each unit's ratio too")
+    parser.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last",
+                        help="the units' inputs' memory format")
+    parser.add_argument("--whole", action="store_true",
+                        help="the whole networks instead of their units")
     parser.add_argument("--op", action="store_true",
                         help="also the converted unit traced with the fused op itself")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # variant: (which model, SAE_KERNELS_UNDER_COMPILE while it is traced)
+    default_setting = under_compile_setting()
+    # variant: (which model, the setting it is traced and run under)
     variants = {"original": ("original", "auto"), "converted": ("converted", "auto")}
     if args.op:
         variants["op"] = ("converted", "op")
@@ -114,22 +115,25 @@ def main() -> None:
         model = build(name)
         original = model.module.train(args.training)
         converted, report = convert(copy.deepcopy(original))
-        paths = units(converted, [c.path for c in report.converted])
+        paths = [""] if args.whole else units(converted, [c.path for c in report.converted])
         for n in args.batch_sizes:
             x = torch.randn(n, *model.input_shape)
-            inputs = unit_inputs(original, paths, x)
+            layout = (torch.channels_last if args.layout == "channels_last"
+                      else torch.contiguous_format)
+            inputs = {"": x} if args.whole else {
+                path: unit_input.contiguous(memory_format=layout)
+                for path, unit_input in unit_inputs(original, paths, x).items()}
             ratios = {variant: {} for variant in compared}
             for path in paths:
                 torch._dynamo.reset()
                 calls = {}
                 for variant, (source, setting) in variants.items():
-                    # a copy per variant: dynamo does not guard on the setting
-                    whole = original if source == "original" else copy.deepcopy(converted)
+                    whole = original if source == "original" else converted
                     unit = torch.compile(dict(whole.named_modules())[path])
-                    with under_compile(setting):  # traced and compiled here
-                        calls[variant] = step(unit, inputs[path].clone(), args.training)
-                        calls[variant]()
+                    calls[variant] = step(unit, inputs[path].clone(), args.training, setting)
+                    calls[variant]()
                 times = measure_interleaved(calls, args.rounds, torch.device("cpu"))
+                set_under_compile(default_setting)
                 for variant in compared:
                     ratios[variant][path] = times["original"].median / times[variant].median
                 if args.units:
@@ -140,7 +144,7 @@ def main() -> None:
                 slowest = min(ratios[variant], key=ratios[variant].get)
                 print(f"{name} | {n} | {len(paths)} | {variant} | "
                       f"{statistics.median(values):.2f} | {min(values):.2f} | "
-                      f"{max(values):.2f} | {slowest}")
+                      f"{max(values):.2f} | {slowest or '<model>'}")
 
 
 if __name__ == "__main__":

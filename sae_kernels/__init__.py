@@ -1,6 +1,7 @@
 """Fused Squeeze-and-Excitation (SE) and Squeeze-Aggregated-Excitation (SaE) layers."""
 
 from .convert import convert, revert
+from .dispatch import set_under_compile
 from .functional import sae
 from .layers import FusedEffectiveSE, FusedSaE, FusedSE
 from .models import se_resnet, senetv2_resnet
@@ -23,5 +24,6 @@ __all__ = [
     "sae_reference",
     "se_resnet",
     "senetv2_resnet",
+    "set_under_compile",
 ]
 __version__ = "0.1.0"

@@ -61,18 +61,36 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return "cpu" if cpu_kernels.available() else "reference"
 
 
-#: What torch.compile and torch.export trace (``SAE_KERNELS_UNDER_COMPILE``): ``"auto"``
-#: (the rule of :func:`runs_composite`), ``"op"`` (the fused op) or ``"composite"`` (the
-#: ATen composite).
+#: What torch.compile and torch.export trace: ``"auto"`` (the rule of :func:`runs_composite`),
+#: ``"op"`` (the fused op) or ``"composite"`` (the ATen composite).
 UNDER_COMPILE = ("auto", "op", "composite")
 
 
-def under_compile_setting() -> str:
-    setting = os.environ.get("SAE_KERNELS_UNDER_COMPILE", "auto")
+def _checked_setting(setting: str, source: str) -> str:
     if setting not in UNDER_COMPILE:
-        raise ValueError(f"SAE_KERNELS_UNDER_COMPILE must be one of {', '.join(UNDER_COMPILE)}, "
-                         f"got {setting!r}")
+        raise ValueError(f"{source} must be one of {', '.join(UNDER_COMPILE)}, got {setting!r}")
     return setting
+
+
+# A module global, not a read of the environment at trace time: dynamo guards on the globals
+# a traced function reads, so a graph traced under one setting is traced again under another
+# (it takes the environment's values as constants, without a guard).
+_under_compile = _checked_setting(os.environ.get("SAE_KERNELS_UNDER_COMPILE", "auto"),
+                                  "SAE_KERNELS_UNDER_COMPILE")
+
+
+def set_under_compile(setting: str) -> str:
+    """Set what torch.compile and torch.export trace from now on (``UNDER_COMPILE``; the
+    default is ``SAE_KERNELS_UNDER_COMPILE``'s value at import, else ``"auto"``), and return
+    the previous setting. Graphs compiled under another setting are traced again at their
+    next call."""
+    global _under_compile
+    previous, _under_compile = _under_compile, _checked_setting(setting, "the setting")
+    return previous
+
+
+def under_compile_setting() -> str:
+    return _under_compile
 
 
 # bound once: on the hot path each attribute lookup costs about what the query does
@@ -108,7 +126,8 @@ def runs_composite(backend: str) -> bool:
     layouts; 0.97-0.99 of compile's time at the closest). The model has not met a GPU yet,
     so it does not choose per call; a rule that follows it should wait for ``sae-kernels
     gpu-check``'s measurements.
-    ``SAE_KERNELS_UNDER_COMPILE`` overrides this rule (not the two above).
+    :func:`set_under_compile` (or ``SAE_KERNELS_UNDER_COMPILE``) overrides this rule (not
+    the two above).
 
     Otherwise no. The fused modules ask on every call: an eager call pays about 0.15 us
     for the three queries (torch.func, torch.compile, a trace being recorded).

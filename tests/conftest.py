@@ -7,6 +7,7 @@ any test module imports sae_kernels.
 import os
 import sys
 
+import pytest
 import torch
 
 if "triton" in sys.modules and not torch.cuda.is_available():
@@ -22,3 +23,14 @@ def pytest_terminal_summary(terminalreporter):
         worst = ", ".join(f"{str(k).removeprefix('torch.')} {v:.3f}"
                           for k, v in helpers.WORST.items())
         terminalreporter.write_line(f"largest error / tolerance per dtype: {worst}")
+
+
+@pytest.fixture
+def compile_setting():
+    """``sae_kernels.dispatch.set_under_compile`` for one test; the setting before the test
+    comes back after it."""
+    from sae_kernels.dispatch import set_under_compile, under_compile_setting
+
+    previous = under_compile_setting()
+    yield set_under_compile
+    set_under_compile(previous)

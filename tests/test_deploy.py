@@ -15,6 +15,7 @@ import torch
 from torch.export import Dim
 
 from sae_kernels import FusedSaE, SaE
+from sae_kernels.dispatch import set_under_compile
 from sae_kernels.kernels import cpu, cpu_reference
 from sae_kernels.options import ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS
 
@@ -181,10 +182,10 @@ def _export_dynamic(block, example):
 @needs_library
 @pytest.mark.parametrize("under_compile", ["op", "composite"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_saved_export_with_dynamic_shapes_runs_in_a_fresh_process(tmp_path, monkeypatch,
+def test_saved_export_with_dynamic_shapes_runs_in_a_fresh_process(tmp_path, compile_setting,
                                                                   backend, under_compile):
     """Exported with dynamic batch and spatial sizes, run at other sizes after a load."""
-    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", under_compile)
+    compile_setting(under_compile)
     block, example = _saved_block(tmp_path)
     program = _export_dynamic(block, example)
     targets = {str(n.target) for n in program.graph.nodes}
@@ -200,9 +201,11 @@ def aoti_package(tmp_path_factory, block_and_example):
     if not cpu.available():
         pytest.skip("the C++ CPU kernels did not build")
     block, example = block_and_example
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SAE_KERNELS_UNDER_COMPILE", "op")
+    previous = set_under_compile("op")
+    try:
         program = _export_dynamic(block, example)
+    finally:
+        set_under_compile(previous)
     assert "sae_kernels.cpu_sae.default" in {str(n.target) for n in program.graph.nodes}
     path = tmp_path_factory.mktemp("aoti") / "aoti.pt2"
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
@@ -244,8 +247,8 @@ def test_cpp_program_serves_the_aoti_package_with_the_library(tmp_path, aoti_pac
 
 
 @pytest.mark.parametrize("under_compile", ["op", "composite"])
-def test_compile_dynamic_is_one_graph_for_every_batch(monkeypatch, under_compile):
-    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", under_compile)
+def test_compile_dynamic_is_one_graph_for_every_batch(compile_setting, under_compile):
+    compile_setting(under_compile)
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = FusedSaE(32, 8, 2, residual=True, act_out="relu")

@@ -81,11 +81,11 @@ def test_fused_sae_exports(dynamo):
 
 @pytest.mark.parametrize("backend, under_compile", [("triton", "auto"), ("auto", "op")])
 def test_export_traces_the_composite_whatever_the_compile_rule(backend, under_compile,
-                                                                monkeypatch):
+                                                                compile_setting):
     """ONNX export overrides the torch.compile rule: the Triton op (kept under
-    torch.compile) and the C++ op traced as itself (SAE_KERNELS_UNDER_COMPILE=op) both
+    torch.compile) and the C++ op traced as itself (the setting "op") both
     export as the composite."""
-    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", under_compile)
+    compile_setting(under_compile)
     reference, _ = _fused_sae()
     fused = FusedSaE.from_module(reference, backend=backend).eval()
     x = torch.randn(EXPORT_BATCH, 256, 3, 5)
@@ -93,10 +93,10 @@ def test_export_traces_the_composite_whatever_the_compile_rule(backend, under_co
 
 
 @needs_cpu_op
-def test_exported_program_holding_the_op_decomposes(monkeypatch):
+def test_exported_program_holding_the_op_decomposes(compile_setting):
     """A program from torch.export that holds ``sae_kernels::cpu_sae`` (the op traced as
     itself) exports once its calls are replaced by the composite."""
-    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", "op")
+    compile_setting("op")
     reference, fused = _fused_sae()
     x = torch.randn(EXPORT_BATCH, 256, 7, 7)
     program = torch.export.export(fused, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))

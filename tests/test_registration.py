@@ -1,6 +1,9 @@
 """torch.library registration: opcheck, gradcheck, torch.compile, determinism, purity."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -187,13 +190,13 @@ def test_gradcheck_single_fc(backend, strategy):
 @pytest.mark.parametrize("backend, strategy, compiler", [
     ("triton", "single", "aot_eager"), ("triton", "split", "aot_eager"),
     ("triton", "split", "inductor"), ("cpu", "auto", "aot_eager")])
-def test_compile_fullgraph_forward_backward(backend, strategy, compiler, monkeypatch):
+def test_compile_fullgraph_forward_backward(backend, strategy, compiler, compile_setting):
     """The fused op itself under torch.compile (traced as the op, not as its composite),
     the same bits as eager. Inductor's layout optimisation stays off: in a layout of its
     choosing (channels_last) the op sums in another order, as the convolution does."""
     if backend == "cpu" and (DEVICE.type != "cpu" or not cpu_kernels.available()):
         pytest.skip("needs the C++ CPU kernels")
-    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", "op")
+    compile_setting("op")
     torch._dynamo.reset()
     torch.manual_seed(0)
     ref = SaE(16, reduction=4, cardinality=4, act="silu", residual=True)
@@ -279,13 +282,13 @@ def _traced_ops(model: torch.nn.Module, *args) -> set[str]:
 
 @pytest.mark.parametrize("setting, traces_op", [("auto", False), ("composite", False),
                                                  ("op", True)])
-def test_compile_traces_the_composite_on_cpu(setting, traces_op, monkeypatch):
+def test_compile_traces_the_composite_on_cpu(setting, traces_op, compile_setting):
     """The rule of dispatch.runs_composite: the C++ op is traced as its ATen
     composite (prologue and epilogue included), which inductor fuses with its neighbours;
     SAE_KERNELS_UNDER_COMPILE overrides it. The composite computes the same function."""
     if not cpu_kernels.available():
         pytest.skip("needs the C++ CPU kernels")
-    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", setting)
+    compile_setting(setting)
     torch.manual_seed(0)
     fused = FusedSaE.from_module(SaE(16, reduction=4, cardinality=2, act_out="relu"))
     x, identity = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
@@ -296,21 +299,46 @@ def test_compile_traces_the_composite_on_cpu(setting, traces_op, monkeypatch):
     torch.testing.assert_close(compiled(x, identity), fused(x, identity))
 
 
-def test_compile_keeps_the_triton_op(monkeypatch):
-    monkeypatch.delenv("SAE_KERNELS_UNDER_COMPILE", raising=False)
+def test_a_new_setting_retraces_a_compiled_block(compile_setting):
+    """What torch.compile traces follows set_under_compile even after a first compile: the
+    setting is a global dynamo guards on, so a graph traced under one setting is traced
+    again under another (a setting read from the environment at trace time became a
+    constant of the first graph, which every later call ran)."""
+    if not cpu_kernels.available():
+        pytest.skip("needs the C++ CPU kernels")
+    traced_ops = []
+
+    def backend(gm, inputs):
+        traced_ops.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm
+
+    torch.manual_seed(0)
+    fused = FusedSaE.from_module(SaE(16, reduction=4, cardinality=2))
+    x = torch.randn(2, 16, 5, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend=backend, fullgraph=True)
+    for setting in ("composite", "op", "composite"):
+        compile_setting(setting)
+        torch.testing.assert_close(compiled(x), fused(x))
+    holds_op = [any(op.startswith("sae_kernels.cpu_sae") for op in ops) for ops in traced_ops]
+    assert holds_op == [False, True], traced_ops
+
+
+def test_compile_keeps_the_triton_op(compile_setting):
+    compile_setting("auto")
     fused = FusedSaE.from_module(SaE(16, reduction=4, cardinality=2), backend="triton")
     ops = _traced_ops(fused.to(DEVICE), torch.randn(2, 16, 5, 5, device=DEVICE))
     assert any(op.startswith("sae_kernels.sae_forward") for op in ops), ops
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_compiled_op_keeps_inductors_layout(backend, monkeypatch):
+def test_compiled_op_keeps_inductors_layout(backend, compile_setting):
     """The ops carry the flexible_layout tag: where inductor lays the convolutions out
     channels_last, the op reads the convolution's output as it is and returns y
     channels_last, with no copy to NCHW before it and back after it."""
     if backend == "cpu" and not cpu_kernels.available():
         pytest.skip("needs the C++ CPU kernels")
-    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", "op")
+    compile_setting("op")
     torch.manual_seed(0)
     se = FusedSaE.from_module(SaE(16, reduction=4, cardinality=1), backend=backend)
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), se, torch.nn.Conv2d(16, 8, 1))
@@ -328,7 +356,12 @@ def test_compiled_op_keeps_inductors_layout(backend, monkeypatch):
     assert checks and all(channels_last in line for line in checks), checks
 
 
-def test_under_compile_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("SAE_KERNELS_UNDER_COMPILE", "sometimes")
-    with pytest.raises(ValueError, match="SAE_KERNELS_UNDER_COMPILE"):
-        under_compile_setting()
+def test_under_compile_setting_is_checked(compile_setting):
+    before = under_compile_setting()
+    with pytest.raises(ValueError, match="the setting must be one of auto, op, composite"):
+        compile_setting("sometimes")
+    assert under_compile_setting() == before
+    env = dict(os.environ, SAE_KERNELS_UNDER_COMPILE="sometimes")
+    run = subprocess.run([sys.executable, "-c", "import sae_kernels"], env=env,
+                         capture_output=True, text=True)
+    assert "SAE_KERNELS_UNDER_COMPILE must be one of" in run.stderr, run.stderr[-2000:]

@@ -190,7 +190,7 @@ def composite_decompositions() -> dict:
     """``sae_kernels::cpu_sae`` as ATen ops (its stand-in), a table for
     ``ExportedProgram.run_decompositions``.
 
-    A program exported while the op was traced as itself (``SAE_KERNELS_UNDER_COMPILE=op``)
+    A program exported while the op was traced as itself (``set_under_compile("op")``)
     holds calls that ONNX and other ATen-only consumers cannot take;
     ``program.run_decompositions(composite_decompositions())`` replaces each. Exporting the
     model itself needs none of this: an ONNX export traces the composite
