@@ -25,6 +25,9 @@ and prints the ratios of both converted variants. Every call of a variant runs u
 own setting: the variants' units share their forward's code, and so dynamo's cache of
 graphs, in which the setting (a global dynamo guards on) picks the graph. ``--whole``
 times the whole networks instead of their units (on NCHW images, as a user calls them).
+``--no-se`` times a variant of the original whose SE blocks cost nothing (each passes x
+through, as a gate of 1 leaves it; this package's blocks keep their shortcut add and
+ReLU): the most any SE implementation could gain there.
 A ratio above 1 means the original unit takes longer than the converted one.
 """
 
@@ -35,6 +38,7 @@ import copy
 import statistics
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sae_kernels import convert
@@ -70,6 +74,30 @@ def unit_inputs(model: nn.Module, paths: list[str], x: torch.Tensor) -> dict[str
     return inputs
 
 
+class FreeSE(nn.Module):
+    """An SE block's place in ``--no-se``: x as a gate of 1 leaves it, then the shortcut add
+    and ReLU of a block that takes ``identity`` (this package's)."""
+
+    def __init__(self, act_out: str) -> None:
+        super().__init__()
+        self.act_out = act_out
+
+    def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        if identity is None:
+            return x
+        return F.relu(x + identity) if self.act_out == "relu" else x + identity
+
+
+def without_se(model: nn.Module, se_paths: list[str]) -> nn.Module:
+    """A copy of ``model`` with a :class:`FreeSE` in place of each SE block at ``se_paths``."""
+    model = copy.deepcopy(model)
+    for path in se_paths:
+        parent, _, name = path.rpartition(".")
+        act_out = getattr(model.get_submodule(path), "act_out", "none")
+        setattr(model.get_submodule(parent), name, FreeSE(act_out))
+    return model
+
+
 def step(module: nn.Module, x: torch.Tensor, training: bool, setting: str):
     """One call of the compiled ``module`` on x under ``setting`` (the first compiles):
     inference, or forward and backward."""
@@ -100,6 +128,8 @@ def main() -> None:
                         help="the units' inputs' memory format")
     parser.add_argument("--whole", action="store_true",
                         help="the whole networks instead of their units")
+    parser.add_argument("--no-se", action="store_true",
+                        help="also the original with SE blocks that cost nothing")
     parser.add_argument("--op", action="store_true",
                         help="also the converted unit traced with the fused op itself")
     args = parser.parse_args()
@@ -109,12 +139,17 @@ def main() -> None:
     variants = {"original": ("original", "auto"), "converted": ("converted", "auto")}
     if args.op:
         variants["op"] = ("converted", "op")
+    if args.no_se:
+        variants["no SE"] = ("no SE", "auto")
     compared = [v for v in variants if v != "original"]
     print("model | N | units | variant | original / variant: median | min | max | slowest unit")
     for name in args.models:
         model = build(name)
         original = model.module.train(args.training)
         converted, report = convert(copy.deepcopy(original))
+        sources = {"original": original, "converted": converted}
+        if args.no_se:
+            sources["no SE"] = without_se(original, [c.path for c in report.converted])
         paths = [""] if args.whole else units(converted, [c.path for c in report.converted])
         for n in args.batch_sizes:
             x = torch.randn(n, *model.input_shape)
@@ -128,8 +163,7 @@ def main() -> None:
                 torch._dynamo.reset()
                 calls = {}
                 for variant, (source, setting) in variants.items():
-                    whole = original if source == "original" else converted
-                    unit = torch.compile(dict(whole.named_modules())[path])
+                    unit = torch.compile(dict(sources[source].named_modules())[path])
                     calls[variant] = step(unit, inputs[path].clone(), args.training, setting)
                     calls[variant]()
                 times = measure_interleaved(calls, args.rounds, torch.device("cpu"))

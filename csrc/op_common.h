@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "output_pool.h"
 #include "parallel.h"
 #include "sae_cpu.h"
 
@@ -123,12 +124,11 @@ inline Tensor same_walk(const Tensor& t, const View& like) {
 }
 
 // Asks for transparent huge pages under a CPU tensor of at least kHugePageMinBytes not
-// yet written. glibc serves allocations that large with a fresh mapping every time, and
-// at one page fault per 4 KiB their first write cost more than the operator (half the
-// time at N = 32 on SE-ResNet's first stage); with 2 MiB pages it is 512 times fewer
-// faults. Smaller outputs are reused heap memory, already mapped, where the advice only
-// costs. Off with SAE_KERNELS_CPU_HUGE_PAGES=0; a no-op where the kernel's THP setting
-// is `never`.
+// yet written. glibc serves allocations that large with a fresh mapping, and at one page
+// fault per 4 KiB their first write cost more than the operator (half the time at N = 32
+// on SE-ResNet's first stage, before the output pool kept such memory mapped for the
+// next call); with 2 MiB pages it is 512 times fewer faults. Off with
+// SAE_KERNELS_CPU_HUGE_PAGES=0; a no-op where the kernel's THP setting is `never`.
 inline void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = env_int("SAE_KERNELS_CPU_HUGE_PAGES", 1) != 0;
@@ -141,11 +141,19 @@ inline void advise_huge_pages(const Tensor& t) {
 #endif
 }
 
-// A new output shaped like x, always walkable: x's layout when x is, else NCHW.
+// A new output shaped like x, always walkable: x's layout when x is, else NCHW; a large
+// one from the output pool (output_pool.h).
 inline Tensor output_like(const Tensor& x) {
-  Tensor out = at::empty_like(x);
-  if (!view_of(out)) out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  advise_huge_pages(out);
+  if (!pooled(static_cast<size_t>(x.numel()) * x.element_size())) {
+    Tensor out = at::empty_like(x);
+    if (!view_of(out)) out = at::empty_like(x, at::MemoryFormat::Contiguous);
+    advise_huge_pages(out);
+    return out;
+  }
+  Tensor like = at::empty_like(x, x.options().device(at::kMeta));  // empty_like's strides
+  if (!view_of(like)) like = at::empty_like(like, at::MemoryFormat::Contiguous);
+  Tensor out = pooled_empty(like.sizes(), like.strides(), x.scalar_type());
+  if (OutputPool::fresh(out.storage().data_ptr())) advise_huge_pages(out);
   return out;
 }
 

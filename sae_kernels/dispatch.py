@@ -114,18 +114,19 @@ def runs_composite(backend: str) -> bool:
     Under torch.compile and torch.export: the C++ CPU op yes, the Triton op no. On a CPU
     inductor generates the same two passes over x from the composite (the pool with the
     prologue folded in, the rescale with the epilogue) as vectorised loops of its own, fuses
-    them with the ops around the block, and runs the FCs as addmm. The op itself (laid out
-    as inductor chooses, by its flexible_layout tag) compiles to the same speed, unit by
-    unit in four networks (0.4 % apart at the median, ``benchmarks/compiled_se_blocks.py
-    --op``; the README's torch.compile section); the composite stays, as inductor can fuse
-    it and exports it as standard ops. On a GPU the Triton op takes one, three or four
-    launches where inductor's code for the composite takes five (a reduction, two GEMMs, the
-    activation, the rescale with the gate and tail), and reads less of x twice from HBM: by
-    the model of ``gpu_plan`` (``sae-kernels plan``) the op is the cheaper at every SE site
-    of SE-ResNet-50 and SENetV2-ResNet-50 at N = 1-128 (all 64 rows per GPU and pass, both
-    layouts; 0.97-0.99 of compile's time at the closest). The model has not met a GPU yet,
-    so it does not choose per call; a rule that follows it should wait for ``sae-kernels
-    gpu-check``'s measurements.
+    them with the ops around the block, runs the FCs as addmm and plans the memory of what
+    it computes; the composite exports as standard ops. The op itself (laid out as inductor
+    chooses, by its flexible_layout tag) is the faster in the depthwise networks' blocks
+    compiled alone (it applies a SiLU or Hardswish prologue once, inductor twice), but no
+    whole network measured ahead of the composite (``benchmarks/compiled_se_blocks.py --op
+    [--whole]``; the README's torch.compile section). On a GPU the Triton op takes one,
+    three or four launches where inductor's code for the composite takes five (a
+    reduction, two GEMMs, the activation, the rescale with the gate and tail), and reads
+    less of x twice from HBM: by the model of ``gpu_plan`` (``sae-kernels plan``) the op
+    is the cheaper at every SE site of SE-ResNet-50 and SENetV2-ResNet-50 at N = 1-128 (all
+    64 rows per GPU and pass, both layouts; 0.97-0.99 of compile's time at the closest).
+    The model has not met a GPU yet, so it does not choose per call; a rule that follows it
+    should wait for ``sae-kernels gpu-check``'s measurements.
     :func:`set_under_compile` (or ``SAE_KERNELS_UNDER_COMPILE``) overrides this rule (not
     the two above).
 

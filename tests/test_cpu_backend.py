@@ -193,6 +193,66 @@ def test_ordinary_values_never_underflow(dtype, layout):
             assert not libm.fetestexcept(fe_underflow), f"backward, {act} {gate} {prologue}"
 
 
+#: (4, 64, 32, 32) in float64: 2 MiB, an output the op takes from its output pool
+POOLED_SHAPE = (4, 64, 32, 32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_outputs_reuse_released_memory(layout):
+    """Outputs of 1 MiB or more (y; the backward's dx and d_identity) come from the output
+    pool (csrc/output_pool.h): a released output's memory goes to the next output of its
+    size, a live one's never, and the values are the reference's whatever that memory
+    held before, forward and backward."""
+    torch.manual_seed(0)
+    ref = SaE(64, reduction=4, cardinality=2, act_out="relu").double()
+    fused = FusedSaE.from_module(ref, backend="cpu")
+    memory_format = torch.channels_last if LAYOUTS[layout] else torch.contiguous_format
+
+    def operand():
+        x = torch.randn(POOLED_SHAPE, dtype=torch.float64)
+        return x.contiguous(memory_format=memory_format).requires_grad_()
+
+    x, identity = operand(), operand()
+    with torch.no_grad():
+        first = fused(operand(), operand())
+        address = first.data_ptr()
+        del first
+        second = fused(x, identity)
+        third = fused(x, identity)
+    assert second.data_ptr() == address != third.data_ptr()
+    assert second.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(second, ref(x, identity))
+    grad = torch.randn_like(second)
+    torch.autograd.backward(fused(x, identity), grad)
+    fused_grads = x.grad, identity.grad
+    x.grad = identity.grad = None
+    torch.autograd.backward(ref(x, identity), grad)
+    torch.testing.assert_close(fused_grads, (x.grad, identity.grad))
+
+
+def test_the_output_pool_can_be_switched_off():
+    """SAE_KERNELS_CPU_OUTPUT_POOL_BYTES=0: a released output's memory goes back to the
+    allocator, which hands it to the next tensor of its size."""
+    code = ("import torch\n"
+            "from sae_kernels import FusedSE\n"
+            "fused = FusedSE(64, reduction=4, backend='cpu').double()\n"
+            f"x = torch.randn({POOLED_SHAPE}, dtype=torch.float64)\n"
+            "with torch.no_grad():\n"
+            "    y = fused(x)\n"
+            "    address = y.data_ptr()\n"
+            "    del y\n"
+            "    other = torch.empty_like(x)  # the allocator's, where the pool is off\n"
+            "    print(fused(x).data_ptr() == address)\n")
+    reused = {}
+    for pool_bytes in ("0", str(64 << 20)):
+        env = {**os.environ, "SAE_KERNELS_CPU_OUTPUT_POOL_BYTES": pool_bytes}
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        reused[pool_bytes] = result.stdout.split()[-1]
+    assert reused == {"0": "False", str(64 << 20): "True"}
+
+
 def test_fp16_falls_back_with_a_warning():
     fused = FusedSaE(8, reduction=2, backend="cpu").half()
     ref = SaE(8, reduction=2).half()
