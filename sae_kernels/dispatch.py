@@ -73,8 +73,8 @@ def _checked_setting(setting: str, source: str) -> str:
 
 
 # A module global, not a read of the environment at trace time: dynamo guards on the globals
-# a traced function reads, so a graph traced under one setting is traced again under another
-# (it takes the environment's values as constants, without a guard).
+# a traced function reads, so a graph traced under one setting is traced again under another,
+# while what it reads from the environment becomes a constant of the graph, unguarded.
 _under_compile = _checked_setting(os.environ.get("SAE_KERNELS_UNDER_COMPILE", "auto"),
                                   "SAE_KERNELS_UNDER_COMPILE")
 
@@ -90,6 +90,7 @@ def set_under_compile(setting: str) -> str:
 
 
 def under_compile_setting() -> str:
+    """What torch.compile and torch.export trace now (see :func:`set_under_compile`)."""
     return _under_compile
 
 
