@@ -6,10 +6,6 @@
 
 #include <ATen/ATen.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
@@ -44,8 +40,6 @@ constexpr int64_t kGrainElements = 1 << 14;
 constexpr int64_t kTeamFcGrain = 1 << 12;
 // Outputs per tile of the FC kernel (kernels.h): a piece of an FC's outputs is whole tiles.
 constexpr int64_t kLinearOutputs = 4;
-// Outputs from this size on are advised onto huge pages (glibc's largest mmap threshold).
-constexpr size_t kHugePageMinBytes = size_t(32) << 20;
 // Columns per piece of the FC backward's split (a multiple of every vector width).
 constexpr int64_t kColumnBlock = 64;
 // Bytes of consecutive pixels per task in the channels_last per-channel sums.
@@ -123,38 +117,18 @@ inline Tensor same_walk(const Tensor& t, const View& like) {
   return t.contiguous(like.pixels ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-// Asks for transparent huge pages under a CPU tensor of at least kHugePageMinBytes not
-// yet written. glibc serves allocations that large with a fresh mapping, and at one page
-// fault per 4 KiB their first write cost more than the operator (half the time at N = 32
-// on SE-ResNet's first stage, before the output pool kept such memory mapped for the
-// next call); with 2 MiB pages it is 512 times fewer faults. Off with
-// SAE_KERNELS_CPU_HUGE_PAGES=0; a no-op where the kernel's THP setting is `never`.
-inline void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = env_int("SAE_KERNELS_CPU_HUGE_PAGES", 1) != 0;
-  constexpr uintptr_t kHugePage = 2 << 20;
-  if (!enabled || !t.is_cpu() || t.nbytes() < kHugePageMinBytes) return;
-  auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  uintptr_t end = (begin + t.nbytes()) & ~(kHugePage - 1);
-  begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
-#endif
-}
-
 // A new output shaped like x, always walkable: x's layout when x is, else NCHW; a large
 // one from the output pool (output_pool.h).
 inline Tensor output_like(const Tensor& x) {
   if (!pooled(static_cast<size_t>(x.numel()) * x.element_size())) {
     Tensor out = at::empty_like(x);
     if (!view_of(out)) out = at::empty_like(x, at::MemoryFormat::Contiguous);
-    advise_huge_pages(out);
+    advise_huge_pages(out.data_ptr(), out.nbytes());
     return out;
   }
   Tensor like = at::empty_like(x, x.options().device(at::kMeta));  // empty_like's strides
   if (!view_of(like)) like = at::empty_like(like, at::MemoryFormat::Contiguous);
-  Tensor out = pooled_empty(like.sizes(), like.strides(), x.scalar_type());
-  if (OutputPool::fresh(out.storage().data_ptr())) advise_huge_pages(out);
-  return out;
+  return pooled_empty(like.sizes(), like.strides(), x.scalar_type());
 }
 
 inline Tensor activation_backward(const Tensor& grad, const Tensor& p, const Tensor& h, int64_t act) {
