@@ -25,9 +25,8 @@ and prints the ratios of both converted variants. Every call of a variant runs u
 own setting: the variants' units share their forward's code, and so dynamo's cache of
 graphs, in which the setting (a global dynamo guards on) picks the graph. ``--whole``
 times the whole networks instead of their units (on NCHW images, as a user calls them).
-``--no-se`` times a variant of the original whose SE blocks cost nothing (each passes x
-through, as a gate of 1 leaves it; this package's blocks keep their shortcut add and
-ReLU): the most any SE implementation could gain there.
+``--no-se`` times the original with its SE blocks passing x through (``model_bench``'s
+``se-free`` variant, ``without_se``): the most any SE implementation could gain there.
 A ratio above 1 means the original unit takes longer than the converted one.
 """
 
@@ -38,13 +37,12 @@ import copy
 import statistics
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sae_kernels import convert
 from sae_kernels.blocks import FusedResidualBlock
 from sae_kernels.dispatch import set_under_compile, under_compile_setting
-from sae_kernels.tools.model_bench import build
+from sae_kernels.tools.model_bench import build, without_se
 from sae_kernels.tools.timing import measure_interleaved
 
 
@@ -72,30 +70,6 @@ def unit_inputs(model: nn.Module, paths: list[str], x: torch.Tensor) -> dict[str
     for hook in hooks:
         hook.remove()
     return inputs
-
-
-class FreeSE(nn.Module):
-    """An SE block's place in ``--no-se``: x as a gate of 1 leaves it, then the shortcut add
-    and ReLU of a block that takes ``identity`` (this package's)."""
-
-    def __init__(self, act_out: str) -> None:
-        super().__init__()
-        self.act_out = act_out
-
-    def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
-        if identity is None:
-            return x
-        return F.relu(x + identity) if self.act_out == "relu" else x + identity
-
-
-def without_se(model: nn.Module, se_paths: list[str]) -> nn.Module:
-    """A copy of ``model`` with a :class:`FreeSE` in place of each SE block at ``se_paths``."""
-    model = copy.deepcopy(model)
-    for path in se_paths:
-        parent, _, name = path.rpartition(".")
-        act_out = getattr(model.get_submodule(path), "act_out", "none")
-        setattr(model.get_submodule(parent), name, FreeSE(act_out))
-    return model
 
 
 def step(module: nn.Module, x: torch.Tensor, training: bool, setting: str):

@@ -2,7 +2,6 @@
 model, the launch counter and the statistics."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sae_kernels import FusedSaE, SaE, convert, senetv2_resnet
+from sae_kernels import FusedSaE, SaE
 from sae_kernels.__main__ import main
 from sae_kernels.cost import fc_flops, sae_cost
 from sae_kernels.kernels import cpu as cpu_kernels
@@ -224,34 +223,3 @@ def test_call_cost_script_prints_every_way_of_calling_the_op():
             if line.startswith("| ") and "µs" not in line and "---" not in line]
     assert rows == ["x.clone()", "op, typed entry", "op, torch.ops", "sae_kernels.sae",
                     "FusedSE module", "FusedSaE module (4 branches)"]
-
-
-def _benchmark_module(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_no_se_bound_keeps_everything_but_the_se_blocks():
-    """compiled_se_blocks.py --no-se: every SE block convert finds becomes a FreeSE (x, with
-    the shortcut add and ReLU of the package's blocks), nothing else changes, and the
-    original model is left as it was."""
-    blocks = _benchmark_module("compiled_se_blocks")
-    torch.manual_seed(0)
-    model = senetv2_resnet(18, num_classes=10, fused=False, base_width=32).eval()
-    _, report = convert(model)
-    paths = [c.path for c in report.converted]
-    free = blocks.without_se(model, paths)
-    assert paths and all(isinstance(free.get_submodule(p), blocks.FreeSE) for p in paths)
-    assert not any(isinstance(m, blocks.FreeSE) for m in model.modules())
-    kept = {name for name, _ in model.named_modules() if not any(
-        name == p or name.startswith(p + ".") for p in paths)}
-    assert kept == {name for name, _ in free.named_modules() if name not in paths}
-    x, identity = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
-    assert torch.equal(blocks.FreeSE("relu")(x, identity), torch.relu(x + identity))
-    assert torch.equal(blocks.FreeSE("none")(x, identity), x + identity)
-    assert blocks.FreeSE("none")(x) is x
-    with torch.no_grad():
-        assert free(torch.randn(1, 3, 32, 32)).shape == (1, 10)

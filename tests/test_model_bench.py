@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from sae_kernels import SE
+from sae_kernels import SE, convert, senetv2_resnet
 from sae_kernels.__main__ import main
 from sae_kernels.tools import model_bench
 from sae_kernels.tools.model_bench import (
     SPEEDUPS,
     VARIANTS,
+    FreeSE,
     ModelResult,
     OnnxCheck,
     build,
@@ -24,6 +25,7 @@ from sae_kernels.tools.model_bench import (
     onnxruntime_unavailable,
     randomize_batchnorm,
     table_header,
+    without_se,
 )
 from sae_kernels.tools.timing import Stats
 
@@ -52,11 +54,11 @@ def run_main(argv: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def inference_run(tmp_path_factory):
-    """Inference at N=1: eager, convert and (where installed) onnxruntime."""
+    """Inference at N=1: eager, convert, se-free and (where installed) onnxruntime."""
     folder = tmp_path_factory.mktemp("model_bench")
     paths = {"json": folder / "models.json", "png": folder / "models.png"}
     code, out = run_main(["bench", *TINY, "-n", "1", "--variants", "eager", "convert",
-                          "onnxruntime", "--json", str(paths["json"]),
+                          "se-free", "onnxruntime", "--json", str(paths["json"]),
                           "--plot", str(paths["png"])])
     return code, out, json.loads(paths["json"].read_text()), paths["png"]
 
@@ -90,7 +92,10 @@ def test_speedups_are_the_ratios_of_the_medians(inference_run):
     median = {variant: stats["median"] for variant, stats in latency.items()}
     assert row["speedups"]["convert / eager"] == pytest.approx(median["eager"]
                                                                / median["convert"])
+    assert row["speedups"]["se-free / eager"] == pytest.approx(median["eager"]
+                                                               / median["se-free"])
     assert row["speedups"]["compile(convert) / compile"] is None  # not timed
+    assert row["speedups"]["compile(se-free) / compile"] is None
     assert row["speedups"]["onnxruntime / compile"] is None
     if HAS_ONNXRUNTIME:
         assert row["speedups"]["onnxruntime / eager"] == pytest.approx(
@@ -103,7 +108,7 @@ def test_speedups_are_the_ratios_of_the_medians(inference_run):
 def test_onnxruntime_output_is_checked_against_eager(inference_run):
     _, out, data, _ = inference_run
     (row,) = data["results"]
-    assert set(row["latency_ms"]) == {"eager", "convert", "onnxruntime"}
+    assert set(row["latency_ms"]) == {"eager", "convert", "se-free", "onnxruntime"}
     check = row["onnxruntime_check"]
     assert check["exporter"] in ("dynamo", "legacy")
     assert 0 <= check["relative_error"] < model_bench.ONNX_TOLERANCE and check["match"]
@@ -132,7 +137,7 @@ def test_training_run(tmp_path):
 def test_training_variants_have_their_own_weights():
     base = build("se_resnet18", 32).module.train()
     base_parameters = {id(p) for p in base.parameters()}
-    for variant in ("eager", "convert", "compile", "compile(convert)"):
+    for variant in (v for v in VARIANTS if v != "onnxruntime"):
         module, report = model_bench._variant_module(variant, base, training=True)
         assert base_parameters.isdisjoint(id(p) for p in module.parameters()), variant
         assert (report is not None) == ("convert" in variant)
@@ -141,6 +146,30 @@ def test_training_variants_have_their_own_weights():
     # in inference they share the model, which they do not change
     module, _ = model_bench._variant_module("eager", base.eval(), training=False)
     assert module is base
+
+
+def test_the_se_free_variant_keeps_everything_but_the_se_blocks():
+    """Every SE block convert finds becomes a FreeSE (x, with the shortcut add and ReLU of
+    the package's blocks), nothing else changes, and the original model is left as it was."""
+    torch.manual_seed(0)
+    model = senetv2_resnet(18, num_classes=10, fused=False, base_width=32).eval()
+    _, report = convert(model)
+    paths = [c.path for c in report.converted]
+    free = without_se(model, paths)
+    assert paths and all(isinstance(free.get_submodule(p), FreeSE) for p in paths)
+    assert not any(isinstance(m, FreeSE) for m in model.modules())
+    kept = {name for name, _ in model.named_modules() if not any(
+        name == p or name.startswith(p + ".") for p in paths)}
+    assert kept == {name for name, _ in free.named_modules() if name not in paths}
+    x, identity = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
+    assert torch.equal(FreeSE("relu")(x, identity), torch.relu(x + identity))
+    assert torch.equal(FreeSE("none")(x, identity), x + identity)
+    assert FreeSE("none")(x) is x
+    with torch.no_grad():
+        assert free(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    module, report = model_bench._variant_module("se-free", model, training=False)
+    assert report is None
+    assert [p for p, m in module.named_modules() if isinstance(m, FreeSE)] == paths
 
 
 def test_unknown_model_is_a_clear_error(capsys):
@@ -199,8 +228,9 @@ def test_table_rows_line_up_and_notes_say_what_cells_do_not():
     assert len(header) == len(separator) == len(row)
     assert header.count("|") == row.count("|") == 1 + 3 + len(VARIANTS) + len(SPEEDUPS)
     assert "|  16 | inference |     1.00 |" in row
-    assert result.speedup("compile(convert) / compile") == pytest.approx(3 / 4)
-    assert result.speedup("onnxruntime / eager") == pytest.approx(1 / 5)
+    for name, (variant, baseline) in SPEEDUPS.items():  # variant i takes i + 1 ms
+        assert result.speedup(name) == pytest.approx(
+            (VARIANTS.index(baseline) + 1) / (VARIANTS.index(variant) + 1)), name
     notes = format_notes(result)
     assert notes[0] == "net N=16 inference: compile failed: RuntimeError: boom"
     assert "MISMATCH" in notes[1] and "legacy exporter" in notes[1]

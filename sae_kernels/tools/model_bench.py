@@ -8,6 +8,12 @@ process (``timing``):
     convert           ``sae_kernels.convert(model)[0]``
     compile           ``torch.compile(model)``
     compile(convert)  ``torch.compile(convert(model)[0])``
+    se-free           the model with each SE block that ``convert`` finds passing x through
+                      (:class:`FreeSE`): the time no SE implementation can reach, since the
+                      SE's pool, weights and rescale cost something, so ``se-free / eager``
+                      bounds what ``convert / eager`` can be (with more where a converted
+                      block absorbs neighbours that ``se-free`` keeps)
+    compile(se-free)  ``torch.compile`` of it: the bound of ``compile(convert) / compile``
     onnxruntime       the original model exported to ONNX (the dynamo exporter, else the
                       TorchScript one), run by ``onnxruntime`` on its CPU provider with torch's
                       thread count, its threads not spinning between runs; inference only,
@@ -39,13 +45,16 @@ from ..convert import ConversionReport, convert
 from .profile import DEFAULT_IMAGE_SIZE, build_model, model_step
 from .timing import Stats, measure_interleaved
 
-VARIANTS = ("eager", "convert", "compile", "compile(convert)", "onnxruntime")
+VARIANTS = ("eager", "convert", "compile", "compile(convert)", "se-free", "compile(se-free)",
+            "onnxruntime")
 MODES = ("inference", "training")
 BATCH_SIZES = (1, 8)
 #: Ratio name -> (variant, baseline); the ratio is the baseline's time over the variant's.
 SPEEDUPS = {
     "convert / eager": ("convert", "eager"),
     "compile(convert) / compile": ("compile(convert)", "compile"),
+    "se-free / eager": ("se-free", "eager"),
+    "compile(se-free) / compile": ("compile(se-free)", "compile"),
     "onnxruntime / eager": ("onnxruntime", "eager"),
     "onnxruntime / compile": ("onnxruntime", "compile"),
 }
@@ -53,7 +62,7 @@ SPEEDUPS = {
 ONNX_TOLERANCE = 1e-3
 #: Variants whose failure is reported rather than raised (a failed compile or export is a
 #: finding about the model; a failing eager or convert step is a bug).
-_MAY_FAIL = ("compile", "compile(convert)", "onnxruntime")
+_MAY_FAIL = ("compile", "compile(convert)", "compile(se-free)", "onnxruntime")
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -217,9 +226,37 @@ def _variant_module(variant: str, base: nn.Module, training: bool
     report = None
     if "convert" in variant:
         module, report = convert(base)
+    elif "se-free" in variant:
+        module = without_se(base, [c.path for c in convert(base)[1].converted])
     else:
         module = copy.deepcopy(base) if training else base
     return (torch.compile(module) if variant.startswith("compile") else module), report
+
+
+class FreeSE(nn.Module):
+    """An SE block's place in the ``se-free`` variant: x, as a gate of 1 leaves it, then the
+    shortcut add and ReLU of a block that takes ``identity`` (this package's), which the
+    block around a timm or torchvision SE does itself."""
+
+    def __init__(self, act_out: str) -> None:
+        super().__init__()
+        self.act_out = act_out
+
+    def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        if identity is None:
+            return x
+        return torch.relu(x + identity) if self.act_out == "relu" else x + identity
+
+
+def without_se(model: nn.Module, se_paths: list[str]) -> nn.Module:
+    """A copy of ``model`` with a :class:`FreeSE` in place of each SE block at ``se_paths``
+    (the paths of convert's report)."""
+    model = copy.deepcopy(model)
+    for path in se_paths:
+        parent, _, name = path.rpartition(".")
+        act_out = getattr(model.get_submodule(path), "act_out", "none")
+        setattr(model.get_submodule(parent), name, FreeSE(act_out))
+    return model
 
 
 def _onnxruntime_call(model: nn.Module, x: torch.Tensor) -> tuple[Callable[[], object], OnnxCheck]:
@@ -330,7 +367,7 @@ def write_json(path: str | Path, environment: dict, results: list[ModelResult],
 def plot(path: str | Path, results: list[ModelResult], device: str) -> None:
     """Per mode, grouped bars of the two speedups per (model, N), drawn from 1 (above:
     faster) on a log-2 axis (a ratio and its inverse are as far from 1), each labelled with
-    its value."""
+    its value, and a black tick at its SE-free bound where that variant was timed."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -339,16 +376,24 @@ def plot(path: str | Path, results: list[ModelResult], device: str) -> None:
     figure = Figure(figsize=(max(6.0, 2 + 1.6 * per_mode), 1 + 3.6 * len(modes)),
                     layout="constrained")
     figure.suptitle(f"{device}, fp32: end-to-end speedup of the converted model")
-    pairs = [("convert / eager", "convert over eager"),
-             ("compile(convert) / compile", "compile(convert) over compile")]
+    # (speedup, its bound, label)
+    pairs = [("convert / eager", "se-free / eager", "convert over eager"),
+             ("compile(convert) / compile", "compile(se-free) / compile",
+              "compile(convert) over compile")]
     for axes, mode in zip(figure.subplots(len(modes), 1, squeeze=False)[:, 0], modes,
                           strict=True):
         rows = [r for r in results if r.mode == mode]
         positions = range(len(rows))
-        values = [1.0]
-        for offset, (name, label) in zip((-0.2, 0.2), pairs, strict=True):
+        values, bound_label = [1.0], "SE-free bound"
+        for offset, (name, bound, label) in zip((-0.2, 0.2), pairs, strict=True):
             speedups = [r.speedup(name) for r in rows]
-            values += [s for s in speedups if s is not None]
+            bounds = {p + offset: b for p, r in zip(positions, rows, strict=True)
+                      if (b := r.speedup(bound)) is not None}
+            values += [s for s in speedups if s is not None] + list(bounds.values())
+            if bounds:
+                axes.scatter(list(bounds), list(bounds.values()), marker="_", s=300,
+                             color="black", zorder=3, label=bound_label)
+                bound_label = None
             bars = axes.bar([p + offset for p in positions],
                             [float("nan") if s is None else s - 1 for s in speedups],
                             bottom=1, width=0.4, label=label)
