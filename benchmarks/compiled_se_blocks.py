@@ -18,6 +18,7 @@ output's conversion fuses into the composite's last kernel but not into the op's
     python benchmarks/compiled_se_blocks.py seresnet50 --training -n 8 --units
     python benchmarks/compiled_se_blocks.py seresnet50 -n 8 --op
     python benchmarks/compiled_se_blocks.py efficientnet_b0 seresnet50 --op --whole
+    python benchmarks/compiled_se_blocks.py efficientnet_b0 -n 1 --aten-fcs --whole
 
 ``--op`` times a third variant, the converted unit traced with the fused op itself in
 place of its ATen composite (``set_under_compile("op")``, ``dispatch.runs_composite``),
@@ -25,8 +26,11 @@ and prints the ratios of both converted variants. Every call of a variant runs u
 own setting: the variants' units share their forward's code, and so dynamo's cache of
 graphs, in which the setting (a global dynamo guards on) picks the graph. ``--whole``
 times the whole networks instead of their units (on NCHW images, as a user calls them).
-``--no-se`` times the original with its SE blocks passing x through (``model_bench``'s
-``se-free`` variant, ``without_se``): the most any SE implementation could gain there.
+``--aten-fcs`` times the converted unit under ``set_under_compile("composite")``, its FCs
+as ATen ops where ``"auto"`` calls the C++ excitation in inference
+(``dispatch.cpu_excitation_for``). ``--no-se`` times the original with its SE blocks
+passing x through (``model_bench``'s ``se-free`` variant, ``without_se``): the most any SE
+implementation could gain there.
 A ratio above 1 means the original unit takes longer than the converted one.
 """
 
@@ -106,6 +110,8 @@ def main() -> None:
                         help="also the original with SE blocks that cost nothing")
     parser.add_argument("--op", action="store_true",
                         help="also the converted unit traced with the fused op itself")
+    parser.add_argument("--aten-fcs", action="store_true",
+                        help="also the converted unit traced with the composite's ATen FCs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     default_setting = under_compile_setting()
@@ -113,6 +119,8 @@ def main() -> None:
     variants = {"original": ("original", "auto"), "converted": ("converted", "auto")}
     if args.op:
         variants["op"] = ("converted", "op")
+    if args.aten_fcs:
+        variants["ATen FCs"] = ("converted", "composite")
     if args.no_se:
         variants["no SE"] = ("no SE", "auto")
     compared = [v for v in variants if v != "original"]

@@ -31,6 +31,11 @@ Tensor cpu_infer(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
                  const optional<Tensor>& prologue_shift, int64_t prologue_act);
 Tensor copy_like_output(const Tensor& x);
 
+// excite.cpp
+Tensor cpu_excite(const Tensor& z, at::TensorList w1s, at::TensorList b1s,
+                  const optional<Tensor>& w2, const optional<Tensor>& b2, int64_t act,
+                  int64_t gate_code);
+
 // backward.cpp
 BackwardResult cpu_backward(const Tensor& grad, const Tensor& x, const optional<Tensor>& y,
                             at::TensorList w1s, const optional<Tensor>& w2, const Tensor& z,

@@ -170,6 +170,7 @@ TORCH_LIBRARY_IMPL(sae_kernels, CPU, m) {
   m.impl("cpu_copy_like_output", &sae_cpu::copy_like_output);
   m.impl("cpu_forward", &sae_cpu::cpu_forward);
   m.impl("cpu_backward", &sae_cpu::cpu_backward);
+  m.impl("cpu_excite", &sae_cpu::cpu_excite);
 }
 
 TORCH_LIBRARY_IMPL(sae_kernels, CompositeImplicitAutograd, m) {

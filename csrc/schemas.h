@@ -11,6 +11,8 @@
 // cpu_forward   y and what the backward reads: z (N, C), p (N, K), u (N, C)
 // cpu_backward  dx, d_identity, the weight and bias gradients, the prologue's; a gradient
 //               that was not asked for is an empty tensor
+// cpu_excite    s = gate(W2 act(W1 z + b1) + b2) (N, C) for pooled means z (N, C), in z's
+//               dtype: the FC stage alone, for graphs that pool and rescale themselves
 // cpu_copy_like_output  x copied into an output allocated as the operator's are
 // cpu_isa       the instruction set the kernels run with
 //
@@ -32,5 +34,7 @@ SAE_SCHEMA("cpu_backward(Tensor grad, Tensor x, Tensor? y, Tensor[] fc1_weights,
            "bool residual, bool relu_out, bool has_identity, Tensor? prologue_scale=None, "
            "Tensor? prologue_shift=None, int prologue_act=0, bool prologue_grads=False) "
            "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor, Tensor, Tensor)")
+SAE_SCHEMA("cpu_excite(Tensor z, Tensor[] fc1_weights, Tensor[] fc1_biases, "
+           "Tensor? fc2_weight, Tensor? fc2_bias, int act, int gate) -> Tensor")
 SAE_SCHEMA("cpu_copy_like_output(Tensor x) -> Tensor")
 SAE_SCHEMA("cpu_isa() -> str")

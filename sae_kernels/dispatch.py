@@ -61,8 +61,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return "cpu" if cpu_kernels.available() else "reference"
 
 
-#: What torch.compile and torch.export trace: ``"auto"`` (the rule of :func:`runs_composite`),
-#: ``"op"`` (the fused op) or ``"composite"`` (the ATen composite).
+#: What torch.compile and torch.export trace: ``"auto"`` (the rules of :func:`runs_composite`
+#: and :func:`cpu_excitation_for`), ``"op"`` (the fused op) or ``"composite"`` (the ATen
+#: composite, its FCs included).
 UNDER_COMPILE = ("auto", "op", "composite")
 
 
@@ -115,9 +116,10 @@ def runs_composite(backend: str) -> bool:
     Under torch.compile and torch.export: the C++ CPU op yes, the Triton op no. On a CPU
     inductor generates the same two passes over x from the composite (the pool with the
     prologue folded in, the rescale with the epilogue) as vectorised loops of its own, fuses
-    them with the ops around the block, runs the FCs as addmm and plans the memory of what
-    it computes; the composite exports as standard ops. The op itself (laid out as inductor
-    chooses, by its flexible_layout tag) is the faster in the depthwise networks' blocks
+    them with the ops around the block and plans the memory of what it computes, the FCs
+    between them in one call of the C++ excitation where :func:`cpu_excitation_for` says
+    so, else as addmm; the composite exports as standard ops. The op itself (laid out as
+    inductor chooses, by its flexible_layout tag) is the faster in the depthwise networks' blocks
     compiled alone (it applies a SiLU or Hardswish prologue once, inductor twice), but no
     whole network measured ahead of the composite (``benchmarks/compiled_se_blocks.py --op
     [--whole]``; the README's torch.compile section). On a GPU the Triton op takes one,
@@ -156,6 +158,31 @@ def cpu_op_for(backend: str, x: torch.Tensor) -> Callable[..., torch.Tensor] | N
             and not runs_composite("cpu") and cpu_kernels.available()):
         return cpu_kernels.op_entry()
     return None
+
+
+def cpu_excitation_for(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]
+                       ) -> Callable[..., torch.Tensor] | None:
+    """The C++ excitation (``kernels.cpu.excitation``) for a composite on ``x`` that
+    torch.compile traces under the ``"auto"`` setting on a CPU, where no gradient is due
+    (none of ``tensors`` needs one, or grad mode is off); else None, and the composite
+    computes its FCs as ATen ops.
+
+    Inductor keeps the passes over x (the pool with the prologue, the rescale with the
+    epilogue), fused with the ops around the block; the FCs between them become one call
+    of ``sae_kernels::cpu_excite`` instead of two ``addmm`` and two elementwise kernels. At
+    small N those read the weights that the network's other layers pushed out of cache at
+    about a third of the speed of the C++ loops (every SE site of EfficientNet-B0 at
+    N = 1: 0.9 ms against 0.28 ms). Not under torch.export (a saved program of standard
+    ops needs no library to run), an ONNX export or a torch.func transform, nor where a
+    gradient is due (the C++ excitation has no autograd; the composite's ATen FCs do)."""
+    if not (_is_compiling() and _under_compile == "auto" and x.is_cpu
+            and x.dtype in CPU_DTYPES and not torch.compiler.is_exporting()
+            and not torch.onnx.is_in_onnx_export() and not _functorch_transforms_active()
+            and cpu_kernels.available()):
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return None
+    return cpu_kernels.excitation
 
 
 def may_reuse_computed_tensors() -> bool:

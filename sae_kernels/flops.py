@@ -26,6 +26,10 @@ def _cpu_forward(x, fc1_weights, fc1_biases, fc2_weight, *args, out_shape=None, 
     return fc_flops(x[0], x[1], sum(w[0] for w in fc1_weights), fc2_weight is None)
 
 
+def _cpu_excite(z, fc1_weights, fc1_biases, fc2_weight, *args, out_shape=None, **kwargs) -> int:
+    return fc_flops(z[0], z[1], sum(w[0] for w in fc1_weights), fc2_weight is None)
+
+
 def _cpu_backward(grad, x, y, fc1_weights, fc2_weight, *args, out_shape=None, **kwargs) -> int:
     # dh, dz and the weight gradients, all in C++
     return 2 * fc_flops(x[0], x[1], sum(w[0] for w in fc1_weights), fc2_weight is None)
@@ -37,7 +41,7 @@ def register(namespace: str) -> None:
     formulas = ({ops.sae_forward: _sae_forward, ops.sae_backward: _sae_backward}
                 if namespace == "triton" else
                 {ops.cpu_sae: _cpu_forward, ops.cpu_forward: _cpu_forward,
-                 ops.cpu_backward: _cpu_backward})
+                 ops.cpu_backward: _cpu_backward, ops.cpu_excite: _cpu_excite})
     for op, formula in formulas.items():
         if op not in flop_registry:
             register_flop_formula(op)(formula)

@@ -5,7 +5,13 @@ import contextlib
 import torch
 
 from . import ops
-from .dispatch import check_strategy, cpu_op_for, resolve_backend, runs_composite
+from .dispatch import (
+    check_strategy,
+    cpu_excitation_for,
+    cpu_op_for,
+    resolve_backend,
+    runs_composite,
+)
 from .options import (
     ACTIVATIONS,
     GATES,
@@ -16,7 +22,7 @@ from .options import (
     fc1_parts,
     fc1_stacked,
 )
-from .reference import composite
+from .reference import composite, excitation
 
 #: act_out's index for the ReLU tail (the op takes a flag)
 _RELU_OUT = OUTPUT_ACTIVATIONS.index("relu")
@@ -89,17 +95,25 @@ def sae(
                            prologue_act, save_relu_mask)[0]
 
 
-def _composite_in_x_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *options
+def _composite_in_x_dtype(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
+                          residual, act_out, prologue_scale, prologue_shift, prologue_act
                           ) -> torch.Tensor:
     """The composite under the fused ops' dtype rule (see :func:`sae`): the weights in x's
     dtype, since the composite's FCs take a single dtype, and autocast off, so that it
     casts none of the composite's ops either. It is switched off only where it is on:
-    torch.export records the switch as a higher-order op around the call."""
+    torch.export records the switch as a higher-order op around the call. Its FCs are the
+    C++ excitation where ``dispatch.cpu_excitation_for`` says so."""
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(x.dtype)
 
     fc1_weight = [cast(w) for w in fc1_parts(fc1_weight)]
     fc1_bias = None if fc1_bias is None else [cast(b) for b in fc1_parts(fc1_bias)]
+    fc2_weight, fc2_bias = cast(fc2_weight), cast(fc2_bias)
+    tensors = (x, *fc1_weight, *(fc1_bias or ()), fc2_weight, fc2_bias, identity,
+               prologue_scale, prologue_shift)
+    excite = cpu_excitation_for(x, tensors) or excitation
     autocast = torch.is_autocast_enabled(x.device.type)
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        return composite(x, fc1_weight, fc1_bias, cast(fc2_weight), cast(fc2_bias), *options)
+        return composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate,
+                         residual, act_out, prologue_scale, prologue_shift, prologue_act,
+                         excite=excite)

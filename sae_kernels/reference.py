@@ -92,17 +92,25 @@ def fc1(z: torch.Tensor, weight: Fc1, bias: Fc1 | None,
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, residual,
-              act_out, prologue_scale=None, prologue_shift=None,
-              prologue_act="none") -> torch.Tensor:
-    """:func:`sae_reference` on operands already validated (fc1 stacked or by branches)."""
-    x = prologue(x, prologue_scale, prologue_shift, prologue_act)
-    z = x.mean(dim=(2, 3))
+def excitation(z: torch.Tensor, fc1_weight: Fc1, fc1_bias: Fc1 | None,
+               fc2_weight: torch.Tensor | None, fc2_bias: torch.Tensor | None, act: str,
+               gate: str) -> torch.Tensor:
+    """The gate ``s = gate(W2 act(W1 z + b1) + b2)`` (N, C) of the pooled means z (N, C)."""
     if fc2_weight is None:
         u = fc1(z, fc1_weight, fc1_bias)
     else:
         u = F.linear(fc1(z, fc1_weight, fc1_bias, TORCH_ACTIVATIONS[act]), fc2_weight, fc2_bias)
-    s = TORCH_GATES[gate](u)[:, :, None, None]
+    return TORCH_GATES[gate](u)
+
+
+def composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, identity, act, gate, residual,
+              act_out, prologue_scale=None, prologue_shift=None, prologue_act="none",
+              excite: Callable[..., torch.Tensor] = excitation) -> torch.Tensor:
+    """:func:`sae_reference` on operands already validated (fc1 stacked or by branches);
+    ``excite`` computes the gate from the pooled means, as :func:`excitation` does."""
+    x = prologue(x, prologue_scale, prologue_shift, prologue_act)
+    z = x.mean(dim=(2, 3))
+    s = excite(z, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate)[:, :, None, None]
     y = x + x * s if residual else x * s
     if identity is not None:
         y = y + identity

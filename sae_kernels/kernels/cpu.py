@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .. import flops
+from ..options import ACTIVATIONS, GATES, fc1_parts
 from . import cpu_reference
 
 
@@ -45,7 +46,7 @@ def _find_sources() -> Path:
 
 
 CSRC = _find_sources()
-SOURCES = ("forward.cpp", "backward.cpp", "register.cpp", "kernels_avx512.cpp",
+SOURCES = ("forward.cpp", "backward.cpp", "excite.cpp", "register.cpp", "kernels_avx512.cpp",
            "kernels_avx2.cpp", "kernels_generic.cpp")
 #: -fno-trapping-math: without it GCC keeps every clamp and select before a division or an
 #: exp as a branch, and on AVX2 (no mask registers) the loops holding them, the SiLU and
@@ -186,6 +187,15 @@ def isa() -> str:
     return torch.ops.sae_kernels.cpu_isa()
 
 
+def excitation(z: torch.Tensor, fc1_weight, fc1_bias, fc2_weight: torch.Tensor | None,
+               fc2_bias: torch.Tensor | None, act: str, gate: str) -> torch.Tensor:
+    """``reference.excitation`` by the C++ kernels (``sae_kernels::cpu_excite``), the
+    weights read in place (the branch matrices as they are)."""
+    return torch.ops.sae_kernels.cpu_excite(z, fc1_parts(fc1_weight), fc1_parts(fc1_bias) or [],
+                                            fc2_weight, fc2_bias, ACTIVATIONS.index(act),
+                                            GATES.index(gate))
+
+
 def composite_decompositions() -> dict:
     """``sae_kernels::cpu_sae`` as ATen ops (its stand-in), a table for
     ``ExportedProgram.run_decompositions``.
@@ -213,6 +223,7 @@ STAND_INS = {
     ("cpu_sae", "Autograd"): cpu_reference.sae,
     ("cpu_forward", "CPU"): cpu_reference.forward,
     ("cpu_backward", "CPU"): cpu_reference.backward,
+    ("cpu_excite", "CPU"): cpu_reference.excite,
 }
 _stand_ins: torch.library.Library | None = None
 
@@ -254,7 +265,8 @@ def _define_ops() -> None:
                                  tags=(torch.Tag.flexible_layout,))
     for name, fake in (("cpu_sae", cpu_reference.sae_fake),
                        ("cpu_forward", cpu_reference.forward_fake),
-                       ("cpu_backward", cpu_reference.backward_fake)):
+                       ("cpu_backward", cpu_reference.backward_fake),
+                       ("cpu_excite", cpu_reference.excite_fake)):
         torch.library.register_fake(f"sae_kernels::{name}", fake)
     flops.register("cpu")
     if _available:

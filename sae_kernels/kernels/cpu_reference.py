@@ -104,13 +104,7 @@ def forward(x: Tensor, fc1_weights: list[Tensor], fc1_biases: list[Tensor],
     acc = accumulation_dtype(x.dtype)
     xp = prologue(x.to(acc), prologue_scale, prologue_shift, PROLOGUE_ACTIVATIONS[prologue_act])
     z = xp.mean(dim=(2, 3))
-    fc1_bias = torch.cat(list(fc1_biases)).to(acc) if fc1_biases else None
-    p = F.linear(z, torch.cat(list(fc1_weights)).to(acc), fc1_bias)
-    if fc2_weight is None:
-        u = p
-    else:
-        fc2_bias = None if fc2_bias is None else fc2_bias.to(acc)
-        u = F.linear(TORCH_ACTIVATIONS[ACTIVATIONS[act]](p), fc2_weight.to(acc), fc2_bias)
+    p, u = _fcs(z, fc1_weights, fc1_biases, fc2_weight, fc2_bias, act)
     s = TORCH_GATES[GATES[gate]](u)[:, :, None, None]
     out = xp + xp * s if residual else xp * s
     if identity is not None:
@@ -123,6 +117,36 @@ def forward(x: Tensor, fc1_weights: list[Tensor], fc1_biases: list[Tensor],
 
 def sae(*args) -> Tensor:
     return forward(*args)[0]
+
+
+def _fcs(z: Tensor, fc1_weights: list[Tensor], fc1_biases: list[Tensor],
+         fc2_weight: Tensor | None, fc2_bias: Tensor | None, act: int) -> tuple[Tensor, Tensor]:
+    """p = W1 z + b1 and the gate's input u (W2 act(p) + b2, or p itself without fc2), in
+    z's dtype (the accumulation dtype)."""
+    fc1_bias = torch.cat(list(fc1_biases)).to(z.dtype) if fc1_biases else None
+    p = F.linear(z, torch.cat(list(fc1_weights)).to(z.dtype), fc1_bias)
+    if fc2_weight is None:
+        return p, p
+    fc2_bias = None if fc2_bias is None else fc2_bias.to(z.dtype)
+    return p, F.linear(TORCH_ACTIVATIONS[ACTIVATIONS[act]](p), fc2_weight.to(z.dtype), fc2_bias)
+
+
+def excite_fake(z: Tensor, fc1_weights: list[Tensor], fc1_biases: list[Tensor],
+                fc2_weight: Tensor | None, fc2_bias: Tensor | None, act: int,
+                gate: int) -> Tensor:
+    if z.dim() != 2:
+        raise ValueError(f"z must be 2-D (N, C), got {z.dim()}-D shape {tuple(z.shape)}")
+    _check_operands(z[:, :, None, None], fc1_weights, fc1_biases, fc2_weight, fc2_bias, None,
+                    act, gate, False, None, None, 0)
+    return z.new_empty(z.shape)
+
+
+def excite(z: Tensor, fc1_weights: list[Tensor], fc1_biases: list[Tensor],
+           fc2_weight: Tensor | None, fc2_bias: Tensor | None, act: int, gate: int) -> Tensor:
+    """s as cpu_excite returns it, computed in the accumulation dtype."""
+    _, u = _fcs(z.to(accumulation_dtype(z.dtype)), fc1_weights, fc1_biases, fc2_weight,
+                fc2_bias, act)
+    return TORCH_GATES[GATES[gate]](u).to(z.dtype)
 
 
 def _activation_backward(grad: Tensor, pre: Tensor, name: str) -> Tensor:
