@@ -2,8 +2,8 @@
 // forward's FC stage without its passes over x. A graph torch.compile traces from the
 // composite calls it between inductor's own pool and rescale kernels (the rule in
 // sae_kernels/dispatch.py): there each FC would otherwise be an `addmm` of N rows, which
-// reads weights that the network's other layers pushed out of cache at a third of the speed
-// of these loops.
+// reads weights that the network's other layers pushed out of cache at a half to a third
+// of the speed of these loops (benchmarks/excitation_cost.py).
 
 #include "op_common.h"
 #include "ops.h"

@@ -169,10 +169,11 @@ def cpu_excitation_for(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]
 
     Inductor keeps the passes over x (the pool with the prologue, the rescale with the
     epilogue), fused with the ops around the block; the FCs between them become one call
-    of ``sae_kernels::cpu_excite`` instead of two ``addmm`` and two elementwise kernels. At
-    small N those read the weights that the network's other layers pushed out of cache at
-    about a third of the speed of the C++ loops (every SE site of EfficientNet-B0 at
-    N = 1: 0.9 ms against 0.28 ms). Not under torch.export (a saved program of standard
+    of ``sae_kernels::cpu_excite`` instead of two ``addmm`` and two elementwise kernels,
+    which read the weights that the network's other layers pushed out of cache at a half
+    to a third of the speed of the C++ loops (every SE site's excitation at N = 1, cold:
+    EfficientNet-B0 0.86 ms against 0.47 ms, SENetV2-ResNet-50 1.97 ms against 0.59 ms;
+    ``benchmarks/excitation_cost.py``). Not under torch.export (a saved program of standard
     ops needs no library to run), an ONNX export or a torch.func transform, nor where a
     gradient is due (the C++ excitation has no autograd; the composite's ATen FCs do)."""
     if not (_is_compiling() and _under_compile == "auto" and x.is_cpu
