@@ -143,6 +143,22 @@ def test_compiled_inference_runs_the_cpp_excitation(cardinality, channels_last, 
         torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_bfloat16_inference_runs_the_cpp_excitation(compile_setting):
+    """bfloat16 x: cpu_excite takes the pooled means and the weights in bf16 (the
+    composite's dtype rule) and returns s in bf16; the output is the float32 reference's
+    within the rounding of y (2^-9 relative) and of s, z and the weights on the way (each
+    2^-9 relative, times |x| < 5 here): the largest error measured is a third of this."""
+    compile_setting("auto")
+    torch.manual_seed(0)
+    ref = SaE(19, rd_channels=3, cardinality=2, residual=True).eval()
+    fused = FusedSaE.from_module(ref)
+    x = torch.randn(3, 19, 5, 4).to(torch.bfloat16)
+    ops, out = _compiled_ops(fused, x, grad=False)
+    assert _holds_excite(ops) and out.dtype == torch.bfloat16, ops
+    with torch.no_grad():
+        torch.testing.assert_close(out.float(), ref(x.float()), rtol=2 ** -7, atol=2 ** -6)
+
+
 @pytest.mark.parametrize("setting, grad", [("composite", False), ("auto", True)])
 def test_the_aten_fcs_stay_where_the_rule_says(setting, grad, compile_setting):
     """The "composite" setting traces the ATen FCs; so does "auto" where a gradient is due
