@@ -223,3 +223,14 @@ def test_call_cost_script_prints_every_way_of_calling_the_op():
             if line.startswith("| ") and "µs" not in line and "---" not in line]
     assert rows == ["x.clone()", "op, typed entry", "op, torch.ops", "sae_kernels.sae",
                     "FusedSE module", "FusedSaE module (4 branches)"]
+
+
+@pytest.mark.parametrize("script", ["compiled_se_blocks", "excitation_cost",
+                                    "prologue_vs_conv_fold", "output_pool"])
+def test_benchmark_scripts_import_and_describe_themselves(script):
+    """Each script's imports hold (what it borrows from the package among them): --help."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage:")
