@@ -31,6 +31,9 @@ as ATen ops where ``"auto"`` calls the C++ excitation in inference
 (``dispatch.cpu_excitation_for``). ``--no-se`` times the original with its SE blocks
 passing x through (``model_bench``'s ``se-free`` variant, ``without_se``): the most any SE
 implementation could gain there.
+``--cold`` times every call alone after an untimed pass over 64 MB of memory
+(``timing.measure_interleaved_cold``): a unit called back to back finds its weights in
+cache, where in a network the layers before it have pushed them out.
 A ratio above 1 means the original unit takes longer than the converted one.
 """
 
@@ -47,7 +50,7 @@ from sae_kernels import convert
 from sae_kernels.blocks import FusedResidualBlock
 from sae_kernels.dispatch import set_under_compile, under_compile_setting
 from sae_kernels.tools.model_bench import build, without_se
-from sae_kernels.tools.timing import measure_interleaved
+from sae_kernels.tools.timing import measure_interleaved, measure_interleaved_cold
 
 
 def units(converted: nn.Module, paths: list[str]) -> list[str]:
@@ -110,6 +113,8 @@ def main() -> None:
                         help="also the original with SE blocks that cost nothing")
     parser.add_argument("--op", action="store_true",
                         help="also the converted unit traced with the fused op itself")
+    parser.add_argument("--cold", action="store_true",
+                        help="time each call alone after a pass over 64 MB, as in a network")
     parser.add_argument("--aten-fcs", action="store_true",
                         help="also the converted unit traced with the composite's ATen FCs")
     args = parser.parse_args()
@@ -148,7 +153,8 @@ def main() -> None:
                     unit = torch.compile(dict(sources[source].named_modules())[path])
                     calls[variant] = step(unit, inputs[path].clone(), args.training, setting)
                     calls[variant]()
-                times = measure_interleaved(calls, args.rounds, torch.device("cpu"))
+                times = (measure_interleaved_cold(calls, args.rounds) if args.cold else
+                         measure_interleaved(calls, args.rounds, torch.device("cpu")))
                 set_under_compile(default_setting)
                 for variant in compared:
                     ratios[variant][path] = times["original"].median / times[variant].median

@@ -4,7 +4,7 @@ by torch.compile (what a compiled graph runs under ``set_under_compile("composit
 the same ops in eager mode, and the C++ excitation ``sae_kernels::cpu_excite`` (what it
 runs under ``"auto"``, ``dispatch.cpu_excitation_for``). All sites are one call, timed
 warm (called back to back) and cold (after a 64 MB pass over memory, as a network's other
-layers leave the cache for the next SE site), medians over the rounds.
+layers leave the cache for the next SE site), the ways interleaved (``tools.timing``).
 
     python benchmarks/excitation_cost.py efficientnet_b0 mobilenetv3_large_100 -n 1 8
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -23,9 +21,7 @@ from sae_kernels import FusedEffectiveSE, convert
 from sae_kernels.kernels import cpu as cpu_kernels
 from sae_kernels.reference import excitation
 from sae_kernels.tools.model_bench import build
-
-#: Floats written between cold calls: twice this machine's 32 MiB L3.
-FLUSH_FLOATS = 16 * 1024 * 1024
+from sae_kernels.tools.timing import measure_interleaved, measure_interleaved_cold
 
 
 def site_operands(name: str) -> list[tuple]:
@@ -56,30 +52,16 @@ def ways(sites: list[tuple]) -> dict[str, Callable[[list[torch.Tensor]], object]
             "C++ cpu_excite": lambda means: run_all(cpu_kernels.excitation, means)}
 
 
-def timed(run: Callable[[list[torch.Tensor]], object], means: list[torch.Tensor], rounds: int,
-          flush: torch.Tensor | None) -> float:
-    """Median µs of ``run(means)`` over ``rounds`` calls, each after a pass over ``flush``."""
-    times = []
-    for _ in range(rounds):
-        if flush is not None:
-            flush.add_(1)
-        start = time.perf_counter()
-        run(means)
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("-n", "--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--rounds", type=int, default=51)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if not cpu_kernels.available():
         raise SystemExit("excitation_cost: the C++ CPU kernels are not available")
     torch.set_num_threads(args.threads)
-    flush = torch.zeros(FLUSH_FLOATS)
     print("model | N | sites | weight MB | way | warm µs | cold µs")
     for name in args.models:
         sites = site_operands(name)
@@ -88,13 +70,13 @@ def main() -> None:
         runs = ways(sites)
         for n in args.batch_sizes:
             means = [torch.randn(n, s[0][0].shape[1]) for s in sites]
+            calls = {way: (lambda run=run, means=means: run(means)) for way, run in runs.items()}
             with torch.inference_mode():
-                for way, run in runs.items():
-                    run(means)  # compiles the compiled way
-                    warm = timed(run, means, args.rounds, None)
-                    cold = timed(run, means, args.rounds, flush)
-                    print(f"{name} | {n} | {len(sites)} | {megabytes:.2f} | {way} | "
-                          f"{warm:.0f} | {cold:.0f}", flush=True)
+                warm = measure_interleaved(calls, args.rounds, torch.device("cpu"))
+                cold = measure_interleaved_cold(calls, args.rounds)
+            for way in calls:
+                print(f"{name} | {n} | {len(sites)} | {megabytes:.2f} | {way} | "
+                      f"{warm[way].median:.0f} | {cold[way].median:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from sae_kernels import FusedSaE, SaE
 from sae_kernels.__main__ import main
 from sae_kernels.cost import fc_flops, sae_cost
 from sae_kernels.kernels import cpu as cpu_kernels
+from sae_kernels.tools import timing
 from sae_kernels.tools.bench import (
     VARIANTS,
     Case,
@@ -205,6 +206,26 @@ def test_profiled_keeps_kinetos_start_and_stop_lines_off_stderr(capfd):
     err = capfd.readouterr().err
     assert err == "from the profiled code\n"
     assert any(e.name == "aten::add_" for e in prof.events())
+
+
+def test_cold_timing_runs_every_call_after_a_pass_over_memory(monkeypatch):
+    """measure_interleaved_cold: each call timed alone, a flush of memory before it."""
+    monkeypatch.setattr(timing, "COLD_FLUSH_FLOATS", 1024)
+    log = []
+    real_add = torch.Tensor.add_
+
+    def add_(self, *args):  # the flush pass
+        log.append("flush")
+        return real_add(self, *args)
+
+    monkeypatch.setattr(torch.Tensor, "add_", add_)
+    times = timing.measure_interleaved_cold({"a": lambda: log.append("a"),
+                                             "b": lambda: log.append("b")}, rounds=2,
+                                            calls_per_round=3)
+    timed = log[2 * timing.WARMUP_CALLS:]  # after the warm-up calls
+    assert timed == ["flush", "a", "flush", "a", "flush", "a", "flush", "b", "flush", "b",
+                     "flush", "b"] + ["flush", "b"] * 3 + ["flush", "a"] * 3
+    assert set(times) == {"a", "b"} and all(0 < t.median for t in times.values())
 
 
 def test_stats_percentiles():

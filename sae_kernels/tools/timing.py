@@ -6,6 +6,7 @@ taken over the rounds. On CPU one timing is ``inner`` back-to-back calls under
 ``time.perf_counter``, ``inner`` chosen so that it lasts at least ``MIN_TIMING_SECONDS``.
 On CUDA each round is a ``triton.testing.do_bench`` (CUDA events around every call, the
 L2 cache flushed in between), and the per-call samples of all rounds are pooled.
+``measure_interleaved_cold`` times CPU calls one by one after a pass over memory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ MIN_TIMING_SECONDS = 2e-3
 WARMUP_CALLS = 3
 #: Milliseconds of measurement per call per round on CUDA.
 CUDA_REP_MS = 25
+#: Floats written before each call timed cold: 64 MB, twice the largest L3 measured here.
+COLD_FLUSH_FLOATS = 16 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,27 @@ def measure_interleaved(calls: dict[str, Callable[[], object]], rounds: int,
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             samples[name] += time_round(name, calls[name])
+    return {name: Stats.of(samples[name]) for name in names}
+
+
+def measure_interleaved_cold(calls: dict[str, Callable[[], object]], rounds: int,
+                             calls_per_round: int = 5) -> dict[str, Stats]:
+    """Like :func:`measure_interleaved` on a CPU, with caches as a network leaves them for
+    its next layer: before every timed call, untimed, a pass over ``COLD_FLUSH_FLOATS`` of
+    memory; each call is timed alone and the statistics are over all of them."""
+    flush = torch.zeros(COLD_FLUSH_FLOATS)
+    for call in calls.values():
+        for _ in range(WARMUP_CALLS):
+            call()
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for _ in range(calls_per_round):
+                flush.add_(1)
+                start = time.perf_counter()
+                calls[name]()
+                samples[name].append(1e6 * (time.perf_counter() - start))
     return {name: Stats.of(samples[name]) for name in names}
 
 
