@@ -172,7 +172,7 @@ def cpu_excitation_for(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]
     of ``sae_kernels::cpu_excite`` instead of two ``addmm`` and two elementwise kernels,
     which read the weights that the network's other layers pushed out of cache at a half
     to a third of the speed of the C++ loops (every SE site's excitation at N = 1, cold:
-    EfficientNet-B0 0.86 ms against 0.47 ms, SENetV2-ResNet-50 1.97 ms against 0.59 ms;
+    EfficientNet-B0 1.05 ms against 0.54 ms, SENetV2-ResNet-50 2.36 ms against 0.88 ms;
     ``benchmarks/excitation_cost.py``). Not under torch.export (a saved program of standard
     ops needs no library to run), an ONNX export or a torch.func transform, nor where a
     gradient is due (the C++ excitation has no autograd; the composite's ATen FCs do)."""
