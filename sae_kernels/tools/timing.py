@@ -52,9 +52,7 @@ class Stats:
 def measure_interleaved(calls: dict[str, Callable[[], object]], rounds: int,
                         device: torch.device) -> dict[str, Stats]:
     """Warm every call up, then time them interleaved over ``rounds`` rounds."""
-    for call in calls.values():
-        for _ in range(WARMUP_CALLS):
-            call()
+    _warm_up(calls)
     sync = torch.cuda.synchronize if device.type == "cuda" else _no_sync
     sync()
     if device.type == "cuda":
@@ -65,12 +63,11 @@ def measure_interleaved(calls: dict[str, Callable[[], object]], rounds: int,
         def time_round(name: str, call: Callable[[], object]) -> list[float]:
             return [1e6 * _timed(call, inner[name]) / inner[name]]
 
-    names = list(calls)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in _round_order(list(calls), r):
             samples[name] += time_round(name, calls[name])
-    return {name: Stats.of(samples[name]) for name in names}
+    return {name: Stats.of(samples[name]) for name in calls}
 
 
 def measure_interleaved_cold(calls: dict[str, Callable[[], object]], rounds: int,
@@ -79,19 +76,28 @@ def measure_interleaved_cold(calls: dict[str, Callable[[], object]], rounds: int
     its next layer: before every timed call, untimed, a pass over ``COLD_FLUSH_FLOATS`` of
     memory; each call is timed alone and the statistics are over all of them."""
     flush = torch.zeros(COLD_FLUSH_FLOATS)
-    for call in calls.values():
-        for _ in range(WARMUP_CALLS):
-            call()
-    names = list(calls)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    _warm_up(calls)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in _round_order(list(calls), r):
             for _ in range(calls_per_round):
                 flush.add_(1)
                 start = time.perf_counter()
                 calls[name]()
                 samples[name].append(1e6 * (time.perf_counter() - start))
-    return {name: Stats.of(samples[name]) for name in names}
+    return {name: Stats.of(samples[name]) for name in calls}
+
+
+def _warm_up(calls: dict[str, Callable[[], object]]) -> None:
+    """The first calls pay for allocations, caches and lazy setup: make them untimed."""
+    for call in calls.values():
+        for _ in range(WARMUP_CALLS):
+            call()
+
+
+def _round_order(names: list[str], r: int) -> list[str]:
+    """The order of round ``r``: rotated by one name a round."""
+    return names[r % len(names):] + names[:r % len(names)]
 
 
 def _no_sync() -> None:
