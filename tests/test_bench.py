@@ -2,11 +2,13 @@
 model, the launch counter and the statistics."""
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -246,7 +248,7 @@ def test_call_cost_script_prints_every_way_of_calling_the_op():
                     "FusedSE module", "FusedSaE module (4 branches)"]
 
 
-@pytest.mark.parametrize("script", ["compiled_se_blocks", "excitation_cost",
+@pytest.mark.parametrize("script", ["compiled_se_blocks", "compiled_se_sites", "excitation_cost",
                                     "prologue_vs_conv_fold", "output_pool"])
 def test_benchmark_scripts_import_and_describe_themselves(script):
     """Each script's imports hold (what it borrows from the package among them): --help."""
@@ -255,3 +257,46 @@ def test_benchmark_scripts_import_and_describe_themselves(script):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("usage:")
+
+
+def _benchmark_module(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # where its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compiled_se_sites_finds_each_site_in_a_graphs_ops():
+    """benchmarks/compiled_se_sites.py reads SE sites out of a compiled graph's ops: the
+    original's FC convolutions and their activation; the C++ excitation, with a shortcut's
+    convolution between it and the rescale that is not the SE's work; FCs as addmm with an
+    op between them, and a rescale that holds the network's head pool; a reduction that a
+    convolution on a map follows, and one that no kernel closes, are no sites."""
+    sites = _benchmark_module("compiled_se_sites")
+
+    def op(name, *shapes):
+        return SimpleNamespace(name=name, input_shapes=list(shapes))
+
+    ops = [op("graph_0_cpp_fused_batch_norm_mean_silu_1"),           # 0: pool
+           op("aten::convolution", [1, 32, 1, 1], [8, 32, 1, 1]),    # FC1
+           op("graph_0_cpp_fused_silu_2"),                            # its activation
+           op("aten::convolution", [1, 8, 1, 1], [32, 8, 1, 1]),     # FC2
+           op("graph_0_cpp_fused_mul_sigmoid_3"),                     # 4: rescale
+           op("aten::convolution", [1, 32, 14, 14], [64, 32, 1, 1]),
+           op("graph_0_cpp_fused_add_mean_mul_rsqrt_6"),              # 6: pool
+           op("sae_kernels::cpu_excite", [1, 64], [16, 64]),
+           op("aten::convolution", [1, 32, 14, 14], [64, 32, 1, 1]),  # the shortcut's
+           op("graph_0_cpp_fused_add_mul_relu_7"),                    # 9: rescale
+           op("graph_0_cpp_fused_mean_8"),                            # not a pool:
+           op("aten::convolution", [1, 64, 14, 14], [64, 64, 3, 3]),  # a map follows
+           op("graph_0_cpp_fused_batch_norm_mean_9"),                 # 12: pool
+           op("aten::addmm", [16], [1, 64], [64, 16]),
+           op("aten::empty", []),
+           op("aten::addmm", [64], [1, 16], [16, 64]),
+           op("graph_0_cpp_fused_add_mean_mul_relu_sigmoid_10"),      # 16: rescale, head pool
+           op("aten::addmm", [1000], [1, 64], [64, 1000])]            # the classifier
+    assert sites.find_sites(ops) == [sites.SiteSpan(0, (1, 2, 3), 4),
+                                     sites.SiteSpan(6, (7,), 9),
+                                     sites.SiteSpan(12, (13, 14, 15), 16)]
