@@ -259,22 +259,22 @@ def test_benchmark_scripts_import_and_describe_themselves(script):
     assert result.stdout.startswith("usage:")
 
 
-def _benchmark_module(name: str):
+def _benchmark_module(name: str, monkeypatch):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # where its dataclasses look themselves up
+    monkeypatch.setitem(sys.modules, name, module)  # where its dataclasses look themselves up
     spec.loader.exec_module(module)
     return module
 
 
-def test_compiled_se_sites_finds_each_site_in_a_graphs_ops():
+def test_compiled_se_sites_finds_each_site_in_a_graphs_ops(monkeypatch):
     """benchmarks/compiled_se_sites.py reads SE sites out of a compiled graph's ops: the
     original's FC convolutions and their activation; the C++ excitation, with a shortcut's
     convolution between it and the rescale that is not the SE's work; FCs as addmm with an
     op between them, and a rescale that holds the network's head pool; a reduction that a
     convolution on a map follows, and one that no kernel closes, are no sites."""
-    sites = _benchmark_module("compiled_se_sites")
+    sites = _benchmark_module("compiled_se_sites", monkeypatch)
 
     def op(name, *shapes):
         return SimpleNamespace(name=name, input_shapes=list(shapes))
