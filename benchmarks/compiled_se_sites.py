@@ -41,6 +41,7 @@ from sae_kernels import convert
 from sae_kernels.tools.bench import inductor_settings
 from sae_kernels.tools.launches import profiled
 from sae_kernels.tools.model_bench import build
+from sae_kernels.tools.timing import round_order, warm_up
 
 # ops that run an SE's FCs in a compiled graph, on (N, C) means or (N, C, 1, 1) maps
 FC_OPS = {"aten::convolution", "aten::addmm", "aten::mm", "aten::bmm", "aten::linear",
@@ -137,10 +138,9 @@ def time_sites(models: dict[str, nn.Module], x: torch.Tensor, expected: int, rou
         compiled = torch.compile(module)
         calls[name] = lambda compiled=compiled: compiled(x)
     with torch.inference_mode():
+        warm_up(calls)
         spans, names = {}, {}
         for name, call in calls.items():
-            for _ in range(3):
-                call()
             ops = profiled_ops(call, record_shapes=True)
             spans[name], names[name] = find_sites(ops), [op.name for op in ops]
             if len(spans[name]) != expected:
@@ -148,7 +148,7 @@ def time_sites(models: dict[str, nn.Module], x: torch.Tensor, expected: int, rou
                                  f"{name} model's compiled graph, expected {expected}")
         samples = {name: [[] for _ in spans[name]] for name in calls}
         for r in range(rounds):
-            for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            for name in round_order(list(calls), r):
                 ops = profiled_ops(calls[name], record_shapes=False)
                 if [op.name for op in ops] != names[name]:
                     raise SystemExit(f"compiled_se_sites: the {name} graph ran other ops")

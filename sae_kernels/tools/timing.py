@@ -52,7 +52,7 @@ class Stats:
 def measure_interleaved(calls: dict[str, Callable[[], object]], rounds: int,
                         device: torch.device) -> dict[str, Stats]:
     """Warm every call up, then time them interleaved over ``rounds`` rounds."""
-    _warm_up(calls)
+    warm_up(calls)
     sync = torch.cuda.synchronize if device.type == "cuda" else _no_sync
     sync()
     if device.type == "cuda":
@@ -65,7 +65,7 @@ def measure_interleaved(calls: dict[str, Callable[[], object]], rounds: int,
 
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(rounds):
-        for name in _round_order(list(calls), r):
+        for name in round_order(list(calls), r):
             samples[name] += time_round(name, calls[name])
     return {name: Stats.of(samples[name]) for name in calls}
 
@@ -76,10 +76,10 @@ def measure_interleaved_cold(calls: dict[str, Callable[[], object]], rounds: int
     its next layer: before every timed call, untimed, a pass over ``COLD_FLUSH_FLOATS`` of
     memory; each call is timed alone and the statistics are over all of them."""
     flush = torch.zeros(COLD_FLUSH_FLOATS)
-    _warm_up(calls)
+    warm_up(calls)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(rounds):
-        for name in _round_order(list(calls), r):
+        for name in round_order(list(calls), r):
             for _ in range(calls_per_round):
                 flush.add_(1)
                 start = time.perf_counter()
@@ -88,14 +88,14 @@ def measure_interleaved_cold(calls: dict[str, Callable[[], object]], rounds: int
     return {name: Stats.of(samples[name]) for name in calls}
 
 
-def _warm_up(calls: dict[str, Callable[[], object]]) -> None:
+def warm_up(calls: dict[str, Callable[[], object]]) -> None:
     """The first calls pay for allocations, caches and lazy setup: make them untimed."""
     for call in calls.values():
         for _ in range(WARMUP_CALLS):
             call()
 
 
-def _round_order(names: list[str], r: int) -> list[str]:
+def round_order(names: list[str], r: int) -> list[str]:
     """The order of round ``r``: rotated by one name a round."""
     return names[r % len(names):] + names[:r % len(names)]
 
