@@ -2,6 +2,7 @@
 //   pool (z) -> p = W1 z + b1 -> h = act(p) -> u = W2 h + b2 -> s = gate(u) -> rescale,
 // with the prologue applied to x as it is loaded and the epilogue as y is stored.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/record_function.h>
 
 #include <array>
@@ -165,14 +166,15 @@ void forward_typed(const Tensor& x, const View& xv, const optional<Tensor>& iden
   });
 }
 
-// y for checked operands; the saved values (z, p, u: see forward_typed) go to `saved`
-// when given, else to scratch memory.
+// y for checked operands, in `out` when given (x itself: cpu_sae_), else in a new output;
+// the saved values (z, p, u: see forward_typed) go to `saved` when given, else to scratch
+// memory.
 Tensor run_forward(const Tensor& x_in, at::TensorList w1s, at::TensorList b1s,
                    const optional<Tensor>& w2, const optional<Tensor>& b2,
                    const optional<Tensor>& identity_in, const optional<Tensor>& prologue_scale,
                    const optional<Tensor>& prologue_shift, const Options& o,
-                   const std::array<Tensor, 3>* saved) {
-  Tensor y = output_like(x_in);
+                   const std::array<Tensor, 3>* saved, const Tensor* out = nullptr) {
+  Tensor y = out ? *out : output_like(x_in);
   int64_t n = x_in.size(0), c = x_in.size(1), k = fc1_rows(w1s);
   if (n == 0) return y;
   View yv = *view_of(y);
@@ -220,17 +222,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(
   return {y, saved[0], saved[1], saved[2]};
 }
 
-// cpu_sae below autograd: the forward alone, nothing saved.
+// cpu_sae below autograd, the forward alone and nothing saved: y in a new output, or
+// over x itself (cpu_sae_).
+Tensor infer(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+             const optional<Tensor>& w2, const optional<Tensor>& b2,
+             const optional<Tensor>& identity, int64_t act, int64_t gate_code, bool residual,
+             bool relu_out, const optional<Tensor>& prologue_scale,
+             const optional<Tensor>& prologue_shift, int64_t prologue_act, bool over_x) {
+  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code, prologue_scale, prologue_shift,
+                 prologue_act);
+  check_dtype(x);
+  if (over_x) {
+    TORCH_CHECK_VALUE(view_of(x) && at::has_internal_overlap(x) == at::MemOverlap::No,
+                      "cpu_sae_ writes y over x, which must be a dense NCHW or channels_last "
+                      "tensor, got sizes ", x.sizes(), " and strides ", x.strides());
+    TORCH_CHECK_VALUE(
+        !identity || at::get_overlap_status(x, *identity) == at::MemOverlapStatus::No,
+        "cpu_sae_ writes y over x, so identity must not share x's memory");
+  }
+  Options o{act, gate_code, residual, relu_out, prologue_act};
+  return run_forward(x, w1s, b1s, w2, b2, identity, prologue_scale, prologue_shift, o, nullptr,
+                     over_x ? &x : nullptr);
+}
+
 Tensor cpu_infer(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
                  const optional<Tensor>& w2, const optional<Tensor>& b2,
                  const optional<Tensor>& identity, int64_t act, int64_t gate_code, bool residual,
                  bool relu_out, const optional<Tensor>& prologue_scale,
                  const optional<Tensor>& prologue_shift, int64_t prologue_act) {
-  check_operands(x, w1s, b1s, w2, b2, identity, act, gate_code, prologue_scale, prologue_shift,
-                 prologue_act);
-  check_dtype(x);
-  Options o{act, gate_code, residual, relu_out, prologue_act};
-  return run_forward(x, w1s, b1s, w2, b2, identity, prologue_scale, prologue_shift, o, nullptr);
+  return infer(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out,
+               prologue_scale, prologue_shift, prologue_act, false);
+}
+
+// cpu_sae_: y written over x, for callers whose x is a temporary that nothing reads after
+// the call: no output to allocate (or to fault in), and the rescale writes back the lines
+// it has just read instead of pulling a second buffer's into cache. Each element of y is
+// written after the element of x at its place was last read (the pool pass is over before
+// the rescale starts, and the rescale reads and writes each element in one step), so the
+// kernels are the out-of-place ones.
+void cpu_sae_(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+              const optional<Tensor>& w2, const optional<Tensor>& b2,
+              const optional<Tensor>& identity, int64_t act, int64_t gate_code, bool residual,
+              bool relu_out, const optional<Tensor>& prologue_scale,
+              const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  infer(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out, prologue_scale,
+        prologue_shift, prologue_act, true);
 }
 
 // A copy of x in a tensor allocated as the operator allocates its outputs (huge pages from

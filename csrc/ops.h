@@ -29,6 +29,11 @@ Tensor cpu_infer(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
                  const optional<Tensor>& identity, int64_t act, int64_t gate_code, bool residual,
                  bool relu_out, const optional<Tensor>& prologue_scale,
                  const optional<Tensor>& prologue_shift, int64_t prologue_act);
+void cpu_sae_(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+              const optional<Tensor>& w2, const optional<Tensor>& b2,
+              const optional<Tensor>& identity, int64_t act, int64_t gate_code, bool residual,
+              bool relu_out, const optional<Tensor>& prologue_scale,
+              const optional<Tensor>& prologue_shift, int64_t prologue_act);
 Tensor copy_like_output(const Tensor& x);
 
 // excite.cpp

@@ -3,6 +3,7 @@
 // the fake kernels in Python).
 
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -107,13 +108,15 @@ class SaeFunction : public torch::autograd::Function<SaeFunction> {
   }
 };
 
-bool any_requires_grad(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
-                       std::initializer_list<const optional<Tensor>*> optionals) {
+// Whether a call records a gradient: grad mode is on and an operand requires one.
+bool gradient_due(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                  std::initializer_list<const optional<Tensor>*> optionals) {
   auto needs = [](const Tensor& t) { return t.requires_grad(); };
-  return needs(x) || std::any_of(w1s.begin(), w1s.end(), needs) ||
-         std::any_of(b1s.begin(), b1s.end(), needs) ||
-         std::any_of(optionals.begin(), optionals.end(),
-                     [&](const optional<Tensor>* t) { return *t && needs(**t); });
+  return at::GradMode::is_enabled() &&
+         (needs(x) || std::any_of(w1s.begin(), w1s.end(), needs) ||
+          std::any_of(b1s.begin(), b1s.end(), needs) ||
+          std::any_of(optionals.begin(), optionals.end(),
+                      [&](const optional<Tensor>* t) { return *t && needs(**t); }));
 }
 
 Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
@@ -121,8 +124,7 @@ Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
                     const optional<Tensor>& identity, int64_t act, int64_t gate_code,
                     bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
                     const optional<Tensor>& prologue_shift, int64_t prologue_act) {
-  if (!at::GradMode::is_enabled() ||
-      !any_requires_grad(x, w1s, b1s, {&w2, &b2, &identity, &prologue_scale, &prologue_shift})) {
+  if (!gradient_due(x, w1s, b1s, {&w2, &b2, &identity, &prologue_scale, &prologue_shift})) {
     at::AutoDispatchBelowADInplaceOrView guard;  // inference: no graph node, nothing saved
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("sae_kernels::cpu_sae", "")
@@ -132,6 +134,27 @@ Tensor sae_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
   }
   return SaeFunction::apply(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out,
                             prologue_scale, prologue_shift, prologue_act);
+}
+
+// cpu_sae_ keeps no graph: refused where a gradient is due; else the kernel below
+// autograd, and x's version moves on as after any in-place op.
+void sae_inplace_autograd(const Tensor& x, at::TensorList w1s, at::TensorList b1s,
+                          const optional<Tensor>& w2, const optional<Tensor>& b2,
+                          const optional<Tensor>& identity, int64_t act, int64_t gate_code,
+                          bool residual, bool relu_out, const optional<Tensor>& prologue_scale,
+                          const optional<Tensor>& prologue_shift, int64_t prologue_act) {
+  TORCH_CHECK(!gradient_due(x, w1s, b1s, {&w2, &b2, &identity, &prologue_scale, &prologue_shift}),
+              "sae_kernels::cpu_sae_ writes y over x and records no gradient, but an operand "
+              "requires grad: call sae_kernels::cpu_sae where a gradient is due");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sae_kernels::cpu_sae_", "")
+                         .typed<decltype(cpu_sae_)>();
+    op.call(x, w1s, b1s, w2, b2, identity, act, gate_code, residual, relu_out, prologue_scale,
+            prologue_shift, prologue_act);
+  }
+  torch::autograd::increment_version(x);
 }
 
 std::string isa() { return kernels().isa; }
@@ -167,6 +190,7 @@ const SchemaDefinitions schema_definitions;
 
 TORCH_LIBRARY_IMPL(sae_kernels, CPU, m) {
   m.impl("cpu_sae", &sae_cpu::cpu_infer);
+  m.impl("cpu_sae_", &sae_cpu::cpu_sae_);
   m.impl("cpu_copy_like_output", &sae_cpu::copy_like_output);
   m.impl("cpu_forward", &sae_cpu::cpu_forward);
   m.impl("cpu_backward", &sae_cpu::cpu_backward);
@@ -179,4 +203,5 @@ TORCH_LIBRARY_IMPL(sae_kernels, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(sae_kernels, Autograd, m) {
   m.impl("cpu_sae", &sae_cpu::sae_autograd);
+  m.impl("cpu_sae_", &sae_cpu::sae_inplace_autograd);
 }

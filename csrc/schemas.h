@@ -8,6 +8,8 @@
 //   act, gate, prologue_act: indices into options.ACTIVATIONS, GATES, PROLOGUE_ACTIVATIONS
 //
 // cpu_sae       the differentiable operator, returns y
+// cpu_sae_      cpu_sae with y written over x (returns nothing), where no gradient is due:
+//               for callers whose x is a temporary that nothing reads afterwards
 // cpu_forward   y and what the backward reads: z (N, C), p (N, K), u (N, C)
 // cpu_backward  dx, d_identity, the weight and bias gradients, the prologue's; a gradient
 //               that was not asked for is an empty tensor
@@ -24,6 +26,10 @@ SAE_SCHEMA("cpu_sae(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, Tensor?
            "Tensor? fc2_bias, Tensor? identity, int act, int gate, bool residual, "
            "bool relu_out, Tensor? prologue_scale=None, Tensor? prologue_shift=None, "
            "int prologue_act=0) -> Tensor")
+SAE_SCHEMA("cpu_sae_(Tensor(a!) x, Tensor[] fc1_weights, Tensor[] fc1_biases, "
+           "Tensor? fc2_weight, Tensor? fc2_bias, Tensor? identity, int act, int gate, "
+           "bool residual, bool relu_out, Tensor? prologue_scale=None, "
+           "Tensor? prologue_shift=None, int prologue_act=0) -> ()")
 SAE_SCHEMA("cpu_forward(Tensor x, Tensor[] fc1_weights, Tensor[] fc1_biases, "
            "Tensor? fc2_weight, Tensor? fc2_bias, Tensor? identity, int act, int gate, "
            "bool residual, bool relu_out, Tensor? prologue_scale=None, "

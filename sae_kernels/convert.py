@@ -21,6 +21,13 @@ fused SE become the SE's prologue: the SE applies them in its own passes over x 
 torch.fx: every node from the BatchNorm to the SE has that one user. A BatchNorm or an
 activation with another consumer stays where it is, and the report says so.
 
+A fused SE whose x is the fresh output of a convolution or a normalisation
+(``FRESH_OUTPUT_CLASSES``), handed on by activations, absorbed norms or identities and read
+by nothing else, proven on the same graph, may write its output over x in inference, as
+``ReLU(inplace=True)`` does (:class:`~sae_kernels.layers.FusedSaE`'s
+``overwrite_input_of``; never while a hook could hold x): ``convert(model,
+overwrite_inputs=False)`` leaves every output in new memory.
+
 Checkpoints: a converted model's ``state_dict`` is the original's, key for key, with the
 same shapes and dtypes, and the original's checkpoints load into it strictly. Where a fused
 block names or shapes its parameters differently from the block it replaced (timm's and
@@ -135,6 +142,11 @@ NORM_CLASSES = {
 }
 #: Modules that pass x through unchanged (timm's ``aa`` without anti-aliasing, ...).
 IDENTITY_CLASSES = ("torch.nn.modules.linear.Identity",)
+#: Modules whose output is a new tensor: where a fused SE is its only reader (through
+#: activations, absorbed norms and identities, which return a new tensor or their input),
+#: the SE may write its output over it.
+FRESH_OUTPUT_CLASSES = ("torch.nn.modules.conv.Conv2d", "timm.layers.conv2d_same.Conv2dSame",
+                        *NORM_CLASSES)
 
 _SENET_BOTTLENECK = ResidualLayout(
     body=("conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"),
@@ -171,6 +183,8 @@ class Converted:
     gate: str
     absorbed: tuple[str, ...] = ()
     not_absorbed: tuple[str, ...] = ()
+    #: the module whose output the block writes its own over in inference, if any
+    overwrites: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +215,7 @@ class ConversionReport:
 def _absorption(c: Converted) -> str:
     notes = [f"absorbed {', '.join(c.absorbed)}"] if c.absorbed else []
     notes += [f"not absorbed: {reason}" for reason in c.not_absorbed]
+    notes += [f"writes y over {c.overwrites}'s output"] if c.overwrites else []
     return "".join(f"; {note}" for note in notes)
 
 
@@ -217,7 +232,7 @@ class _Block:
 
 
 def convert(model: nn.Module, inplace: bool = False, backend: str = "auto",
-            ) -> tuple[nn.Module, ConversionReport]:
+            overwrite_inputs: bool = True) -> tuple[nn.Module, ConversionReport]:
     """Replace every SE block of ``model`` with a fused block carrying the same weights,
     and every residual block of ``BLOCK_REWRITES`` around one with a block whose fused SE
     also adds the shortcut and applies the final ReLU.
@@ -226,6 +241,9 @@ def convert(model: nn.Module, inplace: bool = False, backend: str = "auto",
         model: any module; the model itself may be an SE block.
         inplace: modify ``model`` rather than a deep copy of it.
         backend: the fused blocks' backend (see ``FusedSaE``).
+        overwrite_inputs: let fused blocks whose x is a convolution's or a norm's output
+            that nothing else reads write their output over it in inference (see the
+            module's doc).
 
     Returns:
         The converted model and a :class:`ConversionReport`.
@@ -247,6 +265,8 @@ def convert(model: nn.Module, inplace: bool = False, backend: str = "auto",
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, replacement)
     _absorb_prologues(model, conversion.report)
+    if overwrite_inputs:
+        _reuse_inputs(model, conversion.report)
     return model, conversion.report
 
 
@@ -516,7 +536,8 @@ class _LeafTracer(torch.fx.Tracer):
     made of (and the fused SEs), which stay calls."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, (FusedSaE, FusedEffectiveSE, nn.Conv2d)) or _norm_class(m) is not None
+        return (isinstance(m, (FusedSaE, FusedEffectiveSE, nn.Conv2d, AbsorbedNorm, AbsorbedAct))
+                or _norm_class(m) is not None
                 or _activation_name(m, ACTIVATION_CLASSES) is not None
                 or any(_is(m, q) for q in IDENTITY_CLASSES) or next(m.children(), None) is None)
 
@@ -585,6 +606,57 @@ def _absorb_prologue(parent: nn.Module, se_name: str, se: nn.Module,
                              _keep_original(AbsorbedAct(absorbed, act_target), act_target))
     se.absorb_prologue(absorbed)
     return True, f"{norm_node.target} (BatchNorm{' + ' + act if act != 'none' else ''})"
+
+
+def _reuse_inputs(model: nn.Module, report: ConversionReport) -> None:
+    """Let each fused SE of ``model`` whose x is a fresh tensor that only it reads write
+    its output over x; note each in ``report``."""
+    entries = {c.path: i for i, c in enumerate(report.converted)}
+    for parent_path, parent in list(model.named_modules()):
+        graph = None
+        for name, child in parent.named_children():
+            path = f"{parent_path}.{name}" if parent_path else name
+            if path not in entries:
+                continue
+            if graph is None:
+                try:
+                    graph = _LeafTracer().trace(parent)
+                except Exception:  # control flow fx cannot follow: nothing is proven
+                    break
+            producers = _input_producers(parent, name, graph)
+            if producers:
+                child.overwrite_input_of(parent.get_submodule(t) for t in producers)
+                i = entries[path]
+                report.converted[i] = dataclasses.replace(report.converted[i],
+                                                          overwrites=producers[0])
+
+
+def _input_producers(parent: nn.Module, se_name: str, graph: torch.fx.Graph) -> list[str]:
+    """The targets (in ``parent``) of the module whose new tensor is the x of
+    ``parent.<se_name>`` and of the modules handing it on, where nothing else reads any of
+    their outputs; else none."""
+    se_calls = [n for n in graph.nodes if n.op == "call_module" and n.target == se_name]
+    if len(se_calls) != 1 or not se_calls[0].args:
+        return []
+    se_call = se_calls[0]
+
+    def module_of(node) -> nn.Module | None:
+        is_call = isinstance(node, torch.fx.Node) and node.op == "call_module"
+        return parent.get_submodule(node.target) if is_call else None
+
+    chain, node = [], se_call.args[0]
+    while isinstance(m := module_of(node), (AbsorbedNorm, AbsorbedAct)) or (
+            m is not None and (any(_is(m, q) for q in IDENTITY_CLASSES)
+                               or _activation_name(m, ACTIVATION_CLASSES) is not None)):
+        chain.append(node)
+        node = node.args[0]
+    if (m := module_of(node)) is None or not any(_is(m, q) for q in FRESH_OUTPUT_CLASSES):
+        return []
+    chain.append(node)
+    others = [*se_call.args[1:], *se_call.kwargs.values()]
+    if any(len(n.users) != 1 or n in others for n in chain):
+        return []
+    return [n.target for n in reversed(chain)]
 
 
 def _norm_class(module: nn.Module) -> bool | None:

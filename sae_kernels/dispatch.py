@@ -148,15 +148,16 @@ def runs_composite(backend: str) -> bool:
     return _tracing() and torch.onnx.is_in_onnx_export()
 
 
-def cpu_op_for(backend: str, x: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-    """The C++ op's entry (``kernels.cpu.op_entry``) where a call on ``x`` with ``backend``
-    runs the C++ kernels as the op, else None (the call goes by :func:`resolve_backend`
-    and :func:`runs_composite`). The rules of those two for this one case, in the few
-    queries a call on a small map can afford: callers that get the op leave the operand
-    checks to it (it makes the same ones, in the same words)."""
+def cpu_op_for(backend: str, x: torch.Tensor, overwrite_x: bool = False
+               ) -> Callable[..., torch.Tensor] | None:
+    """The C++ op's entry (``kernels.cpu.op_entry``, given ``overwrite_x``) where a call on
+    ``x`` with ``backend`` runs the C++ kernels as the op, else None (the call goes by
+    :func:`resolve_backend` and :func:`runs_composite`). The rules of those two for this
+    one case, in the few queries a call on a small map can afford: callers that get the op
+    leave the operand checks to it (it makes the same ones, in the same words)."""
     if (backend in ("auto", "cpu") and x.is_cpu and x.dtype in CPU_DTYPES
             and not runs_composite("cpu") and cpu_kernels.available()):
-        return cpu_kernels.op_entry()
+        return cpu_kernels.op_entry(overwrite_x)
     return None
 
 

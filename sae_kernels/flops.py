@@ -40,7 +40,8 @@ def register(namespace: str) -> None:
     ops = torch.ops.sae_kernels
     formulas = ({ops.sae_forward: _sae_forward, ops.sae_backward: _sae_backward}
                 if namespace == "triton" else
-                {ops.cpu_sae: _cpu_forward, ops.cpu_forward: _cpu_forward,
+                {ops.cpu_sae: _cpu_forward, ops.cpu_sae_: _cpu_forward,
+                 ops.cpu_forward: _cpu_forward,
                  ops.cpu_backward: _cpu_backward, ops.cpu_excite: _cpu_excite})
     for op, formula in formulas.items():
         if op not in flop_registry:

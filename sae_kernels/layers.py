@@ -1,8 +1,11 @@
 """Swap-in modules: the reference blocks' parameters, the fused operator's forward."""
 
 import warnings
+from collections.abc import Iterable
 
 import torch
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .dispatch import check_backend, check_strategy, cpu_op_for, may_reuse_computed_tensors
 from .functional import sae
@@ -32,6 +35,39 @@ class _Prologue:
         if norm is None or not norm.absorbed:
             return None, None, "none"
         return (*norm.scale_shift(), norm.act)
+
+
+class _InputReuse:
+    """Where a block may write its output over its input x, as ``ReLU(inplace=True)``
+    does: ``convert`` lets it where x is the new tensor of a convolution or a norm that
+    nothing but this block reads, handed on by the modules between them (activations,
+    absorbed norms, identities). Then an inference call on the C++ CPU op (no gradient
+    recorded, x dense) allocates no output: in eager networks the allocator's page faults
+    for a new output, and the cache lines of a second buffer, cost more than the op's
+    arithmetic. Never while a forward hook or pre-hook, on this block, on one of those
+    modules or global, could hold x."""
+
+    #: the module whose new tensor is this block's x, then the modules that hand it on;
+    #: empty: x is never overwritten
+    input_producers: tuple[nn.Module, ...] = ()
+
+    def overwrite_input_of(self, producers: Iterable[nn.Module]) -> None:
+        """Let inference calls write y over x, the output of ``producers`` (see above);
+        an empty ``producers`` turns it off."""
+        self.__dict__["input_producers"] = tuple(producers)  # not submodules
+
+    def _may_overwrite_input(self) -> bool:
+        """Whether this call may write y over x (the op then decides by grad mode and
+        layout): producers are set and no hook could hold x."""
+        producers = self.input_producers
+        if not producers or _global_forward_hooks or _global_forward_pre_hooks:
+            return False
+        if self._forward_hooks or self._forward_pre_hooks:
+            return False
+        for module in producers:
+            if module._forward_hooks or module._forward_pre_hooks:
+                return False
+        return True
 
 
 class _ModelTransforms:
@@ -72,7 +108,7 @@ class _ModelTransforms:
             "script the original blocks: sae_kernels.revert(model).")
 
 
-class FusedSaE(_ModelTransforms, _Prologue, SaE):
+class FusedSaE(_ModelTransforms, _Prologue, _InputReuse, SaE):
     """Drop-in for :class:`~sae_kernels.reference.SaE`: same arguments, parameters and
     state_dict, forward through the fused operator.
 
@@ -120,7 +156,9 @@ class FusedSaE(_ModelTransforms, _Prologue, SaE):
         return fused.train(module.training)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend}, strategy={self.strategy}"
+        overwrite = ", overwrites_input=True" if self.input_producers else ""
+        return (f"{super().extra_repr()}, backend={self.backend}, strategy={self.strategy}"
+                f"{overwrite}")
 
     def _inference_fc1(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stacked branch weights, concatenated again only when a branch parameter changed
@@ -132,7 +170,7 @@ class FusedSaE(_ModelTransforms, _Prologue, SaE):
 
     def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
         scale, shift, prologue_act = self.prologue_operands()
-        op = cpu_op_for(self.backend, x)
+        op = cpu_op_for(self.backend, x, self._may_overwrite_input())
         if op is not None:
             # the branch matrices are read in place, through the parameter dicts (a plain
             # loop: half the time of comprehensions on a 1x64x1x1 call)
@@ -173,7 +211,7 @@ class FusedSE(FusedSaE):
                          backend, strategy)
 
 
-class FusedEffectiveSE(_ModelTransforms, _Prologue, EffectiveSE):
+class FusedEffectiveSE(_ModelTransforms, _Prologue, _InputReuse, EffectiveSE):
     """Drop-in for :class:`~sae_kernels.reference.EffectiveSE` (one C -> C FC and a gate):
     the operator's single-FC form. ``backend`` and ``strategy`` as in :class:`FusedSaE`."""
 
@@ -197,12 +235,14 @@ class FusedEffectiveSE(_ModelTransforms, _Prologue, EffectiveSE):
         return fused.train(module.training)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend}, strategy={self.strategy}"
+        overwrite = ", overwrites_input=True" if self.input_producers else ""
+        return (f"{super().extra_repr()}, backend={self.backend}, strategy={self.strategy}"
+                f"{overwrite}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc = self._modules["fc"]._parameters
         scale, shift, prologue_act = self.prologue_operands()
-        op = cpu_op_for(self.backend, x)
+        op = cpu_op_for(self.backend, x, self._may_overwrite_input())
         if op is not None:
             biases = [] if fc["bias"] is None else [fc["bias"]]
             return op(x, [fc["weight"]], biases, None, None, None, 0, self._gate_code, False,

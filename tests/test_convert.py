@@ -11,6 +11,7 @@ from helpers import assert_close_to_truth
 from sae_kernels import SE, FusedEffectiveSE, FusedSaE, FusedSE, SaE
 from sae_kernels.blocks import FusedResidualBlock
 from sae_kernels.convert import convert
+from sae_kernels.kernels import cpu as cpu_kernels
 from sae_kernels.prologue import AbsorbedAct, AbsorbedNorm
 
 timm = pytest.importorskip("timm")
@@ -362,6 +363,9 @@ def test_real_models_absorb_the_tails(name):
              else "(BatchNorm), shortcut add, relu") in str(report))
     blocks = [m for m in converted.modules() if isinstance(m, FusedResidualBlock)]
     assert len(blocks) == len(report.converted)
+    # the legacy blocks' SE reads bn2's output through the block's ReLU
+    last = {"seresnet50": "conv3", "seresnet18": "conv2"}.get(name, "bn2")
+    assert all(c.overwrites == last for c in report.converted), str(report)
     se_paths = [c.path for c in report.converted]
     assert (state_dict_shapes_outside(converted, se_paths)
             == state_dict_shapes_outside(model, se_paths))
@@ -472,6 +476,7 @@ def test_real_models_absorb_the_normalisation(source, name):
         if not k.startswith(tuple(f"{c.path}." for c in report.converted))}
     norms = [m for m in converted.modules() if isinstance(m, AbsorbedNorm)]
     assert len(norms) == len(report.converted)
+    assert all(c.overwrites for c in report.converted), str(report)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-9, atol=1e-9)
@@ -534,6 +539,55 @@ def test_normalisation_with_another_consumer_stays(reuse):
         assert entry.not_absorbed == (f"prologue: {reuse} has 2 consumers, not only the SE",)
         assert type(converted.bn) is nn.BatchNorm2d and type(converted.act) is nn.ReLU
     assert_same_function(model, converted, torch.randn(2, 8, 6, 5, dtype=torch.float64))
+
+
+class ConvIntoSE(nn.Module):
+    """conv -> BatchNorm -> ReLU -> SE, or what ``case`` says instead: the convolution's or
+    the activation's output read again, the SE on the model's input, or on a function's
+    output."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.se = SEModule(8, rd_channels=4)
+        self.case = case
+
+    def forward(self, x):
+        if self.case == "model input":
+            return self.se(x) + self.act(self.bn(self.conv(x)))
+        c = self.conv(x)
+        if self.case == "function output":
+            return self.se(torch.tanh(self.act(self.bn(c))))
+        a = self.act(self.bn(c))
+        y = self.se(a)
+        if self.case == "conv read again":
+            return y + c
+        return y + a if self.case == "activation read again" else y
+
+
+@pytest.mark.parametrize("case,overwrites", [
+    ("only the SE", "conv"), ("conv read again", None), ("activation read again", None),
+    ("model input", None), ("function output", None)])
+def test_se_writes_over_a_convolution_output_only_it_reads(case, overwrites):
+    """Where the graph proves that nothing but the SE reads the convolution's output (the
+    norm and activation between absorbed), the SE writes its own over it in inference,
+    and says so in the report; anywhere else it allocates. Either way the function is the
+    original's, with and without gradients, and the model's input is never written."""
+    model = randomize(ConvIntoSE(case)).double().eval()
+    converted, report = convert(model)
+    (entry,) = report.converted
+    assert entry.overwrites == overwrites
+    assert ("writes y over conv's output" in str(report)) == (overwrites is not None)
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+    original_x = x.clone()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-9, atol=1e-9)
+    names = {e.name for e in prof.events()}
+    if cpu_kernels.op_entry() is not torch.ops.sae_kernels.cpu_sae:
+        assert ("sae_kernels::cpu_sae_" in names) == (overwrites is not None)
+    assert torch.equal(x, original_x)
+    assert_same_function(model, converted, x)
+    assert convert(model, overwrite_inputs=False)[1].converted[0].overwrites is None
 
 
 def test_converted_model_under_inductor():

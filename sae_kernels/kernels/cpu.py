@@ -126,11 +126,12 @@ def _compile(name: str, sources: tuple[str, ...], directory: Path, verbose: bool
         print(f" {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
-_entry = None  # the typed entry's cpu_sae, once loaded
+# the typed entry's cpu_sae and cpu_sae_over_x, once loaded
+_entry = _entry_over_x = None
 
 
 def _load_entry(verbose: bool) -> None:
-    global _entry
+    global _entry, _entry_over_x
     path = entry_path()
     try:
         if path.exists():
@@ -145,16 +146,20 @@ def _load_entry(verbose: bool) -> None:
                       f"({type(e).__name__}); calls go through torch.ops, ~3 us slower",
                       RuntimeWarning, stacklevel=3)
         return
-    _entry = module.cpu_sae
+    _entry, _entry_over_x = module.cpu_sae, module.cpu_sae_over_x
 
 
-def op_entry():
+def op_entry(overwrite_x: bool = False):
     """What eager code calls ``sae_kernels::cpu_sae`` through: the typed entry
     (csrc/python_entry.cpp, the same dispatcher call with ~3 us less argument parsing)
-    where it is loaded and nothing compiles the caller, else ``torch.ops``."""
+    where it is loaded and nothing compiles the caller, else ``torch.ops``.
+
+    ``overwrite_x``: the caller's x is a temporary that nothing reads after the call, so
+    the entry may write y over it (``cpu_sae_``, returning x) where no gradient is recorded,
+    x is dense and the shortcut is not x; otherwise it calls ``cpu_sae``."""
     if _entry is None or torch.compiler.is_compiling():
         return torch.ops.sae_kernels.cpu_sae
-    return _entry
+    return _entry_over_x if overwrite_x else _entry
 
 
 _available: bool | None = None
@@ -221,6 +226,8 @@ def schemas() -> list[str]:
 STAND_INS = {
     ("cpu_sae", "CPU"): cpu_reference.sae,
     ("cpu_sae", "Autograd"): cpu_reference.sae,
+    ("cpu_sae_", "CPU"): cpu_reference.sae_in_place,
+    ("cpu_sae_", "Autograd"): cpu_reference.sae_in_place,
     ("cpu_forward", "CPU"): cpu_reference.forward,
     ("cpu_backward", "CPU"): cpu_reference.backward,
     ("cpu_excite", "CPU"): cpu_reference.excite,
@@ -264,6 +271,7 @@ def _define_ops() -> None:
             torch.library.define(f"sae_kernels::{name}", f"({signature}",
                                  tags=(torch.Tag.flexible_layout,))
     for name, fake in (("cpu_sae", cpu_reference.sae_fake),
+                       ("cpu_sae_", cpu_reference.sae_in_place_fake),
                        ("cpu_forward", cpu_reference.forward_fake),
                        ("cpu_backward", cpu_reference.backward_fake),
                        ("cpu_excite", cpu_reference.excite_fake)):

@@ -119,6 +119,22 @@ def sae(*args) -> Tensor:
     return forward(*args)[0]
 
 
+def sae_in_place(x: Tensor, *args) -> None:
+    """cpu_sae_: y written over x, where no gradient is due (as the C++ op refuses)."""
+    tensors = [x, *args[0], *args[1], *(a for a in args[2:5] if isinstance(a, Tensor)),
+               *(a for a in args[9:11] if isinstance(a, Tensor))]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("sae_kernels::cpu_sae_ writes y over x and records no gradient, but "
+                           "an operand requires grad: call sae_kernels::cpu_sae where a "
+                           "gradient is due")
+    with torch.no_grad():
+        x.copy_(sae(x, *args))
+
+
+def sae_in_place_fake(x: Tensor, *args) -> None:
+    sae_fake(x, *args)
+
+
 def _fcs(z: Tensor, fc1_weights: list[Tensor], fc1_biases: list[Tensor],
          fc2_weight: Tensor | None, fc2_bias: Tensor | None, act: int) -> tuple[Tensor, Tensor]:
     """p = W1 z + b1 and the gate's input u (W2 act(p) + b2, or p itself without fc2), in
