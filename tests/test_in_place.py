@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from sae_kernels import FusedSE
 from sae_kernels.kernels import cpu, cpu_reference
@@ -243,3 +244,14 @@ def test_a_block_told_so_writes_over_x_in_every_layout(shape, channels_last):
         expected = keeper(x)
         y = block(x)
     assert y is x and torch.equal(y, expected)
+
+
+def test_flop_counter_counts_the_in_place_op_as_cpu_sae():
+    """FlopCounterMode sees the same matrix products in cpu_sae_ as in cpu_sae."""
+    args = _operands((3, 19, 5, 7), torch.float32, False, OPTIONS[0])
+    counts = []
+    for op, x in ((OP, args[0]), (IN_PLACE, args[0].clone())):
+        with FlopCounterMode(display=False) as counter:
+            op(x, *args[1:])
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
