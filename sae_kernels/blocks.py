@@ -113,6 +113,8 @@ class FusedSEWithNorm(FusedSE):
     normalises with the batch's statistics, as the original does, in plain PyTorch.
     """
 
+    can_overwrite_input = False  # the folded fc1 goes through the functional form
+
     def __init__(self, channels: int, rd_channels: int, norm: nn.BatchNorm2d, act: str = "relu",
                  gate: str = "sigmoid", bias: bool = True, backend: str = "auto",
                  strategy: str = "auto") -> None:

@@ -616,7 +616,7 @@ def _reuse_inputs(model: nn.Module, report: ConversionReport) -> None:
         graph = None
         for name, child in parent.named_children():
             path = f"{parent_path}.{name}" if parent_path else name
-            if path not in entries:
+            if path not in entries or not child.can_overwrite_input:
                 continue
             if graph is None:
                 try:

@@ -50,6 +50,9 @@ class _InputReuse:
     #: the module whose new tensor is this block's x, then the modules that hand it on;
     #: empty: x is never overwritten
     input_producers: tuple[nn.Module, ...] = ()
+    #: whether the forward writes over x where it may (a subclass that computes through
+    #: other means says no, and convert leaves its x alone)
+    can_overwrite_input = True
 
     def overwrite_input_of(self, producers: Iterable[nn.Module]) -> None:
         """Let inference calls write y over x, the output of ``producers`` (see above);

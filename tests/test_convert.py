@@ -590,6 +590,16 @@ def test_se_writes_over_a_convolution_output_only_it_reads(case, overwrites):
     assert convert(model, overwrite_inputs=False)[1].converted[0].overwrites is None
 
 
+def test_se_with_a_norm_inside_keeps_its_input():
+    """RexNet's SE (a BatchNorm on the reduced vector) computes through the functional
+    form, which never writes over x: convert does not say it does."""
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), SEModule(16, rd_channels=4,
+                                                       norm_layer=nn.BatchNorm2d)).eval()
+    converted, report = convert(model)
+    assert type(converted[1]).__name__ == "FusedSEWithNorm"
+    assert report.converted[0].overwrites is None and not converted[1].input_producers
+
+
 def test_converted_model_under_inductor():
     """A converted block with an absorbed norm and a fused tail compiles with inductor (the
     composite rule) and computes what the original computes."""
