@@ -146,7 +146,8 @@ IDENTITY_CLASSES = ("torch.nn.modules.linear.Identity",)
 #: activations, absorbed norms and identities, which return a new tensor or their input),
 #: the SE may write its output over it.
 FRESH_OUTPUT_CLASSES = ("torch.nn.modules.conv.Conv2d", "timm.layers.conv2d_same.Conv2dSame",
-                        *NORM_CLASSES)
+                        "timm.layers.mixed_conv2d.MixedConv2d",
+                        "timm.layers.cond_conv2d.CondConv2d", *NORM_CLASSES)
 
 _SENET_BOTTLENECK = ResidualLayout(
     body=("conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"),
@@ -539,7 +540,8 @@ class _LeafTracer(torch.fx.Tracer):
         return (isinstance(m, (FusedSaE, FusedEffectiveSE, nn.Conv2d, AbsorbedNorm, AbsorbedAct))
                 or _norm_class(m) is not None
                 or _activation_name(m, ACTIVATION_CLASSES) is not None
-                or any(_is(m, q) for q in IDENTITY_CLASSES) or next(m.children(), None) is None)
+                or any(_is(m, q) for q in (*IDENTITY_CLASSES, *FRESH_OUTPUT_CLASSES))
+                or next(m.children(), None) is None)
 
 
 def _absorb_prologue(parent: nn.Module, se_name: str, se: nn.Module,

@@ -26,6 +26,7 @@ from timm.layers import (  # noqa: E402
     SEModule,
 )
 from timm.layers.cbam import CbamModule  # noqa: E402
+from timm.layers.mixed_conv2d import MixedConv2d  # noqa: E402
 from timm.models import resnet, senet  # noqa: E402
 from timm.models._efficientnet_blocks import SqueezeExcite  # noqa: E402
 from timm.models.hgnet import EseModule  # noqa: E402
@@ -588,6 +589,18 @@ def test_se_writes_over_a_convolution_output_only_it_reads(case, overwrites):
     assert torch.equal(x, original_x)
     assert_same_function(model, converted, x)
     assert convert(model, overwrite_inputs=False)[1].converted[0].overwrites is None
+
+
+def test_se_writes_over_a_mixed_convolution_output():
+    """timm's MixedConv2d (MixNet) concatenates its groups' outputs into a new tensor: an SE
+    reading only that writes over it, and computes the original's function."""
+    model = randomize(nn.Sequential(MixedConv2d(8, 8, [3, 5]), nn.BatchNorm2d(8), nn.SiLU(),
+                                    SqueezeExcite(8, rd_ratio=0.5))).double().eval()
+    converted, report = convert(model)
+    assert report.converted[0].overwrites == "0", str(report)
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-9, atol=1e-9)
 
 
 def test_se_with_a_norm_inside_keeps_its_input():
