@@ -61,9 +61,12 @@ class _InputReuse:
 
     def _may_overwrite_input(self) -> bool:
         """Whether this call may write y over x (the op then decides by grad mode and
-        layout): producers are set and no hook could hold x."""
+        layout): producers are set and no hook could hold x. Not asked under torch.compile,
+        which traces the composite (and would guard on every hook dict read here)."""
         producers = self.input_producers
-        if not producers or _global_forward_hooks or _global_forward_pre_hooks:
+        if not producers or torch.compiler.is_compiling():
+            return False
+        if _global_forward_hooks or _global_forward_pre_hooks:
             return False
         if self._forward_hooks or self._forward_pre_hooks:
             return False
