@@ -154,8 +154,8 @@ def test_entry_writes_over_x_only_where_allowed(case):
         assert "sae_kernels::cpu_sae(" in str(traced.graph)
         assert torch.equal(x, original)
         return
-    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
-        case, torch.no_grad if case != "grad mode" else torch.enable_grad)
+    context = {"grad mode": torch.enable_grad,
+               "inference_mode": torch.inference_mode}.get(case, torch.no_grad)
     with context():
         if case == "inference_mode":
             x = args[0] = x.clone()  # an inference tensor may only change inside the mode

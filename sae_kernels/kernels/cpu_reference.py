@@ -121,8 +121,8 @@ def sae(*args) -> Tensor:
 
 def sae_in_place(x: Tensor, *args) -> None:
     """cpu_sae_: y written over x, where no gradient is due (as the C++ op refuses)."""
-    tensors = [x, *args[0], *args[1], *(a for a in args[2:5] if isinstance(a, Tensor)),
-               *(a for a in args[9:11] if isinstance(a, Tensor))]
+    tensors = [t for a in (x, *args) for t in (a if isinstance(a, list) else [a])
+               if isinstance(t, Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError("sae_kernels::cpu_sae_ writes y over x and records no gradient, but "
                            "an operand requires grad: call sae_kernels::cpu_sae where a "
